@@ -1,0 +1,1 @@
+"""Small shared core: settings, the model contract and registry, the CLI."""

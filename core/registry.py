@@ -1,0 +1,179 @@
+"""The model registry: immutable `models/<name>/<version>/` folders and the served marker.
+
+A version folder holds `model.keras`, `card.json` and the evaluation plots. The card carries the
+model file's SHA-256; loading recomputes it and refuses a mismatch, and refuses a card whose
+preprocessing contract differs from this code's. `models/served.json` names one version per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from core import contract
+
+MODEL_FILE = "model.keras"
+CARD_FILE = "card.json"
+SERVED_FILE = "served.json"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+class RegistryError(Exception):
+    """A model cannot be found, registered or loaded; the message says why and what to do."""
+
+
+class ModelIntegrityError(RegistryError):
+    """The model file's hash differs from its card: it was changed after registration."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: str
+    path: Path
+    card: dict[str, Any]
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card["threshold"])
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def new_version() -> str:
+    """Sortable UTC timestamp; unique enough for runs that take minutes."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def served_versions(models_dir: Path = DEFAULT_MODELS_DIR) -> dict[str, str]:
+    return _read_json(Path(models_dir) / SERVED_FILE)
+
+
+def list_versions(models_dir: Path = DEFAULT_MODELS_DIR) -> list[ModelVersion]:
+    """Every registered version, by name then version."""
+    found = []
+    for card_path in sorted(Path(models_dir).glob(f"*/*/{CARD_FILE}")):
+        folder = card_path.parent
+        found.append(ModelVersion(folder.parent.name, folder.name, folder, _read_json(card_path)))
+    return found
+
+
+def resolve(spec: str, models_dir: Path = DEFAULT_MODELS_DIR) -> ModelVersion:
+    """`name@version`, or `name` for its served version."""
+    name, _, version = spec.partition("@")
+    if not version:
+        version = served_versions(models_dir).get(name, "")
+        if not version:
+            known = sorted({v.name for v in list_versions(models_dir)})
+            raise RegistryError(
+                f"model {name!r} has no served version in {models_dir}; known models: {known}. "
+                f"Run `pneumo models serve {name} <version>`."
+            )
+    folder = Path(models_dir) / name / version
+    if not (folder / CARD_FILE).exists():
+        raise RegistryError(f"no model {name}@{version} in {models_dir} (no {CARD_FILE})")
+    return ModelVersion(name, version, folder, _read_json(folder / CARD_FILE))
+
+
+def mark_served(name: str, version: str, models_dir: Path = DEFAULT_MODELS_DIR) -> None:
+    resolve(f"{name}@{version}", models_dir)
+    served = served_versions(models_dir)
+    served[name] = version
+    _write_json_atomic(Path(models_dir) / SERVED_FILE, served)
+
+
+def register(
+    name: str,
+    model: Any,
+    card: dict[str, Any],
+    models_dir: Path = DEFAULT_MODELS_DIR,
+    extra_files: list[Path] = (),
+    version: str | None = None,
+) -> ModelVersion:
+    """Write a new immutable version folder; the first version of a name becomes served."""
+    version = version or new_version()
+    final = Path(models_dir) / name / version
+    if final.exists():
+        raise RegistryError(f"{name}@{version} already exists; versions are immutable")
+    staging = final.with_name(f".staging-{version}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save(staging / MODEL_FILE)
+    for extra in extra_files:
+        shutil.copy2(extra, staging / Path(extra).name)
+    card = {
+        **card,
+        "name": name,
+        "version": version,
+        "model_file": MODEL_FILE,
+        "model_sha256": sha256_file(staging / MODEL_FILE),
+        "preprocessing": contract.preprocessing_contract(),
+    }
+    (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    for path in staging.iterdir():
+        path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    os.replace(staging, final)
+    if name not in served_versions(models_dir):
+        mark_served(name, version, models_dir)
+    return ModelVersion(name, version, final, card)
+
+
+def verify(model_version: ModelVersion) -> None:
+    """Refuse a model whose file changed since registration or whose contract differs."""
+    if not model_version.model_file.exists():
+        raise RegistryError(f"{model_version.label}: {model_version.model_file} is missing")
+    expected = model_version.card.get("model_sha256")
+    actual = sha256_file(model_version.model_file)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{model_version.label}: {MODEL_FILE} has SHA-256 {actual[:16]}..., but its card "
+            f"records {str(expected)[:16]}...; the file was changed after registration. "
+            f"Restore it from git or register a new version."
+        )
+    if model_version.card.get("preprocessing") != contract.preprocessing_contract():
+        raise RegistryError(
+            f"{model_version.label} was trained with another preprocessing contract "
+            f"({model_version.card.get('preprocessing')}); this code serves "
+            f"{contract.preprocessing_contract()}"
+        )
+
+
+def load(spec: str, models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[Any, ModelVersion]:
+    """Verified Keras model and its registry entry."""
+    import keras
+
+    model_version = resolve(spec, models_dir)
+    verify(model_version)
+    model = keras.saving.load_model(model_version.model_file, compile=False)
+    return model, model_version

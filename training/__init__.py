@@ -1,0 +1,1 @@
+"""Training package: data reading, the shared preprocessing, the two models, evaluation."""

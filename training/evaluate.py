@@ -1,0 +1,68 @@
+"""`pneumo evaluate`: a registered model on one split, at the threshold its card carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core import registry
+from training import data, metrics
+from training.preprocess import preprocess_many
+
+REPORT_KEYS = (
+    "n", "accuracy", "loss", "sensitivity", "specificity", "ppv", "npv", "f1",
+    "roc_auc", "pr_auc", "brier", "ece", "threshold",
+)
+
+
+def evaluate(
+    spec: str,
+    data_root: Path,
+    split: str = "test",
+    models_dir: Path = registry.DEFAULT_MODELS_DIR,
+    plots_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of `spec` (name[@version]) on `<data_root>/<split>`; plots if `plots_dir`."""
+    model, model_version = registry.load(spec, models_dir)
+    samples = data.read_split(data_root, split)
+    labels = np.array([s.label for s in samples])
+    images = preprocess_many([s.path for s in samples])
+    probabilities = np.asarray(model.predict(images, batch_size=64, verbose=0)).reshape(-1)
+    result = metrics.compute_metrics(labels, probabilities, model_version.threshold)
+    result["sensitivity_at_specificity_0.90"] = metrics.sensitivity_at_specificity(
+        labels, probabilities, 0.90
+    )
+    if plots_dir is not None:
+        result["plots"] = [
+            str(p) for p in metrics.save_plots(
+                labels, probabilities, model_version.threshold, Path(plots_dir), split
+            )
+        ]
+    return {
+        "model": model_version.name,
+        "version": model_version.version,
+        "split": split,
+        **result,
+        "predictions": [
+            {"file": s.path.name, "label": s.class_name, "probability": float(p)}
+            for s, p in zip(samples, probabilities, strict=True)
+        ],
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain text table, then the seed's own two lines."""
+    lines = [f"model {result['model']}@{result['version']} on {result['split']}"]
+    for key in (*REPORT_KEYS, "sensitivity_at_specificity_0.90"):
+        value = result[key]
+        lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
+    matrix = result["confusion_matrix"]
+    lines.append("  confusion matrix (rows true NORMAL/PNEUMONIA, columns predicted):")
+    lines.append(f"    {matrix['tn']:>5} {matrix['fp']:>5}")
+    lines.append(f"    {matrix['fn']:>5} {matrix['tp']:>5}")
+    split_name = result["split"].capitalize()
+    lines.append(f"{split_name} loss: {result['loss']}")
+    lines.append(f"{split_name} accuracy: {result['accuracy']}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The two model families, written in backend-neutral Keras 3 (TensorFlow, JAX or PyTorch).
+
+Both take the contract's input, (224, 224, 1) in [0, 1], and give one sigmoid probability of
+pneumonia. Augmentation is a separate block used only while training, so saved models are pure.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from core import contract
+
+BACKBONES = {
+    # name: (constructor, keyword arguments); all take [-1, 1] inputs.
+    "mobilenet_v2": (keras.applications.MobileNetV2, {"alpha": 1.0}),
+    "mobilenet_v2_0.35": (keras.applications.MobileNetV2, {"alpha": 0.35}),
+    "xception": (keras.applications.Xception, {}),
+}
+
+
+def input_layer() -> keras.KerasTensor:
+    shape = (contract.INPUT_HEIGHT, contract.INPUT_WIDTH, contract.INPUT_CHANNELS)
+    return keras.Input(shape=shape, name="image")
+
+
+def build_augmentation(seed: int = 1337) -> keras.Sequential:
+    """Small affine, contrast and brightness changes: what differs between exposures."""
+    return keras.Sequential(
+        [
+            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
+            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed),
+            layers.RandomZoom((-0.1, 0.15), fill_mode="constant", seed=seed),
+            layers.RandomContrast(0.25, seed=seed),
+            layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
+        ],
+        name="augmentation",
+    )
+
+
+def conv_block(x, filters: int, convolutions: int, dropout_rate: float, name: str):
+    """Conv -> BatchNorm -> ReLU (repeated), then MaxPool and dropout: the seed's block."""
+    for index in range(convolutions):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = layers.ReLU(name=f"{name}_relu{index}")(x)
+    x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    if dropout_rate > 0:
+        x = layers.SpatialDropout2D(dropout_rate, name=f"{name}_dropout")(x)
+    return x
+
+
+def build_cnn(
+    filters: tuple[int, ...] = (16, 32, 64, 128, 256),
+    dropout_rate: float = 0.4,
+    dense_units: int = 64,
+) -> keras.Model:
+    """The custom CNN: five blocks, two convolutions in the cheap low-resolution ones."""
+    inputs = input_layer()
+    x = inputs
+    for index, block_filters in enumerate(filters):
+        convolutions = 1 if index < 2 else 2
+        block_dropout = 0.0 if index < 2 else 0.1
+        x = conv_block(x, block_filters, convolutions, block_dropout, name=f"block{index + 1}")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout_rate, name="head_dropout")(x)
+    x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(dropout_rate / 2, name="head_dropout2")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="pneumonia_probability")(x)
+    return keras.Model(inputs, outputs, name="pneumonia_cnn")
+
+
+def build_backbone(backbone: str, weights: str | None) -> keras.Model:
+    """An ImageNet backbone without its top; `weights` is a local .h5 path, 'imagenet' or None."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+    constructor, kwargs = BACKBONES[backbone]
+    shape = (contract.INPUT_HEIGHT, contract.INPUT_WIDTH, 3)
+    return constructor(input_shape=shape, include_top=False, weights=weights, **kwargs)
+
+
+def build_transfer(backbone: str, weights: str | None, dropout_rate: float = 0.3) -> keras.Model:
+    """Grayscale -> 3 channels in [-1, 1] -> frozen ImageNet backbone -> new sigmoid head."""
+    inputs = input_layer()
+    x = layers.Concatenate(name="to_rgb")([inputs, inputs, inputs])
+    x = layers.Rescaling(2.0, offset=-1.0, name="to_signed")(x)
+    base = build_backbone(backbone, weights)
+    base.trainable = False
+    # training=False keeps batch-norm statistics fixed, also once the top blocks are unfrozen.
+    x = base(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout_rate, name="head_dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="pneumonia_probability")(x)
+    return keras.Model(inputs, outputs, name="pneumonia_transfer")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone of a transfer model."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"model {model.name} has no nested backbone")
+
+
+def unfreeze_top(model: keras.Model, layer_count: int) -> int:
+    """Make the top `layer_count` backbone layers trainable, batch norm excepted; return count."""
+    base = backbone_of(model)
+    base.trainable = True
+    trainable = 0
+    cutoff = len(base.layers) - layer_count
+    for index, layer in enumerate(base.layers):
+        is_top = index >= cutoff
+        layer.trainable = is_top and not isinstance(layer, layers.BatchNormalization)
+        trainable += int(layer.trainable and bool(layer.weights))
+    return trainable
+
+
+def with_augmentation(model: keras.Model, seed: int) -> keras.Model:
+    """The training-time wrapper: augmentation, then the model (weights shared)."""
+    inputs = input_layer()
+    outputs = model(build_augmentation(seed)(inputs))
+    return keras.Model(inputs, outputs, name=f"{model.name}_training")

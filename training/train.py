@@ -1,0 +1,258 @@
+"""Train one model, choose its threshold on validation, report test once, register the version.
+
+Reads top to bottom like a keras-io example: data -> model -> phase 1 -> (phase 2) -> threshold
+-> card -> registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from core import registry
+from training import data, metrics, models
+from training.pipeline import fit_inputs
+from training.preprocess import preprocess_many
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES = ("pneumonia-cnn", "pneumonia-transfer")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters; all land in the card."""
+
+    model_name: str
+    backbone: str = "mobilenet_v2"
+    backbone_weights: str = "imagenet"
+    epochs: int = 20
+    fine_tune_epochs: int = 6
+    fine_tune_layers: int = 40
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 5e-5
+    dropout_rate: float = 0.3
+    label_smoothing: float = 0.05
+    early_stopping_patience: int = 4
+    validation_fraction: float = 0.15
+    seed: int = 1337
+    max_train_images: int | None = None  # tests only: cap the training images
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Split:
+    images: np.ndarray
+    labels: np.ndarray
+    samples: list[data.Sample]
+
+
+def load_split(samples: list[data.Sample]) -> Split:
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    return Split(preprocess_many([s.path for s in samples]), labels, samples)
+
+
+def code_commit() -> str:
+    """The git commit of this code, '+dirty' when it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def weights_description(weights: str) -> dict[str, str]:
+    """Where the backbone weights came from, with the file's hash when it is a local file."""
+    if weights == "imagenet":
+        return {"source": "imagenet (Keras download)", "sha256": "not recorded"}
+    return {"source": Path(weights).name, "sha256": registry.sha256_file(Path(weights))}
+
+
+def build(config: TrainConfig) -> keras.Model:
+    if config.model_name == "pneumonia-cnn":
+        return models.build_cnn(dropout_rate=max(config.dropout_rate, 0.0))
+    if config.model_name == "pneumonia-transfer":
+        return models.build_transfer(config.backbone, config.backbone_weights, config.dropout_rate)
+    raise ValueError(f"model_name must be one of {MODEL_NAMES}, got {config.model_name!r}")
+
+
+def compile_for_training(model: keras.Model, learning_rate: float, smoothing: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=smoothing),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+
+def fit_phase(
+    training_model: keras.Model,
+    train: Split,
+    validation: Split,
+    config: TrainConfig,
+    epochs: int,
+    class_weight: dict[int, float],
+    verbose: int,
+) -> dict[str, list[float]]:
+    """One `fit` with early stopping on validation ROC AUC (best weights restored)."""
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=config.early_stopping_patience,
+            restore_best_weights=True,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6
+        ),
+    ]
+    validation_inputs = fit_inputs(validation.images, validation.labels, config.batch_size, 0, False)
+    validation_data = (
+        validation_inputs["x"]
+        if "y" not in validation_inputs
+        else (validation_inputs["x"], validation_inputs["y"])
+    )
+    history = training_model.fit(
+        **fit_inputs(train.images, train.labels, config.batch_size, config.seed, True),
+        validation_data=validation_data,
+        epochs=epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).reshape(-1)
+
+
+def train(
+    config: TrainConfig,
+    data_root: Path,
+    models_dir: Path = registry.DEFAULT_MODELS_DIR,
+    report_test: bool = False,
+    verbose: int = 2,
+) -> registry.ModelVersion:
+    """The whole run; returns the registered version."""
+    started = time.monotonic()
+    keras.utils.set_random_seed(config.seed)
+
+    # Data: train/ only, duplicates dropped, validation carved by patient.
+    all_train = data.read_split(data_root, "train")
+    unique, duplicate_count = data.drop_duplicates(all_train)
+    train_samples, validation_samples = data.patient_split(
+        unique, config.validation_fraction, config.seed
+    )
+    if config.max_train_images:
+        rng = np.random.default_rng(config.seed)
+        keep = sorted(rng.choice(len(train_samples), config.max_train_images, replace=False))
+        train_samples = [train_samples[i] for i in keep]
+        validation_samples = validation_samples[:: max(1, len(validation_samples) // 24)]
+    class_weight = data.class_weights(train_samples)
+    log.info(
+        "data: %d train, %d validation images (%d duplicates dropped), class weights %s",
+        len(train_samples), len(validation_samples), duplicate_count, class_weight,
+    )
+    train_split, validation_split = load_split(train_samples), load_split(validation_samples)
+
+    # Model and phase 1 (for the transfer model: backbone frozen).
+    model = build(config)
+    training_model = models.with_augmentation(model, config.seed)
+    compile_for_training(training_model, config.learning_rate, config.label_smoothing)
+    history = {"phase1": fit_phase(
+        training_model, train_split, validation_split, config, config.epochs, class_weight, verbose
+    )}
+    epochs_run = len(history["phase1"]["loss"])
+
+    # Phase 2: fine-tune the top backbone blocks at a low learning rate.
+    if config.model_name == "pneumonia-transfer" and config.fine_tune_epochs > 0:
+        unfrozen = models.unfreeze_top(model, config.fine_tune_layers)
+        log.info("phase 2: %d backbone layers with weights unfrozen", unfrozen)
+        compile_for_training(
+            training_model, config.fine_tune_learning_rate, config.label_smoothing
+        )
+        history["phase2"] = fit_phase(
+            training_model, train_split, validation_split, config,
+            config.fine_tune_epochs, class_weight, verbose,
+        )
+        epochs_run += len(history["phase2"]["loss"])
+    train_seconds = time.monotonic() - started
+
+    # Threshold and metrics on validation.
+    validation_probabilities = predict(model, validation_split.images)
+    threshold = metrics.choose_threshold(validation_split.labels, validation_probabilities)
+    validation_metrics = metrics.compute_metrics(
+        validation_split.labels, validation_probabilities, threshold
+    )
+    scores = np.histogram(validation_probabilities, bins=20, range=(0.0, 1.0))[0].tolist()
+
+    card: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_commit": code_commit(),
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+        "architecture": model.name,
+        "parameters": int(model.count_params()),
+        "hyper_parameters": asdict(config),
+        "backbone": (
+            {"name": config.backbone, "weights": weights_description(config.backbone_weights)}
+            if config.model_name == "pneumonia-transfer" else None
+        ),
+        "data": {
+            "root": str(data_root),
+            "train_fingerprint": data.fingerprint(all_train, data_root),
+            "train_images": len(train_samples),
+            "validation_images": len(validation_samples),
+            "duplicates_dropped": duplicate_count,
+            "validation_split": (
+                f"{config.validation_fraction:.0%} of train/ patients per class, seed {config.seed}"
+            ),
+        },
+        "class_imbalance": "class weights (balanced: n / (2 * n_class))",
+        "class_weights": {data.CLASS_NAMES[k]: v for k, v in class_weight.items()},
+        "augmentation": "rotation +-5 deg, shift +-6%, zoom -10..+15%, contrast +-25%, brightness +-10%",
+        "threshold": threshold,
+        "threshold_rule": "Youden's J on the validation split",
+        "validation_score_histogram": scores,
+        "metrics": {"validation": validation_metrics},
+        "training": {
+            "wall_seconds": round(train_seconds, 1),
+            "epochs_run": epochs_run,
+            "history": history,
+        },
+        "dataset_licence": (
+            "Kermany, Zhang, Goldbaum (2018), Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, CC BY 4.0"
+        ),
+    }
+    plots: list[Path] = []
+    staging = Path(models_dir) / ".plots"
+    if report_test:
+        # The one look at the test split, for the report; nothing above depends on it.
+        test_split = load_split(data.read_split(data_root, "test"))
+        test_probabilities = predict(model, test_split.images)
+        card["metrics"]["test"] = metrics.compute_metrics(
+            test_split.labels, test_probabilities, threshold
+        )
+        card["data"]["test_fingerprint"] = data.fingerprint(test_split.samples, data_root)
+        plots = metrics.save_plots(test_split.labels, test_probabilities, threshold, staging, "test")
+    model_version = registry.register(config.model_name, model, card, models_dir, plots)
+    for plot in plots:
+        plot.unlink(missing_ok=True)
+    log.info("registered %s in %s", model_version.label, model_version.path)
+    log.info("card metrics: %s", json.dumps(card["metrics"], indent=1))
+    return model_version
