@@ -38,11 +38,12 @@ def train(
     weights: str = typer.Option(
         str(DEFAULT_WEIGHTS), help="Backbone weights: a local .h5 file, or 'imagenet' to download"
     ),
-    epochs: int = typer.Option(20, help="Phase 1 epochs (early stopping on validation AUC)"),
+    epochs: int = typer.Option(30, help="Phase 1 epochs (early stopping on validation AUC)"),
     fine_tune_epochs: int = typer.Option(6, help="Phase 2 epochs (transfer model only)"),
     fine_tune_layers: int = typer.Option(40, help="Top backbone layers unfrozen in phase 2"),
     batch_size: int = typer.Option(32),
-    learning_rate: float = typer.Option(1e-3),
+    learning_rate: float = typer.Option(1e-3, help="Phase 1 learning rate"),
+    fine_tune_learning_rate: float = typer.Option(1e-4, help="Phase 2 learning rate"),
     seed: int = typer.Option(1337),
     max_train_images: int = typer.Option(0, help="Cap on training images (smoke runs only)"),
     report_test: bool = typer.Option(
@@ -57,7 +58,8 @@ def train(
     config = TrainConfig(
         model_name=model, backbone=backbone, backbone_weights=weights, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, fine_tune_layers=fine_tune_layers,
-        batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+        batch_size=batch_size, learning_rate=learning_rate,
+        fine_tune_learning_rate=fine_tune_learning_rate, seed=seed,
         max_train_images=max_train_images or None,
     )
     version = run_training(config, data, models_dir, report_test=report_test)

@@ -7,6 +7,7 @@ one child never sit on both sides. The test split is only read by the final repo
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 from collections import defaultdict
@@ -104,7 +105,7 @@ def fingerprint(samples: list[Sample], root: Path) -> str:
     """Hash of the file list (paths relative to root, labels) and each file's contents."""
     digest = hashlib.sha256()
     for sample in sorted(samples, key=lambda s: str(s.path)):
-        relative = Path(sample.path).resolve().relative_to(Path(root).resolve())
+        relative = Path(os.path.relpath(Path(sample.path).absolute(), Path(root).absolute()))
         digest.update(f"{relative}\t{sample.label}\t{file_sha256(sample.path)}\n".encode())
     return digest.hexdigest()
 

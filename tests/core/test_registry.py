@@ -1,0 +1,69 @@
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from core import registry
+from training import models
+
+
+@pytest.fixture
+def registered(tmp_path: Path) -> registry.ModelVersion:
+    keras.utils.set_random_seed(0)
+    model = models.build_cnn(filters=(4, 8), dense_units=4)
+    return registry.register("pneumonia-cnn", model, {"threshold": 0.5}, tmp_path, version="v1")
+
+
+def test_save_load_round_trip_gives_identical_predictions(
+    registered: registry.ModelVersion, tmp_path: Path
+) -> None:
+    images = np.random.default_rng(0).random((3, 224, 224, 1), dtype=np.float32)
+    original = keras.saving.load_model(registered.model_file, compile=False)
+    loaded, version = registry.load("pneumonia-cnn", tmp_path)
+    assert version.version == "v1"
+    np.testing.assert_array_equal(original.predict(images, verbose=0), loaded.predict(images, verbose=0))
+
+
+def test_first_version_is_served_and_serving_switches(
+    registered: registry.ModelVersion, tmp_path: Path
+) -> None:
+    assert registry.served_versions(tmp_path) == {"pneumonia-cnn": "v1"}
+    model = models.build_cnn(filters=(4,), dense_units=2)
+    registry.register("pneumonia-cnn", model, {"threshold": 0.4}, tmp_path, version="v2")
+    assert registry.resolve("pneumonia-cnn", tmp_path).version == "v1"
+    registry.mark_served("pneumonia-cnn", "v2", tmp_path)
+    assert registry.resolve("pneumonia-cnn", tmp_path).threshold == 0.4
+
+
+def test_versions_are_immutable(registered: registry.ModelVersion, tmp_path: Path) -> None:
+    with pytest.raises(registry.RegistryError, match="immutable"):
+        registry.register("pneumonia-cnn", models.build_cnn((4,)), {"threshold": 0.5}, tmp_path, version="v1")
+
+
+def test_hash_mismatch_is_refused(registered: registry.ModelVersion, tmp_path: Path) -> None:
+    registered.model_file.chmod(0o644)
+    with open(registered.model_file, "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(registry.ModelIntegrityError, match="changed after registration"):
+        registry.load("pneumonia-cnn@v1", tmp_path)
+
+
+def test_other_preprocessing_contract_is_refused(
+    registered: registry.ModelVersion, tmp_path: Path
+) -> None:
+    card_path = registered.path / registry.CARD_FILE
+    card = json.loads(card_path.read_text())
+    card["preprocessing"]["input_shape"] = [299, 299, 3]
+    card_path.chmod(0o644)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(registry.RegistryError, match="another preprocessing contract"):
+        registry.load("pneumonia-cnn@v1", tmp_path)
+
+
+def test_unknown_model_names_what_exists(registered: registry.ModelVersion, tmp_path: Path) -> None:
+    with pytest.raises(registry.RegistryError, match="known models: \\['pneumonia-cnn'\\]"):
+        registry.resolve("pneumonia-transfer", tmp_path)
+    with pytest.raises(registry.RegistryError, match="no model pneumonia-cnn@v9"):
+        registry.resolve("pneumonia-cnn@v9", tmp_path)
