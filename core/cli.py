@@ -125,5 +125,135 @@ def models_serve(
     typer.echo(f"{name}@{version} is now served")
 
 
-if __name__ == "__main__":
+db_app = typer.Typer(help="The database schema (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as error:
+        typer.echo(f"error: invalid settings:\n{error}", err=True)
+        raise typer.Exit(2) from error
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the tables on PNEUMO_DATABASE_URL (SQLite in PNEUMO_HOME by default)."""
+    from core.migrate import upgrade
+
+    settings = _settings()
+    settings.ensure_dirs()
+    upgrade(settings.sqlalchemy_url)
+    typer.echo(f"database at head: {settings.sqlalchemy_url.split('@')[-1]}")
+
+
+@app.command()
+def run(
+    inference_concurrency: int = typer.Option(1, help="Inference worker processes"),
+) -> None:
+    """The embedded default: node, workers and scheduler in one supervised process group."""
+    from core.supervisor import run as run_all
+
+    _logging()
+    try:
+        code = run_all(_settings(), inference_concurrency)
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    raise typer.Exit(code)
+
+
+@app.command()
+def node() -> None:
+    """The DICOM node alone (production: one per site, behind the PACS)."""
+    from core.db import session_factory
+    from dicom_node.scp import start
+    from worker.tasks import classify
+
+    _logging()
+    settings = _settings()
+    start(settings, session_factory(settings.sqlalchemy_url),
+          lambda instance_id: classify.delay(instance_id), block=True)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("inference-cpu,delivery,housekeeping", help="Queues to consume"),
+    concurrency: int = typer.Option(1),
+) -> None:
+    """A Celery worker (use `-Q inference-gpu` on a GPU host)."""
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--loglevel", "INFO"])
+
+
+@app.command()
+def scheduler() -> None:
+    """Celery beat: finalises stable studies and sweeps unqueued instances."""
+    from worker.celery_app import app as celery_app
+
+    celery_app.start(["beat", "--loglevel", "INFO"])
+
+
+@app.command()
+def send(
+    paths: list[Path] = typer.Argument(..., help="DICOM files, JPEG/PNG images or folders"),
+    to: str = typer.Option(..., "--to", help="Destination AE@host:port"),
+    calling_ae: str = typer.Option("PNEUMO-SEND", help="Our calling AE title"),
+    group: bool = typer.Option(False, help="Wrap all images into one study"),
+) -> None:
+    """Send files to a DICOM node over one association; prints one status line per file."""
+    from core.settings import PeerAddress
+    from dicom_node.send import collect
+    from dicom_node.send import send as send_files
+
+    total = len(collect(paths))
+    failures = 0
+    try:
+        for index, result in enumerate(
+            send_files(paths, PeerAddress(to), calling_ae, group), start=1
+        ):
+            status = "no response" if result.status is None else f"0x{result.status:04X}"
+            failures += result.status != 0
+            typer.echo(f"[{index}/{total}] {result.path.name}: {status} "
+                       f"study {result.study_instance_uid} sop {result.sop_instance_uid}")
+    except (ConnectionError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"sent {total - failures}/{total}")
+    raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
+def status(last: int = typer.Option(10, help="How many recent studies to list")) -> None:
+    """Queue depths, counts by state and the last studies with label, model and delivery."""
+    from core.status import render
+
+    typer.echo(render(_settings(), last))
+
+
+@app.command()
+def resend(
+    study_instance_uid: str = typer.Argument(..., help="Study whose SR is sent again"),
+) -> None:
+    """Send a study's SR again (e.g. after a dead-lettered delivery)."""
+    from core.status import resend as resend_study
+
+    count = resend_study(_settings(), study_instance_uid)
+    if not count:
+        typer.echo(f"no SR delivery recorded for study {study_instance_uid}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{count} delivery(ies) queued again")
+
+
+def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One settings model for every process, read from `PNEUMO_*` environment variables
+or a `.env`-style file named by `PNEUMO_SETTINGS_FILE`; loaded once in each `main` and passed down.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.registry import DEFAULT_MODELS_DIR
+
+
+class PeerAddress:
+    """`AE@host:port`, as PNEUMO_PACS gives a destination."""
+
+    def __init__(self, text: str) -> None:
+        ae_title, at, address = text.strip().partition("@")
+        host, colon, port = address.rpartition(":")
+        if not (at and colon and ae_title and host and port.isdigit()):
+            raise ValueError(f"peer must look like AE@host:port, got {text!r}")
+        if len(ae_title) > 16:
+            raise ValueError(f"AE title {ae_title!r} is longer than 16 characters")
+        self.ae_title, self.host, self.port = ae_title, host, int(port)
+
+    def __repr__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Every setting, its unit in its name where it has one. Defaults run on one machine."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PNEUMO_", env_file=os.environ.get("PNEUMO_SETTINGS_FILE"), extra="ignore"
+    )
+
+    home: Path = Field(Path("var"), description="Storage, spool, embedded database and broker")
+    ae_title: str = Field("PNEUMO", max_length=16, description="Our called AE title")
+    host: str = Field("0.0.0.0", description="Address the DICOM node listens on")
+    port: int = Field(11112, description="DICOM port of the node")
+    allowed_peers: str = Field(
+        "*",
+        description=(
+            "Comma-separated calling AE titles allowed to associate, each optionally AE@host; "
+            "'*' allows any (embedded default only; set it in production)"
+        ),
+    )
+    pacs: str = Field("", description="Comma-separated SR destinations AE@host:port; empty: none")
+    database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite file in home")
+    broker_url: str = Field("", description="Celery broker URL; empty: embedded Redis socket in home")
+    quiet_seconds: float = Field(5.0, description="A study is stable this long after its last image")
+    max_associations: int = Field(10)
+    network_timeout_s: float = Field(60.0, description="DIMSE/ACSE/network timeouts")
+    min_free_disk_mb: int = Field(500, description="Below this free space, C-STORE answers 0xA700")
+    inference_queue: str = Field("inference-cpu", description="inference-cpu or inference-gpu")
+    model_name: str = Field("pneumonia-transfer", description="Which served model the workers run")
+    models_dir: Path = Field(DEFAULT_MODELS_DIR)
+    delivery_max_attempts: int = Field(6, description="SR C-STORE tries before dead-letter")
+    delivery_backoff_s: float = Field(5.0, description="First retry delay; doubles each try")
+    classify_max_retries: int = Field(3)
+    sweep_interval_s: float = Field(10.0, description="How often stuck instances are re-queued")
+    finalise_interval_s: float = Field(1.0, description="How often stable studies are looked for")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("PNEUMO_AE_TITLE must not be empty")
+        return value.strip()
+
+    @field_validator("pacs")
+    @classmethod
+    def _pacs(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            PeerAddress(part)
+        return value
+
+    @cached_property
+    def pacs_destinations(self) -> list[PeerAddress]:
+        return [PeerAddress(p) for p in self.pacs.split(",") if p.strip()]
+
+    @cached_property
+    def allowed(self) -> list[tuple[str, str | None]]:
+        """[(ae_title, host or None)]; empty list when any peer is allowed."""
+        entries = [p.strip() for p in self.allowed_peers.split(",") if p.strip()]
+        if "*" in entries:
+            return []
+        return [(ae, host or None) for ae, _, host in (e.partition("@") for e in entries)]
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.absolute()
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.home_dir / "storage"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home_dir / "spool"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'pneumo.db'}"
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.home_dir / "redis.sock"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"redis+socket://{self.redis_socket}"
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.home_dir, self.storage_dir, self.spool_dir):
+            folder.mkdir(parents=True, exist_ok=True)

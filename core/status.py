@@ -1,0 +1,74 @@
+"""`pneumo status` and `pneumo resend`: what radiology IT looks at in a terminal."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from core.db import Delivery, DeliveryState, Instance, Result, Study, audit, session_factory, utcnow
+from core.settings import Settings
+
+
+def queue_depths(settings: Settings) -> dict[str, int | str]:
+    """Messages waiting per queue (Redis list lengths); 'unreachable' when the broker is down."""
+    from worker.celery_app import QUEUES, make_app
+
+    try:
+        with make_app(settings).connection_for_read() as connection:
+            client = connection.default_channel.client
+            return {queue: int(client.llen(queue)) for queue in QUEUES}
+    except Exception as error:  # the status view must work while the broker is down
+        return dict.fromkeys(QUEUES, f"unreachable ({type(error).__name__})")
+
+
+def render(settings: Settings, last: int = 10) -> str:
+    sessions = session_factory(settings.sqlalchemy_url)
+    lines = ["queues:"]
+    lines += [f"  {queue:<16} {depth}" for queue, depth in queue_depths(settings).items()]
+    with sessions() as session:
+        lines.append("instances by state:")
+        for state, count in session.execute(
+            select(Instance.state, func.count()).group_by(Instance.state).order_by(Instance.state)
+        ):
+            lines.append(f"  {state:<16} {count}")
+        lines.append("deliveries by state:")
+        for state, count in session.execute(
+            select(Delivery.state, func.count()).group_by(Delivery.state).order_by(Delivery.state)
+        ):
+            lines.append(f"  {state:<16} {count}")
+        lines.append(f"last {last} studies:")
+        studies = session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(last))
+        for study in studies:
+            results = session.execute(
+                select(Result.label, Result.probability, Result.model_name, Result.model_version)
+                .join(Instance).where(Instance.study_id == study.id).order_by(Result.probability.desc())
+            ).all()
+            states = session.scalars(select(Instance.state).where(Instance.study_id == study.id)).all()
+            delivery = session.scalar(select(Delivery).where(Delivery.study_id == study.id))
+            finding = (
+                f"{results[0].label} p={results[0].probability:.3f} "
+                f"{results[0].model_name}@{results[0].model_version}"
+                if results else ", ".join(sorted(set(states)))
+            )
+            sent = f"SR {delivery.state}" if delivery else "no SR yet"
+            lines.append(f"  {study.study_instance_uid}  {len(states)} image(s)  {finding}  {sent}")
+    return "\n".join(lines)
+
+
+def resend(settings: Settings, study_instance_uid: str) -> int:
+    """Reset the study's deliveries to pending and queue them; returns how many."""
+    from worker.tasks import deliver
+
+    sessions = session_factory(settings.sqlalchemy_url)
+    with sessions() as session, session.begin():
+        deliveries = session.scalars(
+            select(Delivery).join(Study).where(Study.study_instance_uid == study_instance_uid)
+        ).all()
+        for delivery in deliveries:
+            delivery.state = DeliveryState.PENDING
+            delivery.attempts = 0
+            delivery.updated_at = utcnow()
+            audit(session, "delivery", delivery.id, "resend", "requested by operator")
+        ids = [d.id for d in deliveries]
+    for delivery_id in ids:
+        deliver.delay(delivery_id)
+    return len(ids)

@@ -1,0 +1,1 @@
+"""The DICOM node: a pynetdicom SCP that stores instances durably and queues them."""

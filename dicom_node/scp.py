@@ -1,0 +1,96 @@
+"""The pynetdicom SCP: allow-list at association, C-ECHO, durable C-STORE, enqueue after commit."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import Settings
+from dicom_node import contexts
+from dicom_node.receive import SUCCESS, enqueue_after_commit, store_instance
+
+log = logging.getLogger(__name__)
+
+# Receive each dataset straight into a spool file instead of memory (see receive.py).
+_config.STORE_RECV_CHUNKED_DATASET = True
+# Peers' UIDs are fine in logs; nothing else from the dataset is logged.
+_config.LOG_RESPONSE_IDENTIFIERS = False
+_config.LOG_REQUEST_IDENTIFIERS = False
+
+REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+
+
+def peer_allowed(allowed: list[tuple[str, str | None]], ae_title: str, address: str) -> bool:
+    """Empty allow-list: any peer. Else the AE title must match, and the host if one is given."""
+    if not allowed:
+        return True
+    return any(ae == ae_title and (host is None or host == address) for ae, host in allowed)
+
+
+def handle_requested(event: evt.Event, settings: Settings) -> None:
+    requestor = event.assoc.requestor
+    ae_title = str(requestor.ae_title).strip()
+    if not peer_allowed(settings.allowed, ae_title, requestor.address):
+        log.warning("association rejected: calling AE %r from %s is not in the allow-list",
+                    ae_title, requestor.address)
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+
+
+def handle_echo(event: evt.Event) -> int:
+    return SUCCESS
+
+
+def handle_store(
+    event: evt.Event,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    enqueue: Callable[[int], None],
+) -> int:
+    request = event.request
+    calling = str(event.assoc.requestor.ae_title).strip()
+    outcome = store_instance(
+        Path(event.dataset_path), str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID), calling, settings.storage_dir, sessions,
+        settings.min_free_disk_mb,
+    )
+    log.info("C-STORE %s from %s: 0x%04X %s", request.AffectedSOPInstanceUID, calling,
+             outcome.status, outcome.reason)
+    if outcome.status == SUCCESS and not outcome.duplicate and outcome.instance_id is not None:
+        enqueue_after_commit(outcome.instance_id, sessions, enqueue)
+    return outcome.status
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = True
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.network_timeout_s
+    ae.add_supported_context(contexts.VERIFICATION_SOP_CLASS)
+    for sop_class in contexts.STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, contexts.ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def start(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    enqueue: Callable[[int], None],
+    block: bool = False,
+) -> ThreadedAssociationServer | None:
+    """Start listening; spool files go under the storage folder's filesystem for atomic renames."""
+    settings.ensure_dirs()
+    tempfile.tempdir = str(settings.spool_dir)
+    handlers = [
+        (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
+    ]
+    ae = build_ae(settings)
+    log.info("DICOM node %s listening on %s:%d", settings.ae_title, settings.host, settings.port)
+    return ae.start_server((settings.host, settings.port), block=block, evt_handlers=handlers)

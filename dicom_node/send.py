@@ -1,0 +1,145 @@
+"""`pneumo send`: a DICOM sender for tests and demos.
+
+DICOM files are sent as they are. JPEG/PNG chest images are wrapped as DX (for presentation)
+with realistic headers: MONOCHROME2, PA, CHEST, a new patient/study/series per image unless
+grouped into one study. One association carries all files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from core.settings import PeerAddress
+from training.preprocess import load_grayscale
+from worker.filters import DX_PRESENTATION
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    sop_instance_uid: str
+    study_instance_uid: str
+    status: int | None  # None: no response (association lost)
+
+
+def collect(paths: list[Path]) -> list[Path]:
+    """Files, and the files inside folders (sorted), in the order given."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(p for p in sorted(path.rglob("*")) if p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+def wrap_image(path: Path, study: Dataset | None = None) -> Dataset:
+    """A DX For Presentation dataset carrying the image's 8-bit grayscale pixels unchanged."""
+    pixels = load_grayscale(path)
+    now = datetime.now()
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = DX_PRESENTATION
+    dataset.SOPClassUID = DX_PRESENTATION
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    if study is None:
+        study = Dataset()
+        study.PatientName = f"DEMO^{path.stem[:40]}"
+        study.PatientID = f"DEMO{generate_uid()[-10:]}"
+        study.StudyInstanceUID = generate_uid()
+        study.AccessionNumber = f"A{generate_uid()[-12:]}"
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber"):
+        setattr(dataset, keyword, getattr(study, keyword))
+    dataset.PatientBirthDate = ""
+    dataset.PatientSex = "O"
+    dataset.StudyDate = dataset.SeriesDate = dataset.ContentDate = now.strftime("%Y%m%d")
+    dataset.StudyTime = dataset.SeriesTime = dataset.ContentTime = now.strftime("%H%M%S")
+    dataset.StudyID = "1"
+    dataset.ReferringPhysicianName = ""
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.SeriesNumber = 1
+    dataset.InstanceNumber = 1
+    dataset.Modality = "DX"
+    dataset.Manufacturer = "Pneumo demo sender"
+    dataset.BodyPartExamined = "CHEST"
+    dataset.ViewPosition = "PA"
+    dataset.PresentationIntentType = "FOR PRESENTATION"
+    dataset.ImageType = ["DERIVED", "PRIMARY"]
+    dataset.PatientOrientation = ["L", "F"]
+    dataset.ImageComments = f"wrapped from {path.name}"[:64]
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.PresentationLUTShape = "IDENTITY"
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.BitsAllocated = dataset.BitsStored = 8
+    dataset.HighBit = 7
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    return dataset
+
+
+def datasets(paths: list[Path], group: bool) -> Iterator[tuple[Path, Dataset]]:
+    study = None
+    for path in collect(paths):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            dataset = wrap_image(path, study)
+            if group and study is None:
+                study = dataset
+            yield path, dataset
+        else:
+            yield path, dcmread(path)
+
+
+def requested_contexts(paths: list[Path]) -> list[tuple[str, list[str]]]:
+    """One context per SOP class present, offering each file's own transfer syntax."""
+    syntaxes: dict[str, set[str]] = {}
+    for path in collect(paths):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            sop_class, syntax = DX_PRESENTATION, ExplicitVRLittleEndian
+        else:
+            header = dcmread(path, stop_before_pixels=True)
+            sop_class, syntax = header.SOPClassUID, header.file_meta.TransferSyntaxUID
+        syntaxes.setdefault(str(sop_class), {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(
+            str(syntax)
+        )
+    return [(sop_class, sorted(found)) for sop_class, found in syntaxes.items()]
+
+
+def send(
+    paths: list[Path], destination: PeerAddress, calling_ae_title: str = "PNEUMO-SEND",
+    group: bool = False, timeout_s: float = 60,
+) -> Iterator[SendResult]:
+    """Send everything over one association (re-opened if the peer drops it)."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class, syntaxes in requested_contexts(paths):
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = None
+    try:
+        for path, dataset in datasets(paths, group):
+            if assoc is None or not assoc.is_established:
+                assoc = ae.associate(destination.host, destination.port,
+                                     ae_title=destination.ae_title)
+                if not assoc.is_established:
+                    raise ConnectionError(
+                        f"association with {destination!r} was rejected or failed"
+                    )
+            response = assoc.send_c_store(dataset)
+            yield SendResult(path, str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID),
+                             getattr(response, "Status", None))
+    finally:
+        if assoc is not None and assoc.is_established:
+            assoc.release()

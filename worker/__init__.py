@@ -1,0 +1,1 @@
+"""Celery workers: filter, decode, classify, report and deliver."""

@@ -1,0 +1,262 @@
+"""What the Celery tasks do, as plain functions over a session factory (tested directly).
+
+classify_instance: filter -> decode -> shared preprocessing -> predict -> one result row.
+finalise_stable_studies: quiet studies with every instance terminal get an SR delivery.
+deliver: build the SR from the database and the stored headers, C-STORE it, record the outcome.
+sweep: re-queue instances whose job was never queued or got lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import (
+    TERMINAL_STATES,
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    ModelVersionRow,
+    Result,
+    Study,
+    audit,
+    utcnow,
+)
+from core.settings import Settings
+from training.preprocess import preprocess
+from worker import filters
+from worker.decode import DecodeError, grayscale_pixels
+from worker.inference import Classifier
+from worker.report import ImageFinding, build_sr, sr_uids
+
+log = logging.getLogger(__name__)
+LOCAL_DESTINATION = "local"  # no PACS configured: the SR is only written to disk
+MAX_WORKER_DEATHS = 3
+
+
+def _finish(session: Session, instance: Instance, state: InstanceState, reason: str | None) -> None:
+    instance.state = state
+    instance.reason = reason
+    instance.finished_at = utcnow()
+    audit(session, "instance", instance.id, str(state), reason)
+
+
+def classify_instance(
+    sessions: sessionmaker[Session], instance_id: int, classifier: Callable[[], Classifier]
+) -> str:
+    """Classify one instance; idempotent. Returns the terminal state it ends in."""
+    with sessions() as session, session.begin():
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            raise LookupError(f"instance {instance_id} does not exist")
+        if instance.state in TERMINAL_STATES:
+            return instance.state
+        instance.attempts += 1
+        if instance.attempts > MAX_WORKER_DEATHS:
+            # Redelivered this often: the job itself kills workers (memory, a decoder crash).
+            _finish(session, instance, InstanceState.FAILED,
+                    f"gave up after {instance.attempts - 1} attempts that never finished")
+            return InstanceState.FAILED
+        instance.state = InstanceState.PROCESSING
+        path, sop_uid = instance.path, instance.sop_instance_uid
+
+    state, reason, result = _classify_file(Path(path), classifier)
+    with sessions() as session, session.begin():
+        instance = session.get(Instance, instance_id)
+        if instance.state in TERMINAL_STATES:
+            return instance.state
+        if result is not None:
+            model = classifier()
+            _record_model_version(session, model)
+            exists = session.scalar(select(Result.id).where(
+                Result.instance_id == instance_id, Result.model_name == model.name,
+                Result.model_version == model.version.version,
+            ))
+            if exists is None:
+                session.add(Result(instance_id=instance_id, **result))
+        _finish(session, instance, state, reason)
+    log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
+    return state
+
+
+def _classify_file(path: Path, classifier: Callable[[], Classifier]):
+    """(state, reason, result columns or None); never raises for bad input."""
+    started = time.perf_counter()
+    try:
+        dataset = dcmread(path)
+    except Exception as error:
+        return InstanceState.FAILED, f"stored file unreadable: {type(error).__name__}", None
+    reason = filters.ignore_reason(dataset)
+    if reason:
+        return InstanceState.IGNORED, reason, None
+    reason = filters.failure_reason(dataset)
+    if reason:
+        return InstanceState.FAILED, reason, None
+    try:
+        tensor = preprocess(grayscale_pixels(dataset))
+    except (DecodeError, ValueError) as error:
+        return InstanceState.FAILED, str(error)[:500], None
+    decode_ms = (time.perf_counter() - started) * 1000
+    model = classifier()
+    prediction = model.predict(tensor)
+    return InstanceState.CLASSIFIED, None, {
+        "model_name": model.name,
+        "model_version": model.version.version,
+        "probability": prediction.probability,
+        "threshold": model.threshold,
+        "label": prediction.label,
+        "decode_ms": decode_ms,
+        "inference_ms": prediction.inference_ms,
+    }
+
+
+def _record_model_version(session: Session, model: Classifier) -> None:
+    known = session.scalar(select(ModelVersionRow.id).where(
+        ModelVersionRow.name == model.name, ModelVersionRow.version == model.version.version
+    ))
+    if known is None:
+        session.add(ModelVersionRow(
+            name=model.name, version=model.version.version,
+            model_sha256=model.version.card["model_sha256"], threshold=model.threshold,
+            card={k: v for k, v in model.version.card.items() if k != "training"},
+        ))
+
+
+def finalise_stable_studies(
+    sessions: sessionmaker[Session], settings: Settings, enqueue_delivery: Callable[[int], None]
+) -> list[int]:
+    """Create or refresh one delivery per (study, model version, destination) for quiet studies."""
+    cutoff = utcnow() - timedelta(seconds=settings.quiet_seconds)
+    destinations = [repr(p) for p in settings.pacs_destinations] or [LOCAL_DESTINATION]
+    to_send = []
+    with sessions() as session, session.begin():
+        pending = select(Instance.study_id).where(Instance.state.not_in(TERMINAL_STATES))
+        studies = session.scalars(
+            select(Study).where(Study.last_received_at <= cutoff, Study.id.not_in(pending))
+        ).all()
+        for study in studies:
+            counts = session.execute(
+                select(Result.model_name, Result.model_version, func.count(Result.id))
+                .join(Instance).where(Instance.study_id == study.id)
+                .group_by(Result.model_name, Result.model_version)
+            ).all()
+            for model_name, model_version, count in counts:
+                for destination in destinations:
+                    delivery = _delivery_for(session, study, model_name, model_version, destination)
+                    if delivery.instances_reported < count:
+                        delivery.instances_reported = count
+                        delivery.state = DeliveryState.PENDING
+                        delivery.attempts = 0
+                        delivery.updated_at = utcnow()
+                        audit(session, "delivery", delivery.id or 0, "scheduled",
+                              f"{count} classified image(s) to {destination}")
+                        session.flush()
+                        to_send.append(delivery.id)
+    for delivery_id in to_send:
+        enqueue_delivery(delivery_id)
+    return to_send
+
+
+def _delivery_for(
+    session: Session, study: Study, model_name: str, model_version: str, destination: str
+) -> Delivery:
+    delivery = session.scalar(select(Delivery).where(
+        Delivery.study_id == study.id, Delivery.model_name == model_name,
+        Delivery.model_version == model_version, Delivery.destination == destination,
+    ))
+    if delivery is None:
+        _, sr_uid = sr_uids(study.study_instance_uid, model_name, model_version)
+        delivery = Delivery(
+            study_id=study.id, model_name=model_name, model_version=model_version,
+            destination=destination, sr_sop_instance_uid=sr_uid, instances_reported=0,
+            state=DeliveryState.PENDING, attempts=0,
+        )
+        session.add(delivery)
+        session.flush()
+    return delivery
+
+
+def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) -> Path:
+    """Build the SR from every classified image of the study and write it; returns the path."""
+    with sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        rows = session.execute(
+            select(Instance.path, Result.probability, Result.label, Result.threshold)
+            .join(Result).where(
+                Instance.study_id == delivery.study_id,
+                Result.model_name == delivery.model_name,
+                Result.model_version == delivery.model_version,
+            ).order_by(Instance.id)
+        ).all()
+        model_name, model_version = delivery.model_name, delivery.model_version
+    findings = [
+        ImageFinding(dcmread(path, stop_before_pixels=True), probability, label == "PNEUMONIA")
+        for path, probability, label, _ in rows
+    ]
+    report = build_sr(findings, model_name, model_version, rows[0].threshold)
+    sr_dir.mkdir(parents=True, exist_ok=True)
+    path = sr_dir / f"{report.SOPInstanceUID}.dcm"
+    report.save_as(path, enforce_file_format=True)
+    with sessions() as session, session.begin():
+        session.get(Delivery, delivery_id).sr_path = str(path)
+    return path
+
+
+def mark_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, state: DeliveryState, error: str | None
+) -> None:
+    with sessions() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        delivery.state = state
+        delivery.last_error = error
+        delivery.updated_at = utcnow()
+        if state == DeliveryState.DELIVERED:
+            delivery.delivered_at = utcnow()
+        audit(session, "delivery", delivery_id, str(state), error)
+
+
+def start_delivery_attempt(sessions: sessionmaker[Session], delivery_id: int) -> Delivery | None:
+    """Count one attempt; None when there is nothing to do (already delivered)."""
+    with sessions() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.state == DeliveryState.DELIVERED:
+            return None
+        delivery.attempts += 1
+        return delivery
+
+
+def sweep(
+    sessions: sessionmaker[Session], enqueue: Callable[[int], None], stale_after_s: float = 600
+) -> list[int]:
+    """Re-queue instances recorded but never queued (>5 s), or queued/processing for too long."""
+    now = utcnow()
+    with sessions() as session:
+        ids = session.scalars(select(Instance.id).where(
+            ((Instance.state == InstanceState.RECEIVED)
+             & (Instance.received_at <= now - timedelta(seconds=5)))
+            | ((Instance.state.in_([InstanceState.QUEUED, InstanceState.PROCESSING]))
+               & (func.coalesce(Instance.queued_at, Instance.received_at)
+                  <= now - timedelta(seconds=stale_after_s)))
+        )).all()
+    requeued = []
+    for instance_id in ids:
+        try:
+            enqueue(instance_id)
+        except Exception as error:
+            log.warning("sweep could not queue instance %s: %s", instance_id, type(error).__name__)
+            continue
+        with sessions() as session, session.begin():
+            session.execute(update(Instance).where(
+                Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES)
+            ).values(state=InstanceState.QUEUED, queued_at=utcnow()))
+            audit(session, "instance", instance_id, "requeued", "by sweep")
+        requeued.append(instance_id)
+    return requeued

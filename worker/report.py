@@ -1,0 +1,141 @@
+"""The DICOM SR for one study and model version, built with highdicom (TID 1500).
+
+One image-level group (TID 1501) per classified image: Pneumonia (SCT 233604007) present/absent,
+the probability as a measurement, the algorithm (TID 4019). UIDs derive from (study, model,
+version), so a re-built SR replaces the earlier one at the PACS instead of adding another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+MANUFACTURER = "Pneumo"
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")
+CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
+PROBABILITY = Code("PNEUMO-P", "99PNEUMO", "Pneumonia probability")
+NO_UNITS = Code("1", "UCUM", "no units")
+SR_SERIES_NUMBER = 990
+
+# Type 2 attributes highdicom copies from the evidence; some modalities leave them out.
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+@dataclass(frozen=True)
+class ImageFinding:
+    """One classified image's result."""
+
+    source: Dataset  # the image's header (pixel data not needed)
+    probability: float
+    present: bool
+
+
+def sr_uids(study_instance_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
+    """(series, SOP instance) UIDs, the same for every build of this study's report."""
+    sources = [study_instance_uid, model_name, model_version]
+    return (
+        generate_uid(entropy_srcs=[*sources, "series"]),
+        generate_uid(entropy_srcs=[*sources, "instance"]),
+    )
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """The header highdicom references, with missing type 2 patient/study attributes added empty."""
+    evidence = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            evidence.add(element)
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in evidence:
+            setattr(evidence, keyword, None)
+    return evidence
+
+
+def build_sr(
+    findings: list[ImageFinding], model_name: str, model_version: str, threshold: float
+) -> ComprehensiveSR:
+    """The study's SR; `findings` must share one StudyInstanceUID."""
+    if not findings:
+        raise ValueError("findings must not be empty: an SR needs at least one classified image")
+    study_uids = {str(f.source.StudyInstanceUID) for f in findings}
+    if len(study_uids) != 1:
+        raise ValueError(f"findings span {len(study_uids)} studies; one SR per study")
+    study_uid = study_uids.pop()
+    series_uid, instance_uid = sr_uids(study_uid, model_name, model_version)
+    algorithm = AlgorithmIdentification(
+        name=model_name, version=model_version, parameters=[f"threshold={threshold:.6f}"]
+    )
+    device = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[model_name, model_version]),
+            name=model_name, manufacturer_name=MANUFACTURER, model_name=model_version,
+        ),
+    )
+    groups = []
+    for finding in findings:
+        sop_uid = str(finding.source.SOPInstanceUID)
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[sop_uid, model_name, model_version]),
+                identifier=f"pneumonia classification of {sop_uid}"[:64],
+            ),
+            finding_type=PNEUMONIA,
+            algorithm_id=algorithm,
+            source_images=[SourceImageForMeasurementGroup(str(finding.source.SOPClassUID), sop_uid)],
+            qualitative_evaluations=[
+                QualitativeEvaluation(PNEUMONIA, PRESENT if finding.present else ABSENT)
+            ],
+            measurements=[Measurement(
+                name=PROBABILITY, value=round(float(finding.probability), 6), unit=NO_UNITS,
+                algorithm_id=algorithm,
+            )],
+        ))
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=device),
+        procedure_reported=CHEST_RADIOGRAPH,
+        imaging_measurements=groups,
+    )
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model_name,
+        software_versions=model_version,
+    )
+    return ComprehensiveSR(
+        evidence=[_evidence(f.source) for f in findings],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[equipment],
+        series_description=f"AI pneumonia {model_name} {model_version}"[:64],
+    )

@@ -1,0 +1,68 @@
+"""Thin Celery tasks: take ids, call worker.pipeline, leave retries to Celery."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+from sqlalchemy.exc import OperationalError
+
+from core.db import DeliveryState, session_factory
+from core.settings import PeerAddress
+from worker import pipeline
+from worker.celery_app import app, settings
+from worker.delivery import DeliveryError, send_sr
+from worker.inference import served_classifier
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def sessions():
+    return session_factory(settings.sqlalchemy_url)
+
+
+def classifier():
+    return served_classifier(settings.model_name, settings.models_dir)
+
+
+@app.task(name="pneumo.classify", autoretry_for=(OperationalError,), retry_backoff=2,
+          max_retries=settings.classify_max_retries)
+def classify(instance_id: int) -> str:
+    return str(pipeline.classify_instance(sessions(), instance_id, classifier))
+
+
+@app.task(name="pneumo.finalise")
+def finalise() -> list[int]:
+    return pipeline.finalise_stable_studies(
+        sessions(), settings, lambda delivery_id: deliver.delay(delivery_id)
+    )
+
+
+@app.task(name="pneumo.sweep")
+def sweep() -> list[int]:
+    return pipeline.sweep(sessions(), lambda instance_id: classify.delay(instance_id))
+
+
+@app.task(name="pneumo.deliver", bind=True, max_retries=None)
+def deliver(self, delivery_id: int) -> str:
+    """Build and send one SR; exponential backoff, dead-letter after the last attempt."""
+    delivery = pipeline.start_delivery_attempt(sessions(), delivery_id)
+    if delivery is None:
+        return "nothing to do"
+    path = pipeline.write_sr(sessions(), delivery_id, settings.home_dir / "sr")
+    if delivery.destination == pipeline.LOCAL_DESTINATION:
+        pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DELIVERED, None)
+        return "stored locally"
+    try:
+        send_sr(path, PeerAddress(delivery.destination), settings.ae_title, settings.network_timeout_s)
+    except (DeliveryError, OSError) as error:
+        if delivery.attempts >= settings.delivery_max_attempts:
+            pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DEAD, str(error))
+            log.error("delivery %s dead after %d attempts: %s", delivery_id, delivery.attempts, error)
+            return "dead"
+        pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.RETRYING, str(error))
+        countdown = settings.delivery_backoff_s * 2 ** (delivery.attempts - 1)
+        raise self.retry(countdown=countdown, exc=error) from error
+    pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DELIVERED, None)
+    return "delivered"
