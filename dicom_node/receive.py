@@ -108,10 +108,13 @@ def store_instance(
     except OSError as error:
         return StoreOutcome(OUT_OF_RESOURCES, f"cannot write spool file: {error.strerror}")
 
-    with sessions() as session:
-        existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-        if existing is not None:
-            return _duplicate(session, existing, digest)
+    try:
+        with sessions() as session:
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if existing is not None:
+                return _duplicate(session, existing, digest)
+    except SQLAlchemyError as error:
+        return StoreOutcome(OUT_OF_RESOURCES, f"database unavailable: {type(error).__name__}")
 
     folder = storage_dir / study_uid / series_uid
     final_path = folder / f"{sop_uid}.{digest[:12]}.dcm"
@@ -149,8 +152,8 @@ def _duplicate(session: Session, existing: Instance, digest: str) -> StoreOutcom
     same = existing.sha256 == digest
     event_name = "duplicate_received" if same else "conflicting_duplicate"
     detail = "identical content" if same else f"different content (sha256 {digest[:12]}), kept first"
-    with session.begin():
-        audit(session, "instance", existing.id, event_name, detail)
+    audit(session, "instance", existing.id, event_name, detail)
+    session.commit()
     return StoreOutcome(SUCCESS, f"duplicate: {detail}", existing.id, duplicate=True)
 
 

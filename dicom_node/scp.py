@@ -35,11 +35,15 @@ def peer_allowed(allowed: list[tuple[str, str | None]], ae_title: str, address: 
 
 def handle_requested(event: evt.Event, settings: Settings) -> None:
     requestor = event.assoc.requestor
-    ae_title = str(requestor.ae_title).strip()
+    # At EVT_REQUESTED only the A-ASSOCIATE primitive carries the calling AE title.
+    ae_title = str(requestor.primitive.calling_ae_title).strip()
     if not peer_allowed(settings.allowed, ae_title, requestor.address):
         log.warning("association rejected: calling AE %r from %s is not in the allow-list",
                     ae_title, requestor.address)
+        # As pynetdicom's own AE-title check does: send the A-ASSOCIATE-RJ, then stop the
+        # association cleanly so the PDU is flushed before the socket closes.
         event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+        event.assoc.kill()
 
 
 def handle_echo(event: evt.Event) -> int:

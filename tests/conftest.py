@@ -40,3 +40,80 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         link_subset(root, "train", class_name, 24)
         link_subset(root, "test", class_name, 8)
     return root
+
+
+# --- databases and services -------------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "PNEUMO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_TEST_URL = os.environ.get("PNEUMO_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"pneumo_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database on each back-end."""
+    from sqlalchemy import text
+
+    from core.db import make_engine
+    from core.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def sessions(database_url: str):
+    from core.db import session_factory
+
+    factory = session_factory(database_url)
+    yield factory
+    factory.kw["bind"].dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry with a small untrained CNN served as pneumonia-transfer (fast to load)."""
+    import keras
+
+    from core import registry
+    from training import models
+
+    folder = tmp_path_factory.mktemp("models")
+    keras.utils.set_random_seed(1)
+    model = models.build_cnn(filters=(4, 8), dense_units=4)
+    registry.register("pneumonia-transfer", model, {"threshold": 0.5}, folder, version="test-1")
+    return folder
