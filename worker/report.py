@@ -124,6 +124,7 @@ def build_sr(
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=model_name,
         software_versions=model_version,
+        contribution_description="AI pneumonia classification (unverified)",
     )
     return ComprehensiveSR(
         evidence=[_evidence(f.source) for f in findings],

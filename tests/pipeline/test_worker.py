@@ -149,8 +149,9 @@ def test_stable_study_gets_one_sr_with_every_classified_image(
                  for item in group[0].ContentSequence}
         assert texts["Algorithm Name"] == "pneumonia-transfer"
         assert texts["Algorithm Version"] == "test-1"
-    equipment = report.ContributingEquipmentSequence[0]
-    assert equipment.SoftwareVersions == "test-1"
+    ours = [e for e in report.ContributingEquipmentSequence if e.Manufacturer == "Pneumo"]
+    assert [(e.ManufacturerModelName, e.SoftwareVersions) for e in ours] == [
+        ("pneumonia-transfer", "test-1")]
 
     # Re-building gives the same UIDs: a re-send replaces the SR at the PACS.
     again = dcmread(pipeline.write_sr(sessions, queued[0], tmp_path / "sr2"))
