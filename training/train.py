@@ -218,11 +218,18 @@ def train(
         compile_for_training(
             training_model, config.fine_tune_learning_rate, config.label_smoothing
         )
+        phase1_auc = max(history["phase1"]["val_auc"])
+        phase1_weights = model.get_weights()
         history["phase2"] = fit_phase(
             training_model, train_split, validation_split, config,
             config.fine_tune_epochs, class_weight, verbose,
         )
         epochs_run += len(history["phase2"]["loss"])
+        if max(history["phase2"]["val_auc"]) < phase1_auc:
+            # Fine-tuning did not beat the frozen backbone on validation: keep phase 1.
+            model.set_weights(phase1_weights)
+            history["kept"] = "phase1"
+            log.info("phase 2 did not improve validation AUC; keeping the phase 1 weights")
     train_seconds = time.monotonic() - started
 
     # Threshold and metrics on validation.
