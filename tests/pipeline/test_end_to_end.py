@@ -8,7 +8,6 @@ shape (PostgreSQL + the machine's Redis).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,110 +21,10 @@ from sqlalchemy import select
 
 from core.db import Instance, Result, session_factory
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, REDIS_TEST_URL, free_port, link_subset
+from tests.conftest import DATA, link_subset
+from tests.pipeline.conftest import REPO, database_url, sr_files, wait_for
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@pytest.fixture
-def pacs(tmp_path: Path):
-    """dcmtk storescp as the PACS: every received object lands in a folder."""
-    folder = tmp_path / "pacs"
-    folder.mkdir()
-    port = free_port()
-    process = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    yield {"ae": f"PACS@127.0.0.1:{port}", "folder": folder, "port": port, "process": process}
-    process.terminate()
-    process.wait(timeout=10)
-
-
-@pytest.fixture(params=["embedded", "postgresql-redis"])
-def pipeline_env(request, tmp_path: Path, tiny_registry: Path, pacs) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "PNEUMO_HOME": str(tmp_path / "home"),
-        "PNEUMO_PORT": str(free_port()),
-        "PNEUMO_HOST": "127.0.0.1",
-        "PNEUMO_PACS": pacs["ae"],
-        "PNEUMO_QUIET_SECONDS": "1",
-        "PNEUMO_MODELS_DIR": str(tiny_registry),
-        "PNEUMO_ALLOWED_PEERS": "STORESCU,PNEUMO-SEND",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
-    if request.param == "postgresql-redis":
-        import redis
-
-        env["PNEUMO_DATABASE_URL"] = request.getfixturevalue("database_url_postgres_fresh")
-        env["PNEUMO_BROKER_URL"] = f"{REDIS_TEST_URL}/7"
-        redis.Redis.from_url(env["PNEUMO_BROKER_URL"]).flushdb()
-    return env
-
-
-@pytest.fixture
-def database_url_postgres_fresh(postgres_url: str) -> str:
-    from sqlalchemy import text
-
-    from core.db import make_engine
-
-    engine = make_engine(postgres_url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return postgres_url
-
-
-def database_url(env: dict[str, str]) -> str:
-    return env.get("PNEUMO_DATABASE_URL") or f"sqlite:///{env['PNEUMO_HOME']}/pneumo.db"
-
-
-@pytest.fixture
-def running(pipeline_env: dict[str, str]):
-    """`pneumo run`, waited for until the node answers C-ECHO; stopped with SIGINT (Ctrl-C)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "run"], env=pipeline_env, cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    port = pipeline_env["PNEUMO_PORT"]
-
-    def echo() -> bool:
-        return subprocess.run(
-            ["echoscu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", port],
-            capture_output=True,
-        ).returncode == 0
-
-    try:
-        wait_for(echo, 90, "the node to answer C-ECHO")
-        yield pipeline_env
-    finally:
-        process.send_signal(2)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        home = Path(pipeline_env["PNEUMO_HOME"])
-        for log in sorted(home.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
-        print(f"--- pneumo run\n{output[-2000:]}")
-    assert "pneumo: stopped" in output
-
-
-def sr_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("SR*"))
 
 
 def test_storescu_to_sr_in_pacs(running: dict[str, str], pacs, tmp_path: Path) -> None:

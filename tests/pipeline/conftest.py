@@ -1,0 +1,128 @@
+"""Fixtures for tests that run the product as processes: `pneumo run` and dcmtk peers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REDIS_TEST_URL, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def start_storescp(folder: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def pacs_address(tmp_path: Path) -> dict:
+    """Where the PACS will be: an AE address and the folder its storescp writes to."""
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    port = free_port()
+    return {"ae": f"PACS@127.0.0.1:{port}", "folder": folder, "port": port}
+
+
+@pytest.fixture
+def pacs(pacs_address: dict):
+    """dcmtk storescp as the PACS: every received object lands in a folder."""
+    process = start_storescp(pacs_address["folder"], pacs_address["port"])
+    yield {**pacs_address, "process": process}
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(params=["embedded", "postgresql-redis"])
+def pipeline_env(request, tmp_path: Path, tiny_registry: Path, pacs_address) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PNEUMO_HOME": str(tmp_path / "home"),
+        "PNEUMO_PORT": str(free_port()),
+        "PNEUMO_HOST": "127.0.0.1",
+        "PNEUMO_PACS": pacs_address["ae"],
+        "PNEUMO_QUIET_SECONDS": "1",
+        "PNEUMO_DELIVERY_BACKOFF_S": "1",
+        "PNEUMO_MODELS_DIR": str(tiny_registry),
+        "PNEUMO_ALLOWED_PEERS": "STORESCU,PNEUMO-SEND",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    })
+    if request.param == "postgresql-redis":
+        import redis
+
+        env["PNEUMO_DATABASE_URL"] = request.getfixturevalue("database_url_postgres_fresh")
+        env["PNEUMO_BROKER_URL"] = f"{REDIS_TEST_URL}/7"
+        redis.Redis.from_url(env["PNEUMO_BROKER_URL"]).flushdb()
+    return env
+
+
+@pytest.fixture
+def database_url_postgres_fresh(postgres_url: str) -> str:
+    from sqlalchemy import text
+
+    from core.db import make_engine
+
+    engine = make_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return postgres_url
+
+
+def database_url(env: dict[str, str]) -> str:
+    return env.get("PNEUMO_DATABASE_URL") or f"sqlite:///{env['PNEUMO_HOME']}/pneumo.db"
+
+
+@pytest.fixture
+def running(pipeline_env: dict[str, str]):
+    """`pneumo run`, waited for until the node answers C-ECHO; stopped with SIGINT (Ctrl-C)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "run"], env=pipeline_env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    port = pipeline_env["PNEUMO_PORT"]
+
+    def echo() -> bool:
+        return subprocess.run(
+            ["echoscu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", port],
+            capture_output=True,
+        ).returncode == 0
+
+    try:
+        wait_for(echo, 90, "the node to answer C-ECHO")
+        yield pipeline_env
+    finally:
+        process.send_signal(2)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        home = Path(pipeline_env["PNEUMO_HOME"])
+        for log in sorted(home.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        print(f"--- pneumo run\n{output[-2000:]}")
+    assert "pneumo: stopped" in output
+
+
+def sr_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("SR*"))
+
+
