@@ -1,0 +1,88 @@
+"""GPU check: the served model on another Keras backend (JAX), batch inference by batch size,
+and a tiny training run on that backend. Run on a GPU host without TensorFlow:
+
+    KERAS_BACKEND=jax python benchmarks/gpu_check.py --images DIR --reference ref.json \
+        --small-weights mobilenet_v2_..._0.35_224_no_top.h5
+
+`--reference` holds the probabilities the TensorFlow CPU build gives for the same images
+(written by `benchmarks/gpu_reference.py`). Prints a table; numbers go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from core import registry
+from training.preprocess import preprocess_many
+
+
+def throughput(model, tensors: np.ndarray, batch_size: int, seconds: float = 5.0) -> float:
+    batch = np.resize(tensors, (batch_size, *tensors.shape[1:])).astype(np.float32)
+    model.predict_on_batch(batch)  # compile for this shape
+    model.predict_on_batch(batch)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        np.asarray(model.predict_on_batch(batch))
+        count += batch_size
+    return count / (time.perf_counter() - started)
+
+
+def tiny_training(images: list[Path], weights: Path) -> dict:
+    from training.train import TrainConfig, train
+
+    root = Path(tempfile.mkdtemp())
+    for path in images:
+        label = "PNEUMONIA" if path.name.startswith("person") else "NORMAL"
+        (root / "train" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / "train" / label / path.name)
+    models_dir = root / "models"
+    config = TrainConfig(model_name="pneumonia-transfer", backbone="mobilenet_v2_0.35",
+                         backbone_weights=str(weights), epochs=2, fine_tune_epochs=1,
+                         fine_tune_layers=10)
+    started = time.perf_counter()
+    version = train(config, root, models_dir, verbose=0)
+    model, _ = registry.load(f"pneumonia-transfer@{version.version}", models_dir)
+    reloaded = model.predict(preprocess_many(images[:8]), verbose=0).reshape(-1)
+    return {"seconds": time.perf_counter() - started, "backend": version.card["backend"],
+            "val_auc": version.card["metrics"]["validation"]["roc_auc"],
+            "reloaded_predictions_finite": bool(np.isfinite(reloaded).all())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--reference", type=Path, required=True)
+    parser.add_argument("--small-weights", type=Path, required=True)
+    parser.add_argument("--model", default="pneumonia-transfer")
+    args = parser.parse_args()
+
+    import jax
+
+    print(f"backend {keras.backend.backend()}, devices {jax.devices()}")
+    reference = json.loads(args.reference.read_text())
+    images = sorted(args.images.glob("*.jpeg"))
+    tensors = preprocess_many(images)
+    rows = []
+    for spec, expected in reference.items():
+        model, version = registry.load(spec)
+        probabilities = model.predict(tensors, batch_size=32, verbose=0).reshape(-1)
+        difference = float(np.max(np.abs(probabilities - np.array(expected))))
+        print(f"{version.label}: max |p_jax_gpu - p_tf_cpu| over {len(images)} images = {difference:.2e}")
+        rows.append((version.label, difference))
+        if spec.startswith(args.model):
+            print("batch  images/s")
+            for batch_size in (1, 8, 32, 128, 512):
+                print(f"{batch_size:>5}  {throughput(model, tensors, batch_size):9.1f}")
+    print("tiny training on this backend:", json.dumps(tiny_training(images, args.small_weights)))
+
+
+if __name__ == "__main__":
+    main()
