@@ -62,7 +62,10 @@ def train(
         fine_tune_learning_rate=fine_tune_learning_rate, seed=seed,
         max_train_images=max_train_images or None,
     )
-    version = run_training(config, data, models_dir, report_test=report_test)
+    import sys
+
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, a line per epoch in logs
+    version = run_training(config, data, models_dir, report_test=report_test, verbose=verbose)
     typer.echo(f"registered {version.label} at {version.path}")
 
 

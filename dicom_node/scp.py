@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,6 +72,28 @@ def handle_store(
     return outcome.status
 
 
+def clean_spool(spool_dir: Path, older_than_s: float) -> list[Path]:
+    """Remove spool files left by transfers that were interrupted (the handler never ran)."""
+    cutoff = time.time() - older_than_s
+    removed = []
+    for path in spool_dir.glob("*.dcm"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.warning("removed %d spool file(s) of interrupted transfers", len(removed))
+    return removed
+
+
+def _spool_janitor(settings: Settings, stop: threading.Event) -> None:
+    older_than_s = max(3 * settings.network_timeout_s, 60.0)
+    while not stop.wait(60.0):
+        clean_spool(settings.spool_dir, older_than_s)
+
+
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = True
@@ -96,5 +120,7 @@ def start(
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]
     ae = build_ae(settings)
+    stop = threading.Event()
+    threading.Thread(target=_spool_janitor, args=(settings, stop), daemon=True).start()
     log.info("DICOM node %s listening on %s:%d", settings.ae_title, settings.host, settings.port)
     return ae.start_server((settings.host, settings.port), block=block, evt_handlers=handlers)

@@ -135,3 +135,17 @@ def test_every_real_file_is_stored(node, sessions, name: str) -> None:
     dataset = dcmread(REAL_DICOM / name)
     assert send_one(settings, dataset) == SUCCESS
     assert len(queued) == 1
+
+
+def test_spool_files_of_interrupted_transfers_are_removed(tmp_path: Path) -> None:
+    import os
+    import time
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    old, fresh = spool / "old.dcm", spool / "fresh.dcm"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"in flight")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert scp.clean_spool(spool, older_than_s=600) == [old]
+    assert fresh.exists() and not old.exists()
