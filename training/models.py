@@ -38,10 +38,13 @@ def build_augmentation(seed: int = 1337) -> keras.Sequential:
     )
 
 
-def conv_block(x, filters: int, convolutions: int, dropout_rate: float, name: str):
+def conv_block(x, filters: int, convolutions: int, dropout_rate: float, name: str, stride: int = 1):
     """Conv -> BatchNorm -> ReLU (repeated), then MaxPool and dropout: the seed's block."""
     for index in range(convolutions):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{index}")(x)
+        x = layers.Conv2D(
+            filters, 5 if stride > 1 else 3, strides=stride if index == 0 else 1,
+            padding="same", use_bias=False, name=f"{name}_conv{index}",
+        )(x)
         x = layers.BatchNormalization(name=f"{name}_bn{index}")(x)
         x = layers.ReLU(name=f"{name}_relu{index}")(x)
     x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
@@ -51,17 +54,22 @@ def conv_block(x, filters: int, convolutions: int, dropout_rate: float, name: st
 
 
 def build_cnn(
-    filters: tuple[int, ...] = (16, 32, 64, 128, 256),
+    filters: tuple[int, ...] = (24, 48, 96, 128, 256),
+    convolutions: tuple[int, ...] = (1, 1, 1, 2, 1),
     dropout_rate: float = 0.4,
     dense_units: int = 64,
 ) -> keras.Model:
-    """The custom CNN: five blocks, two convolutions in the cheap low-resolution ones."""
+    """The custom CNN. The first block's 5x5 convolution has stride 2, so the network works at
+    112 px and below: about 0.3 GFLOPs per image, which trains in well under an hour on 2 cores.
+    """
     inputs = input_layer()
     x = inputs
     for index, block_filters in enumerate(filters):
-        convolutions = 1 if index < 2 else 2
-        block_dropout = 0.0 if index < 2 else 0.1
-        x = conv_block(x, block_filters, convolutions, block_dropout, name=f"block{index + 1}")
+        x = conv_block(
+            x, block_filters, convolutions[index] if index < len(convolutions) else 1,
+            dropout_rate=0.0 if index < 2 else 0.1, name=f"block{index + 1}",
+            stride=2 if index == 0 else 1,
+        )
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout_rate, name="head_dropout")(x)
     x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
