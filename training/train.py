@@ -174,6 +174,7 @@ def train(
 ) -> registry.ModelVersion:
     """The whole run; returns the registered version."""
     started = time.monotonic()
+    commit = code_commit()  # now: the code that runs, not whatever is checked out at the end
     keras.utils.set_random_seed(config.seed)
 
     # Data: train/ only, duplicates dropped, validation carved by patient.
@@ -242,7 +243,7 @@ def train(
 
     card: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_commit": code_commit(),
+        "code_commit": commit,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
         "architecture": model.name,
