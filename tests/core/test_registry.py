@@ -67,3 +67,16 @@ def test_unknown_model_names_what_exists(registered: registry.ModelVersion, tmp_
         registry.resolve("pneumonia-transfer", tmp_path)
     with pytest.raises(registry.RegistryError, match="no model pneumonia-cnn@v9"):
         registry.resolve("pneumonia-cnn@v9", tmp_path)
+
+
+def test_committed_served_models_verify_and_carry_their_contract() -> None:
+    """What `make run` serves: both models registered, hashes intact, contract current."""
+    served = registry.served_versions()
+    assert set(served) == {"pneumonia-cnn", "pneumonia-transfer"}
+    for name in served:
+        version = registry.resolve(name)
+        registry.verify(version)
+        assert 0.0 < version.threshold < 1.0
+        assert version.model_file.stat().st_size < 25 * 1024 * 1024
+        assert {"validation", "test"} <= set(version.card["metrics"])
+        assert version.card["training"]["wall_seconds"] < 3600
