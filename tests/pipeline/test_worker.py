@@ -172,3 +172,20 @@ def test_sweep_requeues_recorded_but_unqueued_instances(sessions, tmp_path: Path
     assert pipeline.sweep(sessions, queued.append) == [instance_id] == queued
     with sessions() as session:
         assert session.get(Instance, instance_id).state == InstanceState.QUEUED
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "DeflatedExplicitVRLittleEndian"])
+def test_transcoded_real_file_is_classified(syntax, sessions, classifier, tmp_path: Path) -> None:
+    """Syntaxes no real file here uses: transcoded from the Fuji CR with pydicom."""
+    import pydicom.uid
+
+    dataset = dcmread(REAL_DICOM / "fuji_cr_chest_mono1_explicit.dcm")
+    uid = getattr(pydicom.uid, syntax)
+    if syntax == "RLELossless":
+        dataset.compress(uid)
+    else:
+        dataset.file_meta.TransferSyntaxUID = uid
+    instance_id = store(dataset, sessions, tmp_path)
+    with sessions() as session:
+        assert session.get(Instance, instance_id).transfer_syntax_uid == uid
+    assert pipeline.classify_instance(sessions, instance_id, classifier) == InstanceState.CLASSIFIED
