@@ -156,7 +156,7 @@ def finalise_stable_studies(
                         delivery.state = DeliveryState.PENDING
                         delivery.attempts = 0
                         delivery.updated_at = utcnow()
-                        audit(session, "delivery", delivery.id or 0, "scheduled",
+                        audit(session, "delivery", delivery.id, "scheduled",
                               f"{count} classified image(s) to {destination}")
                         session.flush()
                         to_send.append(delivery.id)
