@@ -88,9 +88,11 @@ def clean_spool(spool_dir: Path, older_than_s: float) -> list[Path]:
     return removed
 
 
-def _spool_janitor(settings: Settings, stop: threading.Event) -> None:
+def _spool_janitor(settings: Settings) -> None:
+    """Runs for the life of the node process (a daemon thread)."""
     older_than_s = max(3 * settings.network_timeout_s, 60.0)
-    while not stop.wait(60.0):
+    while True:
+        time.sleep(60.0)
         clean_spool(settings.spool_dir, older_than_s)
 
 
@@ -120,7 +122,6 @@ def start(
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]
     ae = build_ae(settings)
-    stop = threading.Event()
-    threading.Thread(target=_spool_janitor, args=(settings, stop), daemon=True).start()
+    threading.Thread(target=_spool_janitor, args=(settings,), daemon=True).start()
     log.info("DICOM node %s listening on %s:%d", settings.ae_title, settings.host, settings.port)
     return ae.start_server((settings.host, settings.port), block=block, evt_handlers=handlers)

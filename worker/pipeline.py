@@ -68,13 +68,12 @@ def classify_instance(
         instance.state = InstanceState.PROCESSING
         path, sop_uid = instance.path, instance.sop_instance_uid
 
-    state, reason, result = _classify_file(Path(path), classifier)
+    state, reason, result, model = _classify_file(Path(path), classifier)
     with sessions() as session, session.begin():
         instance = session.get(Instance, instance_id)
         if instance.state in TERMINAL_STATES:
             return instance.state
         if result is not None:
-            model = classifier()
             _record_model_version(session, model)
             exists = session.scalar(select(Result.id).where(
                 Result.instance_id == instance_id, Result.model_name == model.name,
@@ -88,22 +87,22 @@ def classify_instance(
 
 
 def _classify_file(path: Path, classifier: Callable[[], Classifier]):
-    """(state, reason, result columns or None); never raises for bad input."""
+    """(state, reason, result columns or None, the model used or None); never raises for bad input."""
     started = time.perf_counter()
     try:
         dataset = dcmread(path)
     except Exception as error:
-        return InstanceState.FAILED, f"stored file unreadable: {type(error).__name__}", None
+        return InstanceState.FAILED, f"stored file unreadable: {type(error).__name__}", None, None
     reason = filters.ignore_reason(dataset)
     if reason:
-        return InstanceState.IGNORED, reason, None
+        return InstanceState.IGNORED, reason, None, None
     reason = filters.failure_reason(dataset)
     if reason:
-        return InstanceState.FAILED, reason, None
+        return InstanceState.FAILED, reason, None, None
     try:
         tensor = preprocess(grayscale_pixels(dataset))
     except (DecodeError, ValueError) as error:
-        return InstanceState.FAILED, str(error)[:500], None
+        return InstanceState.FAILED, str(error)[:500], None, None
     decode_ms = (time.perf_counter() - started) * 1000
     model = classifier()
     prediction = model.predict(tensor)
@@ -115,7 +114,7 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier]):
         "label": prediction.label,
         "decode_ms": decode_ms,
         "inference_ms": prediction.inference_ms,
-    }
+    }, model
 
 
 def _record_model_version(session: Session, model: Classifier) -> None:
