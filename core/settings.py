@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     classify_max_retries: int = Field(3)
     sweep_interval_s: float = Field(10.0, description="How often stuck instances are re-queued")
     finalise_interval_s: float = Field(1.0, description="How often stable studies are looked for")
+    dashboard_host: str = Field("127.0.0.1", description="Address the dashboard/metrics service binds")
+    dashboard_port: int = Field(8080, description="Port of the dashboard and /metrics")
+    dashboard_token: str = Field("", description="Token for the dashboard's state-changing actions")
+    dashboard_token_file: Path | None = Field(None, description="File holding the token instead")
+    show_patient_names: bool = Field(False, description="Show patient names on the dashboard")
+    drift_psi_alert: float = Field(0.25, description="PSI of production scores vs validation to alert")
 
     @field_validator("ae_title")
     @classmethod
