@@ -101,7 +101,7 @@ class Result(Base):
     label: Mapped[str] = mapped_column(String(16))
     decode_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     instance: Mapped[Instance] = relationship(back_populates="results")
 
 
@@ -137,6 +137,17 @@ class ModelVersionRow(Base):
     threshold: Mapped[float] = mapped_column(Float)
     card: Mapped[dict] = mapped_column(JSON)
     first_served_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RefusedStore(Base):
+    """A C-STORE answered with a failure status: nothing was stored, the sender was told why."""
+
+    __tablename__ = "refused_stores"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
 
 
 class AuditEvent(Base):
