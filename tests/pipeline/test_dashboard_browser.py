@@ -1,0 +1,92 @@
+"""The dashboard in a real browser (Debian's headless Chromium driven by Selenium) over the real
+pipeline: a study whose SR delivery was dead-lettered (PACS down) is re-sent from the page once the
+PACS is back, and the page shows the delivery change state. A screenshot is kept in artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from sqlalchemy import select
+
+from core.db import Delivery, DeliveryState, session_factory
+from dicom_node.send import wrap_image
+from tests.conftest import DATA
+from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp, wait_for
+
+pytestmark = pytest.mark.slow
+TOKEN = "browser-test-token-91c2"
+ARTIFACTS = Path(os.environ.get("PNEUMO_ARTIFACTS", REPO / "artifacts"))
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("Debian's chromium and chromium-driver are required (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def dead_letter_env(pipeline_env: dict[str, str]) -> dict[str, str]:
+    pipeline_env.update({"PNEUMO_DELIVERY_MAX_ATTEMPTS": "1", "PNEUMO_DASHBOARD_TOKEN": TOKEN})
+    return pipeline_env
+
+
+@pytest.mark.parametrize("pipeline_env", ["postgresql-redis"], indirect=True)
+def test_resend_a_dead_letter_from_the_dashboard(
+    dead_letter_env, running: dict[str, str], pacs_address: dict, browser, tmp_path: Path
+) -> None:
+    dataset = wrap_image(sorted((DATA / "test" / "PNEUMONIA").iterdir())[0])
+    path = tmp_path / "image.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", running["PNEUMO_PORT"],
+                    str(path)], check=True, capture_output=True)
+    sessions = session_factory(database_url(running))
+
+    def delivery_state() -> str | None:
+        with sessions() as session:
+            return session.scalar(select(Delivery.state))
+
+    wait_for(lambda: delivery_state() == DeliveryState.DEAD, 120, "the SR delivery to be dead-lettered")
+    with sessions() as session:
+        delivery_id = session.scalar(select(Delivery.id))
+
+    url = f"http://127.0.0.1:{running['PNEUMO_DASHBOARD_PORT']}/"
+    browser.get(url)
+    row = browser.find_element(By.ID, f"delivery-{delivery_id}")
+    assert "dead" in row.text and dataset.StudyInstanceUID in browser.page_source
+
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "sign-in").click()
+    assert "Signed in" in browser.find_element(By.ID, "message").text
+
+    pacs = start_storescp(pacs_address["folder"], pacs_address["port"])
+    try:
+        browser.find_element(By.ID, f"resend-{delivery_id}").click()
+        assert "queued again" in browser.find_element(By.ID, "message").text
+        wait_for(lambda: delivery_state() == DeliveryState.DELIVERED, 60, "the re-sent SR to be delivered")
+        browser.get(url)
+        studies = browser.find_element(By.ID, "studies").text
+        assert "delivered" in studies and "PNEUMONIA" in studies
+        assert "none" in browser.find_element(By.ID, "attention").text  # nothing left to act on
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        assert len(sr_files(pacs_address["folder"])) == 1
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=10)
