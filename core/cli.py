@@ -209,8 +209,12 @@ def send(
     to: str = typer.Option(..., "--to", help="Destination AE@host:port"),
     calling_ae: str = typer.Option("PNEUMO-SEND", help="Our calling AE title"),
     group: bool = typer.Option(False, help="Wrap all images into one study"),
+    tls_ca: Path = typer.Option(None, help="TLS: PEM CA bundle that verifies the node (implies TLS)"),
+    tls_cert: Path = typer.Option(None, help="TLS: our PEM client certificate (mutual TLS)"),
+    tls_key: Path = typer.Option(None, help="TLS: the unencrypted PEM key of --tls-cert"),
 ) -> None:
     """Send files to a DICOM node over one association; prints one status line per file."""
+    from core import tls
     from core.settings import PeerAddress
     from dicom_node.send import collect
     from dicom_node.send import send as send_files
@@ -218,14 +222,18 @@ def send(
     total = len(collect(paths))
     failures = 0
     try:
+        ssl_context = None
+        if tls_ca or tls_cert or tls_key:
+            ssl_context = tls.client_context(tls_ca, tls_cert, tls_key,
+                                             names=("--tls-ca", "--tls-cert", "--tls-key"))
         for index, result in enumerate(
-            send_files(paths, PeerAddress(to), calling_ae, group), start=1
+            send_files(paths, PeerAddress(to), calling_ae, group, ssl_context=ssl_context), start=1
         ):
             status = "no response" if result.status is None else f"0x{result.status:04X}"
             failures += result.status != 0
             typer.echo(f"[{index}/{total}] {result.path.name}: {status} "
                        f"study {result.study_instance_uid} sop {result.sop_instance_uid}")
-    except (ConnectionError, ValueError) as error:
+    except (ConnectionError, ValueError, tls.TLSConfigError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
     typer.echo(f"sent {total - failures}/{total}")

@@ -1,5 +1,7 @@
 """One settings model for every process, read from `PNEUMO_*` environment variables
 or a `.env`-style file named by `PNEUMO_SETTINGS_FILE`; loaded once in each `main` and passed down.
+Secrets may instead be files in `PNEUMO_SECRETS_DIR` named like the variable (`pneumo_database_url`),
+as Docker/Kubernetes secrets are mounted. Log `redacted()`, never the raw URLs or tokens.
 """
 
 from __future__ import annotations
@@ -30,11 +32,26 @@ class PeerAddress:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+SECRET_FIELDS = ("dashboard_token",)
+URL_FIELDS = ("database_url", "broker_url")
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:***@host/...`: what may be logged of a URL that carries a password."""
+    scheme, separator, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not (separator and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{slash}{path}"
+
+
 class Settings(BaseSettings):
     """Every setting, its unit in its name where it has one. Defaults run on one machine."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PNEUMO_", env_file=os.environ.get("PNEUMO_SETTINGS_FILE"), extra="ignore"
+        env_prefix="PNEUMO_", env_file=os.environ.get("PNEUMO_SETTINGS_FILE"), extra="ignore",
+        secrets_dir=os.environ.get("PNEUMO_SECRETS_DIR"),
     )
 
     home: Path = Field(Path("var"), description="Storage, spool, embedded database and broker")
@@ -55,6 +72,20 @@ class Settings(BaseSettings):
     max_associations: int = Field(10)
     network_timeout_s: float = Field(60.0, description="DIMSE/ACSE/network timeouts")
     min_free_disk_mb: int = Field(500, description="Below this free space, C-STORE answers 0xA700")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the node; set with tls_key_file: TLS only"
+    )
+    tls_key_file: Path | None = Field(None, description="Unencrypted PEM key of tls_cert_file (mode 600)")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle verifying client certificates and the PACS's certificate"
+    )
+    tls_require_client_cert: bool = Field(
+        False, description="Mutual TLS: refuse peers without a certificate signed by tls_ca_file"
+    )
+    pacs_tls: bool = Field(
+        False, description="SR delivery over TLS, verifying the PACS against tls_ca_file (system CAs if "
+        "unset); our certificate and key are presented when set"
+    )
     inference_queue: str = Field("inference-cpu", description="inference-cpu or inference-gpu")
     model_name: str = Field("pneumonia-transfer", description="Which served model the workers run")
     models_dir: Path = Field(DEFAULT_MODELS_DIR)
@@ -69,6 +100,19 @@ class Settings(BaseSettings):
     dashboard_token_file: Path | None = Field(None, description="File holding the token instead")
     show_patient_names: bool = Field(False, description="Show patient names on the dashboard")
     drift_psi_alert: float = Field(0.25, description="PSI of production scores vs validation to alert")
+
+    def redacted(self) -> dict[str, object]:
+        """Every setting, safe to log or print: URL passwords and tokens masked."""
+        values = self.model_dump()
+        for name in SECRET_FIELDS:
+            values[name] = "***" if values[name] else ""
+        for name in URL_FIELDS:
+            values[name] = redact_url(values[name])
+        return values
+
+    def __repr_args__(self) -> list[tuple[str, object]]:
+        """repr() and str() of the settings go through redacted(): a stray log line leaks nothing."""
+        return list(self.redacted().items())
 
     @field_validator("ae_title")
     @classmethod

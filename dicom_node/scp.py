@@ -13,6 +13,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import tls
 from core.settings import Settings
 from dicom_node import contexts
 from dicom_node.receive import SUCCESS, enqueue_after_commit, store_instance
@@ -113,7 +114,12 @@ def start(
     enqueue: Callable[[int], None],
     block: bool = False,
 ) -> ThreadedAssociationServer | None:
-    """Start listening; spool files go under the storage folder's filesystem for atomic renames."""
+    """Start listening; spool files go under the storage folder's filesystem for atomic renames.
+
+    With a certificate configured the port speaks TLS only; a bad TLS file raises TLSConfigError
+    here, before anything listens.
+    """
+    ssl_context = tls.server_context(settings)
     settings.ensure_dirs()
     tempfile.tempdir = str(settings.spool_dir)
     handlers = [
@@ -123,5 +129,10 @@ def start(
     ]
     ae = build_ae(settings)
     threading.Thread(target=_spool_janitor, args=(settings,), daemon=True).start()
-    log.info("DICOM node %s listening on %s:%d", settings.ae_title, settings.host, settings.port)
-    return ae.start_server((settings.host, settings.port), block=block, evt_handlers=handlers)
+    transport = "plain TCP"
+    if ssl_context is not None:
+        transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"
+    log.info("DICOM node %s listening on %s:%d (%s)", settings.ae_title, settings.host, settings.port,
+             transport)
+    return ae.start_server((settings.host, settings.port), block=block, evt_handlers=handlers,
+                           ssl_context=ssl_context)

@@ -7,6 +7,7 @@ grouped into one study. One association carries all files.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE
 
 from core.settings import PeerAddress
+from core.tls import handshake_failure
 from training.preprocess import load_grayscale
 from worker.filters import DX_PRESENTATION
 
@@ -120,23 +122,27 @@ def requested_contexts(paths: list[Path]) -> list[tuple[str, list[str]]]:
 
 def send(
     paths: list[Path], destination: PeerAddress, calling_ae_title: str = "PNEUMO-SEND",
-    group: bool = False, timeout_s: float = 60,
+    group: bool = False, timeout_s: float = 60, ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[SendResult]:
-    """Send everything over one association (re-opened if the peer drops it)."""
+    """Send everything over one association (re-opened if the peer drops it); TLS with a context."""
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for sop_class, syntaxes in requested_contexts(paths):
         ae.add_requested_context(sop_class, syntaxes)
+    tls_args = None if ssl_context is None else (ssl_context, destination.host)
     assoc = None
     try:
         for path, dataset in datasets(paths, group):
             if assoc is None or not assoc.is_established:
-                assoc = ae.associate(destination.host, destination.port,
-                                     ae_title=destination.ae_title)
+                assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                     tls_args=tls_args)
                 if not assoc.is_established:
-                    raise ConnectionError(
-                        f"association with {destination!r} was rejected or failed"
-                    )
+                    reason = None
+                    if ssl_context is not None:
+                        reason = handshake_failure(destination.host, destination.port, ssl_context,
+                                                   timeout_s)
+                    raise ConnectionError(f"association with {destination!r} was rejected or failed"
+                                          + (f": {reason}" if reason else ""))
             response = assoc.send_c_store(dataset)
             yield SendResult(path, str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID),
                              getattr(response, "Status", None))

@@ -1,7 +1,8 @@
-"""C-STORE of an SR to the PACS (pynetdicom SCU)."""
+"""C-STORE of an SR to the PACS (pynetdicom SCU), over TLS when given a context."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from pydicom import dcmread
@@ -9,18 +10,30 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
 from core.settings import PeerAddress
+from core.tls import handshake_failure
 
 
 class DeliveryError(Exception):
     """The PACS could not be reached or refused the SR; the message is recorded."""
 
 
-def send_sr(path: Path, destination: PeerAddress, ae_title: str, timeout_s: float = 30) -> None:
+def send_sr(
+    path: Path, destination: PeerAddress, ae_title: str, timeout_s: float = 30,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """With `ssl_context`, TLS only; the PACS's certificate must match its host as given."""
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(ComprehensiveSRStorage)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None if ssl_context is None else (ssl_context, destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls_args)
     if not assoc.is_established:
+        reason = None
+        if ssl_context is not None:
+            reason = handshake_failure(destination.host, destination.port, ssl_context, timeout_s)
+        if reason:
+            raise DeliveryError(f"TLS with {destination!r} failed: {reason}")
         raise DeliveryError(f"association with {destination!r} failed (rejected, aborted or down)")
     try:
         status = assoc.send_c_store(dcmread(path))

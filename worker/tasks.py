@@ -7,6 +7,7 @@ from functools import cache
 
 from sqlalchemy.exc import OperationalError
 
+from core import tls
 from core.db import DeliveryState, session_factory
 from core.settings import PeerAddress
 from worker import pipeline
@@ -55,8 +56,10 @@ def deliver(self, delivery_id: int) -> str:
         pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DELIVERED, None)
         return "stored locally"
     try:
-        send_sr(path, PeerAddress(delivery.destination), settings.ae_title, settings.network_timeout_s)
-    except (DeliveryError, OSError) as error:
+        # Built per try: a TLS file fixed after a failure is picked up without a restart.
+        send_sr(path, PeerAddress(delivery.destination), settings.ae_title, settings.network_timeout_s,
+                tls.pacs_context(settings))
+    except (DeliveryError, OSError, tls.TLSConfigError) as error:
         if delivery.attempts >= settings.delivery_max_attempts:
             pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DEAD, str(error))
             log.error("delivery %s dead after %d attempts: %s", delivery_id, delivery.attempts, error)
