@@ -58,11 +58,15 @@ class _DeferredHandshakeContext(ssl.SSLContext):
     """pynetdicom wraps each accepted socket in the thread that accepts connections; with the
     default handshake-on-wrap, one peer that connects and says nothing would stall every other
     association. Deferred, OpenSSL runs the handshake on the association's first read, in the
-    association's own thread, under its ACSE timeout."""
+    association's own thread. The socket timeout bounds a peer that stops mid-handshake (or
+    mid-PDU), which would otherwise hold an association slot for ever."""
+
+    socket_timeout_s: float | None = None
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False, **kwargs) -> ssl.SSLSocket:
         if server_side:
             kwargs["do_handshake_on_connect"] = False
+            sock.settimeout(self.socket_timeout_s)
         return super().wrap_socket(sock, server_side=server_side, **kwargs)
 
 
@@ -76,6 +80,7 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         raise TLSConfigError("PNEUMO_TLS_CERT_FILE and PNEUMO_TLS_KEY_FILE must be set together")
     context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.socket_timeout_s = settings.network_timeout_s
     context.minimum_version = MINIMUM_VERSION
     _load_identity(context, settings.tls_cert_file, settings.tls_key_file,
                    ("PNEUMO_TLS_CERT_FILE", "PNEUMO_TLS_KEY_FILE"))

@@ -147,13 +147,13 @@ def start_node(tmp_path: Path, sqlite_sessions, pki: Pki):
     """Starts a TLS node (mutual TLS on request); returns its settings and the queued ids."""
     servers = []
 
-    def start(require_client_cert: bool = False) -> tuple[Settings, list[int]]:
+    def start(require_client_cert: bool = False, network_timeout_s: float = 10) -> tuple[Settings, list[int]]:
         queued: list[int] = []
         settings = Settings(
             home=tmp_path / f"home{len(servers)}", port=free_port(), host="127.0.0.1",
             allowed_peers="SENDER,STORESCU,ECHOSCU,PNEUMO-SEND", tls_cert_file=pki.server.cert,
             tls_key_file=pki.server.key, tls_ca_file=pki.ca, tls_require_client_cert=require_client_cert,
-            network_timeout_s=10,
+            network_timeout_s=network_timeout_s,
         )
         servers.append(scp.start(settings, sqlite_sessions, queued.append))
         return settings, queued
@@ -213,6 +213,19 @@ def test_an_idle_connection_does_not_stall_other_associations(start_node, pki: P
         assert assoc.is_established
         assoc.release()
         assert time.monotonic() - started < 5
+
+
+def test_a_handshake_that_stops_halfway_is_dropped_after_the_network_timeout(start_node) -> None:
+    settings, _ = start_node(network_timeout_s=2)
+    with socket.create_connection(("127.0.0.1", settings.port)) as raw:
+        raw.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record header announcing 512 bytes, then nothing
+        raw.settimeout(20)
+        started = time.monotonic()
+        try:
+            closed = raw.recv(1024) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed and time.monotonic() - started < 10
 
 
 def test_unknown_calling_ae_over_tls_is_rejected(start_node, pki: Pki) -> None:
