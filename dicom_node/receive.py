@@ -3,20 +3,29 @@
 The C-STORE is answered success only after the file is in its final place and the instance row is
 committed. Disk or database trouble answers 0xA700 so the sender retries, and leaves nothing
 half-stored. Plain functions: the SCP handler and the tests call them directly.
+
+Reasons start with a fixed class, then ': ' and the details (monitoring groups by the class).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import tempfile
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import dimse_messages
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,11 +35,70 @@ from core.db import Instance, InstanceState, Series, Study, audit, utcnow
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+ELEMENTS_DISCARDED = 0xB006  # warning: stored, but what was sent was not all kept (see _duplicate)
 OUT_OF_RESOURCES = 0xA700  # sender should retry later
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+DEFER_SIZE = 1 << 20  # larger values stay on disk while headers are read: memory bounded per store
+UNDEFINED_LENGTH = 0xFFFFFFFF
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_spool_errors: dict[str, str] = {}  # spool path -> why it could not be written
+_spool_errors_lock = threading.Lock()
+
+
+class SpoolFile:
+    """Where pynetdicom's chunked receive writes a data set (replaces its NamedTemporaryFile).
+
+    A failed write (disk full) empties the file and discards the rest of the data set, so the
+    transfer still completes and `store_instance` answers 0xA700, instead of the association
+    dying mid-transfer with a partial file left filling the spool.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.file = self  # pynetdicom flushes through `.file`
+        self.failed = False
+        try:
+            self._handle: Any = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
+            self.name = self._handle.name
+        except OSError as error:
+            self._handle = None
+            self.name = os.path.join(tempfile.gettempdir(), f"unwritable-{uuid.uuid4().hex}.dcm")
+            self._fail(error)
+
+    def _fail(self, error: OSError) -> None:
+        self.failed = True
+        with _spool_errors_lock:
+            _spool_errors[self.name] = error.strerror or type(error).__name__
+        if self._handle is not None:
+            with contextlib.suppress(OSError):  # flushing its buffer may fail again; the fd closes
+                self._handle.close()
+            with contextlib.suppress(OSError):  # give the space back now, not when the janitor runs
+                os.truncate(self.name, 0)
+
+    def write(self, data: bytes) -> int:
+        if not self.failed:
+            try:
+                return self._handle.write(data)
+            except OSError as error:
+                self._fail(error)
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self._handle.flush()
+            except OSError as error:
+                self._fail(error)
+
+    def close(self) -> None:
+        if not self.failed:
+            self._handle.close()
+
+
+# pynetdicom creates the spool file through this module-level name (STORE_RECV_CHUNKED_DATASET).
+dimse_messages.NamedTemporaryFile = SpoolFile
 
 
 @dataclass(frozen=True)
@@ -80,26 +148,40 @@ def store_instance(
     min_free_disk_mb: float = 0,
 ) -> StoreOutcome:
     """Store one received dataset (a complete Part 10 file at `spool_path`)."""
+    with _spool_errors_lock:
+        spool_error = _spool_errors.pop(str(spool_path), None)
+    if spool_error is not None:
+        return StoreOutcome(OUT_OF_RESOURCES, f"cannot write spool file: {spool_error}")
     if free_disk_mb(storage_dir) < min_free_disk_mb:
         return StoreOutcome(OUT_OF_RESOURCES, f"free disk below {min_free_disk_mb} MB floor")
     try:
-        dataset = dcmread(spool_path, stop_before_pixels=True)
-        study_uid = dataset.get("StudyInstanceUID")
-        series_uid = dataset.get("SeriesInstanceUID")
-        sop_uid = dataset.get("SOPInstanceUID")
+        # Pixel data and large private elements are deferred (left on disk), never loaded here.
+        dataset = dcmread(spool_path, defer_size=DEFER_SIZE)
+        problem = dataset_problem(dataset, spool_path.stat().st_size)
+        if problem is not None:
+            return StoreOutcome(CANNOT_UNDERSTAND, problem)
+        study_uid, series_uid, sop_uid = (dataset.get(keyword) for keyword in UID_KEYWORDS)
         sop_class = dataset.get("SOPClassUID")
         transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
         modality = str(dataset.get("Modality", "") or "")[:16]
         accession = str(dataset.get("AccessionNumber", "") or "")[:64] or None
+    except EOFError:  # an undefined-length value (encapsulated pixel data) without its end
+        return StoreOutcome(CANNOT_UNDERSTAND, "dataset truncated: data ends inside an element")
     except Exception as error:  # any parse failure: the peer sent something we cannot read
         return StoreOutcome(CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(error).__name__}")
-    for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
-                        ("SOPInstanceUID", sop_uid)):
+    for name, value in zip(UID_KEYWORDS, (study_uid, series_uid, sop_uid), strict=True):
+        if not value:
+            return StoreOutcome(CANNOT_UNDERSTAND, f"missing {name}")
         if not valid_uid(value):
-            return StoreOutcome(CANNOT_UNDERSTAND, f"missing or invalid {name}")
+            # The value itself is not logged: a malformed field may hold anything.
+            return StoreOutcome(CANNOT_UNDERSTAND,
+                                f"invalid {name}: not digits and dots of at most 64 characters")
     if str(sop_uid) != str(affected_sop_instance_uid) or str(sop_class) != str(affected_sop_class_uid):
+        shown = sop_class if valid_uid(sop_class) else "invalid"
         return StoreOutcome(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the C-STORE request"
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset does not match the C-STORE request: SOP Class UID {shown}, SOP Instance UID "
+            f"{sop_uid} in the dataset; {affected_sop_class_uid}, {affected_sop_instance_uid} requested",
         )
     study_uid, series_uid, sop_uid = str(study_uid), str(series_uid), str(sop_uid)
 
@@ -126,21 +208,20 @@ def store_instance(
         return StoreOutcome(OUT_OF_RESOURCES, f"cannot store file: {error.strerror}")
 
     try:
-        with sessions() as session, session.begin():
-            instance_id = _record(
-                session, study_uid, series_uid, sop_uid, str(sop_class), transfer_syntax, modality,
-                accession, final_path, size, digest, calling_ae_title,
-            )
+        instance_id = _record_retrying(
+            sessions, study_uid, series_uid, sop_uid, str(sop_class), transfer_syntax, modality,
+            accession, final_path, size, digest, calling_ae_title,
+        )
     except IntegrityError:
         # Another association stored the same SOP Instance UID at the same moment.
         with sessions() as session:
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-        if existing is not None and existing.path != str(final_path):
-            final_path.unlink(missing_ok=True)
-        if existing is None:
-            final_path.unlink(missing_ok=True)
-            return StoreOutcome(OUT_OF_RESOURCES, "database conflict while recording")
-        return StoreOutcome(SUCCESS, "duplicate (concurrent)", existing.id, duplicate=True)
+            if existing is not None and existing.path != str(final_path):
+                final_path.unlink(missing_ok=True)
+            if existing is None:
+                final_path.unlink(missing_ok=True)
+                return StoreOutcome(OUT_OF_RESOURCES, "database conflict while recording")
+            return _duplicate(session, existing, digest)
     except SQLAlchemyError as error:
         final_path.unlink(missing_ok=True)  # nothing half-stored: the sender will retry
         return StoreOutcome(OUT_OF_RESOURCES, f"database unavailable: {type(error).__name__}")
@@ -148,13 +229,62 @@ def store_instance(
 
 
 def _duplicate(session: Session, existing: Instance, digest: str) -> StoreOutcome:
-    """A re-sent SOP Instance UID: acknowledged, never classified twice."""
+    """A re-sent SOP Instance UID: acknowledged, never classified twice.
+
+    Identical content is a plain success (PACS re-send). Different content keeps the first copy
+    (its result and SR already refer to it) and answers the warning 0xB006 "elements discarded":
+    the sender's log shows that this copy was not kept, yet it does not retry as it would after
+    a failure status (a conflict that no retry can resolve).
+    """
     same = existing.sha256 == digest
     event_name = "duplicate_received" if same else "conflicting_duplicate"
-    detail = "identical content" if same else f"different content (sha256 {digest[:12]}), kept first"
+    detail = "identical content" if same else f"different content (sha256 {digest[:12]}), kept the first"
     audit(session, "instance", existing.id, event_name, detail)
     session.commit()
-    return StoreOutcome(SUCCESS, f"duplicate: {detail}", existing.id, duplicate=True)
+    status = SUCCESS if same else ELEMENTS_DISCARDED
+    return StoreOutcome(status, f"duplicate: {detail}", existing.id, duplicate=True)
+
+
+def dataset_problem(dataset: Dataset, size: int) -> str | None:
+    """Why a parsed spool file is not a whole DICOM dataset, or None.
+
+    pydicom stops quietly at the end of the file, so a truncated data set reads "fine": its last
+    element claims more bytes than arrived, or a few bytes of a cut-off element header remain.
+    """
+    if len(dataset) == 0:
+        return "empty dataset: no data elements after the file meta information"
+    if not any(keyword in dataset for keyword in ("SOPClassUID", *UID_KEYWORDS)):
+        return "not a DICOM dataset: no SOP Class, SOP Instance, Study or Series UID found"
+    if dataset.file_meta.TransferSyntaxUID.is_deflated:
+        return None  # positions refer to the inflated stream
+    tag = max(dataset.keys())
+    element = dataset.get_item(tag)
+    value_tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+    if value_tell is None or length is None or length == UNDEFINED_LENGTH:
+        return None
+    end = value_tell + length
+    if end > size:
+        return f"dataset truncated: element {tag} declares {length} bytes, {size - value_tell} received"
+    if end < size:
+        return f"dataset truncated: {size - end} bytes of an incomplete element after {tag}"
+    return None
+
+
+def _record_retrying(sessions: sessionmaker[Session], *args: Any) -> int:
+    """`_record` in its own transaction, tried again when a parallel association created the
+    study or series row first (one study sent over several associations): the retry finds that
+    row. An IntegrityError for the SOP Instance UID itself (a concurrent duplicate) is raised."""
+    sop_uid = args[2]
+    for _ in range(2):
+        try:
+            with sessions() as session, session.begin():
+                return _record(session, *args)
+        except IntegrityError:
+            with sessions() as session:
+                if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):
+                    raise
+    with sessions() as session, session.begin():
+        return _record(session, *args)
 
 
 def _record(

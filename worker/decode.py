@@ -28,13 +28,18 @@ def grayscale_pixels(dataset: Dataset) -> np.ndarray:
         raise DecodeError(f"pixel data could not be decoded ({name}): {error}") from error
     if pixels.ndim != 2:
         raise DecodeError(f"expected one grayscale frame, decoded shape {pixels.shape}")
-    values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
-    if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-        windowed = np.asarray(apply_voi_lut(values, dataset, index=0), dtype=np.float32)
-        # A window that does not fit the pixel data (seen in the wild) saturates the image;
-        # then the full range is kept and the percentile stretch in `preprocess` does the work.
-        if not _saturated(windowed):
-            values = windowed
+    try:
+        values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
+        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+            windowed = np.asarray(apply_voi_lut(values, dataset, index=0), dtype=np.float32)
+            # A window that does not fit the pixel data (seen in the wild) saturates the image;
+            # then the full range is kept and the percentile stretch in `preprocess` does the work.
+            if not _saturated(windowed):
+                values = windowed
+    except Exception as error:  # a malformed rescale, window or LUT in the header
+        raise DecodeError(
+            f"modality or VOI LUT could not be applied: {type(error).__name__}: {error}"
+        ) from error
     if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         values = values.max() + values.min() - values
     if not np.isfinite(values).all():

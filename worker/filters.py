@@ -1,8 +1,13 @@
-"""Which instances are classified; everything else is `ignored` with a reason a person can read."""
+"""Which instances are classified; everything else is `ignored` with a reason a person can read.
+
+Both checks read only the header, so an image is refused before its pixel data is read or decoded.
+Reasons start with a fixed class, then ': ' and the details (monitoring groups by the class).
+"""
 
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -12,7 +17,35 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 RADIOGRAPH_CLASSES = {CR, DX_PRESENTATION, DX_PROCESSING}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_LAT", ""}  # absent counts as chest
 FRONTAL_VIEWS = {"PA", "AP", ""}  # absent counts as frontal
-MAX_PIXELS = 8192 * 8192
+MIN_SIDE = 32
+MAX_SIDE = 8192
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # decoding more would take gigabytes of worker memory
+BITS_ALLOCATED = (8, 16, 32)
+DECIMALS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _integer(dataset: Dataset, keyword: str, default: int | None = None) -> int | None:
+    """The element as one integer; `default` when absent or empty, None when not a single number."""
+    try:
+        value = dataset.get(keyword)
+        if value is None or value == "":
+            return default
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _decimals(dataset: Dataset, keyword: str) -> bool:
+    """True when the element is absent, empty, or every value is a number."""
+    try:
+        value = dataset.get(keyword)
+        if value is None or value == "":
+            return True
+        for item in value if isinstance(value, MultiValue) else [value]:
+            float(item)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def ignore_reason(dataset: Dataset) -> str | None:
@@ -21,23 +54,26 @@ def ignore_reason(dataset: Dataset) -> str | None:
     modality = str(dataset.get("Modality", "") or "").upper()
     if sop_class == SECONDARY_CAPTURE:
         if modality not in {"CR", "DX"}:
-            return f"secondary capture with modality {modality or 'absent'}"
+            return f"not a radiograph: secondary capture with modality {modality or 'absent'}"
     elif sop_class not in RADIOGRAPH_CLASSES:
         name = UID(sop_class).name if sop_class else "absent"
-        return f"SOP class {name} is not a radiograph"
+        return f"not a radiograph: SOP class {name} (Modality {modality or 'absent'})"
     body_part = str(dataset.get("BodyPartExamined", "") or "").strip().upper()
     if body_part not in CHEST_BODY_PARTS:
-        return f"body part {body_part}"
+        return f"not a chest image: body part {body_part}"
     view = str(dataset.get("ViewPosition", "") or "").strip().upper()
     if view not in FRONTAL_VIEWS:
-        return "lateral view" if view in {"LL", "RL", "LAT", "LATERAL"} else f"view {view}"
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        return f"multi-frame image ({frames} frames)"
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        if view in {"LL", "RL", "LAT", "LATERAL"}:
+            return f"not a frontal view: lateral view (ViewPosition {view})"
+        return f"not a frontal view: ViewPosition {view}"
+    frames = _integer(dataset, "NumberOfFrames", 1)
+    if frames is not None and frames > 1:
+        return f"not a single image: multi-frame image ({frames} frames)"
+    samples = _integer(dataset, "SamplesPerPixel", 1)
     photometric = str(dataset.get("PhotometricInterpretation", "") or "")
-    if samples != 1 or photometric not in {"MONOCHROME1", "MONOCHROME2"}:
-        return f"not a grayscale image ({photometric or 'no photometric interpretation'})"
+    if (samples is not None and samples != 1) or photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        return (f"not a grayscale image: {photometric or 'no PhotometricInterpretation'}, "
+                f"SamplesPerPixel {samples}")
     return None
 
 
@@ -45,9 +81,27 @@ def failure_reason(dataset: Dataset) -> str | None:
     """Problems that make a would-be chest radiograph unclassifiable: terminal `failed`."""
     if "PixelData" not in dataset:
         return "no pixel data"
-    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    if rows < 32 or columns < 32:
-        return f"image too small to classify ({columns}x{rows} pixels)"
+    for keyword in ("NumberOfFrames", "SamplesPerPixel"):
+        if _integer(dataset, keyword, 1) is None:
+            return f"invalid image header: {keyword} is not a number"
+    numbers = {}
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        numbers[keyword] = _integer(dataset, keyword)
+        if numbers[keyword] is None:
+            return f"invalid image header: {keyword} is missing or not a number"
+    rows, columns, bits_allocated = numbers["Rows"], numbers["Columns"], numbers["BitsAllocated"]
+    if rows < MIN_SIDE or columns < MIN_SIDE:
+        return f"image too small: {columns}x{rows} pixels (minimum {MIN_SIDE}x{MIN_SIDE})"
     if rows * columns > MAX_PIXELS:
-        return f"image too large ({columns}x{rows} pixels; limit {MAX_PIXELS} pixels)"
+        return (f"image too large: declared {columns}x{rows} pixels exceeds the limit of {MAX_PIXELS} "
+                f"pixels ({MAX_SIDE}x{MAX_SIDE})")
+    if bits_allocated not in BITS_ALLOCATED:
+        return f"invalid image header: BitsAllocated {bits_allocated} (expected 8, 16 or 32)"
+    bits_stored = _integer(dataset, "BitsStored", bits_allocated)
+    if bits_stored is None or not 1 <= bits_stored <= bits_allocated:
+        return (f"invalid image header: BitsStored {bits_stored if bits_stored is not None else 'invalid'} "
+                f"with BitsAllocated {bits_allocated}")
+    for keyword in DECIMALS:
+        if not _decimals(dataset, keyword):
+            return f"invalid image header: {keyword} is not a number"
     return None

@@ -90,7 +90,9 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier]):
     """(state, reason, result columns or None, the model used or None); never raises for bad input."""
     started = time.perf_counter()
     try:
-        dataset = dcmread(path)
+        # Values over 1 MB (pixel data, large private elements) are read only when used: the
+        # filters refuse on the header alone, before any pixel data is loaded or decoded.
+        dataset = dcmread(path, defer_size=1 << 20)
     except Exception as error:
         return InstanceState.FAILED, f"stored file unreadable: {type(error).__name__}", None, None
     reason = filters.ignore_reason(dataset)
