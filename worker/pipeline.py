@@ -132,9 +132,11 @@ def _record_model_version(session: Session, model: Classifier) -> None:
 
 
 def finalise_stable_studies(
-    sessions: sessionmaker[Session], settings: Settings, enqueue_delivery: Callable[[int], None]
+    sessions: sessionmaker[Session], settings: Settings, enqueue_delivery: Callable[[int], None],
+    lost_after_s: float = 600,
 ) -> list[int]:
-    """Create or refresh one delivery per (study, model version, destination) for quiet studies."""
+    """Create or refresh one delivery per (study, model version, destination) for quiet studies;
+    queue again any delivery whose message was lost (see `_lost_deliveries`)."""
     cutoff = utcnow() - timedelta(seconds=settings.quiet_seconds)
     destinations = [repr(p) for p in settings.pacs_destinations] or [LOCAL_DESTINATION]
     to_send = []
@@ -161,9 +163,29 @@ def finalise_stable_studies(
                               f"{count} classified image(s) to {destination}")
                         session.flush()
                         to_send.append(delivery.id)
+        longest_countdown = settings.delivery_backoff_s * 2 ** max(0, settings.delivery_max_attempts - 2)
+        to_send.extend(_lost_deliveries(session, max(lost_after_s, 2 * longest_countdown)))
     for delivery_id in to_send:
         enqueue_delivery(delivery_id)
     return to_send
+
+
+def _lost_deliveries(session: Session, lost_after_s: float) -> list[int]:
+    """Pending/retrying deliveries untouched for `lost_after_s`: nothing will ever run them.
+
+    Their Celery message is gone: a retry that could not be published while the broker was down
+    (Celery then rejects the running task without requeue), or an enqueue that failed after this
+    function committed. The fault drill lost SRs that way. A live message runs long before this
+    (twice the longest retry countdown), and a duplicate one finds the delivery delivered.
+    """
+    lost = session.scalars(select(Delivery).where(
+        Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
+        Delivery.updated_at <= utcnow() - timedelta(seconds=lost_after_s),
+    )).all()
+    for delivery in lost:
+        delivery.updated_at = utcnow()
+        audit(session, "delivery", delivery.id, "requeued", f"no progress for {lost_after_s:.0f} s")
+    return [delivery.id for delivery in lost]
 
 
 def _delivery_for(
