@@ -1,0 +1,269 @@
+"""Worker throughput: `classify_instance` (dcmread, filters, decode, preprocess, predict, Result row)
+vs the bare model on the same images' preprocessed tensors, in one process, passes interleaved.
+
+The instances are recorded through the node's own `store_instance` into a real database (a fresh
+PostgreSQL database, or SQLite with --db sqlite); the model is the served `pneumonia-transfer`.
+The worker predicts one image per call, so the headline ratio is against the bare model at
+batch 1 through the same call the worker makes (`predict_on_batch`); batched figures are reported
+beside it. A final pass times each step of the worker path to show where the time goes.
+
+    .venv/bin/python benchmarks/inference.py --images 100 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from common import (
+    database,
+    load_average,
+    median,
+    print_table,
+    write_payload,
+)
+
+
+def record(files: list[Path], sessions, work: Path) -> list[int]:
+    """Each file through the node's receive function, as a C-STORE would put it."""
+    from pydicom import dcmread
+
+    from dicom_node.receive import store_instance
+
+    storage = work / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for path in files:
+        header = dcmread(path, stop_before_pixels=True)
+        spool = work / "spool.dcm"
+        shutil.copy(path, spool)
+        outcome = store_instance(
+            spool, str(header.SOPClassUID), str(header.SOPInstanceUID), "BENCH", storage, sessions
+        )
+        assert outcome.status == 0, outcome.reason
+        ids.append(outcome.instance_id)
+    return ids
+
+
+def reset(sessions) -> None:
+    """Make the recorded instances classifiable again (outside the timed passes)."""
+    from sqlalchemy import delete, update
+
+    from core.db import Instance, InstanceState, Result
+
+    with sessions() as session, session.begin():
+        session.execute(delete(Result))
+        session.execute(
+            update(Instance).values(state=InstanceState.QUEUED, attempts=0, finished_at=None, reason=None)
+        )
+
+
+def tensors_of(paths: list[str]):
+    """The worker's own decode and preprocessing of the stored files: the bare model's input."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from training.preprocess import preprocess
+    from worker.decode import grayscale_pixels
+
+    return np.stack([preprocess(grayscale_pixels(dcmread(path))) for path in paths])
+
+
+def timed(function: Callable[[], object], count: int) -> float:
+    started = time.perf_counter()
+    function()
+    return count / (time.perf_counter() - started)
+
+
+def breakdown(sessions, ids: list[int], classifier: Callable, count: int) -> list[tuple[str, str, str]]:
+    """Per-image milliseconds of each step of `classify_instance`, timers wrapped around the real calls."""
+    from worker import filters, pipeline
+
+    totals: dict[str, float] = {}
+
+    def wrap(name: str, function):
+        def inner(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - started
+
+        return inner
+
+    model = classifier()
+    saved = {
+        (pipeline, "dcmread"): pipeline.dcmread,
+        (pipeline, "grayscale_pixels"): pipeline.grayscale_pixels,
+        (pipeline, "preprocess"): pipeline.preprocess,
+        (filters, "ignore_reason"): filters.ignore_reason,
+        (filters, "failure_reason"): filters.failure_reason,
+    }
+    names = {
+        "dcmread": "dcmread (whole file)",
+        "grayscale_pixels": "decode (pixel_array, LUTs)",
+        "preprocess": "preprocess (resize, percentile stretch)",
+        "ignore_reason": "filters",
+        "failure_reason": "filters",
+    }
+    for (module, attribute), function in saved.items():
+        setattr(module, attribute, wrap(names[attribute], function))
+    model.predict = wrap("Classifier.predict (predict_on_batch, batch 1)", model.predict)
+    lookup = wrap("served-classifier lookup (served_classifier())", classifier)
+    try:
+        reset(sessions)
+        started = time.perf_counter()
+        for instance_id in ids[:count]:
+            pipeline.classify_instance(sessions, instance_id, lookup)
+        total = time.perf_counter() - started
+    finally:
+        for (module, attribute), function in saved.items():
+            setattr(module, attribute, function)
+        del model.predict
+    rows = [
+        (name, f"{seconds / count * 1000:.2f}", f"{seconds / total:.0%}")
+        for name, seconds in sorted(totals.items(), key=lambda item: -item[1])
+    ]
+    rest = total - sum(totals.values())
+    rows.append(
+        ("database (2 transactions) and the rest", f"{rest / count * 1000:.2f}", f"{rest / total:.0%}")
+    )
+    rows.append(("classify_instance, total", f"{total / count * 1000:.2f}", "100%"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--payload", choices=["dx224", "cr440"], default="dx224")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the batched bare pass")
+    parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--model", default="pneumonia-transfer")
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from sqlalchemy import select
+
+    from core.db import Instance, session_factory
+    from core.registry import DEFAULT_MODELS_DIR
+    from worker import pipeline
+    from worker.inference import served_classifier
+
+    work = Path(tempfile.mkdtemp(prefix="pneumo-inference-"))
+    try:
+        with database(args.db, work / "home") as url:
+            sessions = session_factory(url)
+            ids = record(write_payload(args.payload, args.images, work / "files"), sessions, work)
+            with sessions() as session:
+                paths = list(
+                    session.scalars(select(Instance.path).where(Instance.id.in_(ids)).order_by(Instance.id))
+                )
+
+            def classifier():
+                return served_classifier(args.model, DEFAULT_MODELS_DIR)  # as worker.tasks does
+
+            model = classifier()
+            tensors = tensors_of(paths)
+            count = len(ids)
+            print(
+                f"{model.version.label}; {count} {args.payload} instances on {args.db}; "
+                f"keras {keras.__version__} on {keras.backend.backend()} (TF {tf.__version__}, "
+                f"{os.cpu_count()} CPUs); load before {load_average()}",
+                flush=True,
+            )
+
+            def worker_path() -> None:
+                for instance_id in ids:
+                    pipeline.classify_instance(sessions, instance_id, classifier)
+
+            def bare_predict_on_batch() -> None:
+                for tensor in tensors:
+                    model.model.predict_on_batch(tensor[np.newaxis])
+
+            def bare_call() -> None:
+                for tensor in tensors:
+                    np.asarray(model.model(tensor[np.newaxis], training=False))
+
+            def bare_predict() -> None:
+                for tensor in tensors:
+                    model.model.predict(tensor[np.newaxis], verbose=0)
+
+            def bare_batched() -> None:
+                for start in range(0, count, args.batch):
+                    model.model.predict_on_batch(tensors[start : start + args.batch])
+
+            passes = {
+                "worker path (classify_instance)": worker_path,
+                "bare predict_on_batch, batch 1": bare_predict_on_batch,
+                "bare model(x, training=False), batch 1": bare_call,
+                "bare model.predict, batch 1": bare_predict,
+                f"bare predict_on_batch, batch {args.batch}": bare_batched,
+            }
+            # Warm-up: every traced function once, every cache filled.
+            reset(sessions)
+            pipeline.classify_instance(sessions, ids[0], classifier)
+            for name, function in passes.items():
+                if name.startswith("bare"):
+                    function()
+            rates: dict[str, list[float]] = {name: [] for name in passes}
+            loads = []
+            for round_index in range(args.rounds):
+                loads.append(load_average())
+                order = list(passes) if round_index % 2 == 0 else list(passes)[::-1]
+                for name in order:
+                    if name.startswith("worker"):
+                        reset(sessions)
+                    rates[name].append(timed(passes[name], count))
+                print(
+                    f"  round {round_index + 1}: "
+                    + ", ".join(f"{name.split(',')[0]} {rates[name][-1]:.1f}" for name in passes)
+                    + f" (load {loads[-1]})",
+                    flush=True,
+                )
+            reference = "bare predict_on_batch, batch 1"
+            worker = "worker path (classify_instance)"
+            print()
+            rows = []
+            for name in passes:
+                ratios = [w / b for w, b in zip(rates[worker], rates[name], strict=True)]
+                rows.append(
+                    (
+                        name,
+                        f"{median(rates[name]):.1f}",
+                        f"{1000 / median(rates[name]):.1f}",
+                        " / ".join(f"{r:.1f}" for r in rates[name]),
+                        f"{median(ratios):.2f}",
+                    )
+                )
+            print_table(["pass", "images/s (median)", "ms/image", "per round", "worker path / this"], rows)
+            print(
+                f"headline ratio: worker path / {reference} = "
+                f"{median([w / b for w, b in zip(rates[worker], rates[reference], strict=True)]):.2f}; "
+                f"loads before rounds: {'; '.join(loads)}; after {load_average()}"
+            )
+            print()
+            print_table(
+                ["step of classify_instance", "ms/image", "share"],
+                breakdown(sessions, ids, classifier, count),
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
