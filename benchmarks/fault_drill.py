@@ -975,7 +975,7 @@ def format_table(report: DrillReport) -> str:
         "",
         "Faults (seconds after the first C-STORE):",
         *(f"- {f.name}: {'not fired' if f.at_s is None else f'{f.at_s:.1f} s'} {f.detail}"
-          for f in report.faults),
+          for f in sorted(report.faults, key=lambda f: float("inf") if f.at_s is None else f.at_s)),
         "",
         "Invariants:",
         *(f"- [{'ok' if i.ok else 'FAIL'}] {i.name}: {i.detail}" for i in report.invariants),
