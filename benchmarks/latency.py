@@ -47,6 +47,108 @@ def epoch(value: datetime) -> float:
     return value.replace(tzinfo=UTC).timestamp()
 
 
+def add_history(url: str, count: int, destination: str) -> None:
+    """`count` old single-image studies, classified and delivered, written straight into the
+    database: the history a site accumulates, which every finalise tick may have to look at."""
+    from datetime import timedelta
+
+    from pydicom.uid import generate_uid
+
+    from core.db import (
+        Delivery,
+        DeliveryState,
+        Instance,
+        InstanceState,
+        Result,
+        Series,
+        Study,
+        session_factory,
+    )
+    from core.migrate import upgrade
+
+    upgrade(url)
+    sessions = session_factory(url)
+    old = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=1)
+    for start in range(0, count, 1000):
+        size = min(1000, count - start)
+        with sessions() as session, session.begin():
+            studies = [
+                Study(study_instance_uid=generate_uid(), first_received_at=old, last_received_at=old)
+                for _ in range(size)
+            ]
+            session.add_all(studies)
+            session.flush()
+            series = [
+                Series(study_id=s.id, series_instance_uid=generate_uid(), modality="DX") for s in studies
+            ]
+            session.add_all(series)
+            session.flush()
+            instances = [
+                Instance(
+                    study_id=study.id,
+                    series_id=one.id,
+                    sop_instance_uid=generate_uid(),
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path="/nonexistent",
+                    size_bytes=0,
+                    sha256="0" * 64,
+                    calling_ae_title="HISTORY",
+                    state=InstanceState.CLASSIFIED,
+                    attempts=1,
+                    received_at=old,
+                    queued_at=old,
+                    finished_at=old,
+                )
+                for study, one in zip(studies, series, strict=True)
+            ]
+            session.add_all(instances)
+            session.flush()
+            session.add_all(
+                Result(
+                    instance_id=instance.id,
+                    model_name="pneumonia-transfer",
+                    model_version="history",
+                    probability=0.5,
+                    threshold=0.5,
+                    label="NORMAL",
+                    decode_ms=0,
+                    inference_ms=0,
+                )
+                for instance in instances
+            )
+            session.add_all(
+                Delivery(
+                    study_id=study.id,
+                    model_name="pneumonia-transfer",
+                    model_version="history",
+                    destination=destination,
+                    sr_sop_instance_uid=generate_uid(),
+                    instances_reported=1,
+                    state=DeliveryState.DELIVERED,
+                    attempts=1,
+                    created_at=old,
+                    updated_at=old,
+                    delivered_at=old,
+                )
+                for study in studies
+            )
+
+
+def time_finalise(url: str, env: dict[str, str]) -> float:
+    """Seconds of one `finalise_stable_studies` call, the task the scheduler runs every tick."""
+    from core.db import session_factory
+    from core.settings import Settings
+    from worker.pipeline import finalise_stable_studies
+
+    settings = Settings(pacs=env["PNEUMO_PACS"], quiet_seconds=float(env["PNEUMO_QUIET_SECONDS"]))
+    sessions = session_factory(url)
+    started = time.perf_counter()
+    sent = finalise_stable_studies(sessions, settings, lambda _delivery_id: None)
+    assert not sent, f"history studies were scheduled again: {len(sent)}"
+    return time.perf_counter() - started
+
+
 def start_pneumo_run(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     process = subprocess.Popen(
@@ -116,6 +218,7 @@ def main() -> None:
     parser.add_argument(
         "--idle", type=float, default=1.0, help="idle seconds between studies, plus a uniform 0-1 s jitter"
     )
+    parser.add_argument("--history", type=int, default=0, help="old delivered studies in the database first")
     parser.add_argument("--finalise-interval", type=float, default=None, help="PNEUMO_FINALISE_INTERVAL_S")
     args = parser.parse_args()
 
@@ -150,6 +253,18 @@ def main() -> None:
             env["PNEUMO_DATABASE_URL"] = database.__enter__()
             env["PNEUMO_BROKER_URL"] = bench_redis_url()
             flush_bench_redis()
+        url = env.get("PNEUMO_DATABASE_URL") or f"sqlite:///{work / 'home' / 'pneumo.db'}"
+        if args.history:
+            (work / "home").mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            add_history(url, args.history, env["PNEUMO_PACS"])
+            print(
+                f"{args.history} old delivered studies written in {time.monotonic() - started:.0f} s",
+                flush=True,
+            )
+            print(
+                f"one finalise pass over them (nothing to send): {time_finalise(url, env):.2f} s", flush=True
+            )
         run = start_pneumo_run(env, work / "pneumo-run.log")
         sessions = session_factory(
             env.get("PNEUMO_DATABASE_URL") or f"sqlite:///{work / 'home' / 'pneumo.db'}"
@@ -162,7 +277,8 @@ def main() -> None:
         print(
             f"pneumo run ({args.db}), PNEUMO_QUIET_SECONDS={args.quiet}, finalise every "
             f"{env.get('PNEUMO_FINALISE_INTERVAL_S', '1.0 (default)')} s, "
-            f"{args.studies} single-image dx224 studies one at a time; load before {load_before}",
+            f"{args.studies} single-image dx224 studies one at a time after {args.history} old ones; "
+            f"load before {load_before}",
             flush=True,
         )
         samples: list[dict[str, float]] = []
