@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     REPO,
     bench_redis_url,
+    database,
     echo,
     flush_bench_redis,
     free_port,
@@ -202,6 +203,25 @@ def one_study(path: Path, port: int, sessions, pacs: Path, nodelay: bool) -> dic
     }
 
 
+def finalise_scaling(sizes: list[int], db: str) -> None:
+    """Seconds of one finalise pass by the number of old delivered studies (fresh database each)."""
+    env = {"PNEUMO_PACS": "PACS@127.0.0.1:104", "PNEUMO_QUIET_SECONDS": "5"}
+    rows = []
+    for size in sizes:
+        work = Path(tempfile.mkdtemp(prefix="pneumo-finalise-"))
+        try:
+            with database("postgresql" if db == "postgresql" else "sqlite", work) as url:
+                add_history(url, size, env["PNEUMO_PACS"])
+                load = load_average()
+                seconds = [time_finalise(url, env) for _ in range(3)]
+                rows.append((size, f"{min(seconds):.2f}", f"{max(seconds):.2f}", load))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(
+        ["old delivered studies", "one finalise pass, s (best of 3)", "worst of 3", "load before"], rows
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,14 +240,20 @@ def main() -> None:
     )
     parser.add_argument("--history", type=int, default=0, help="old delivered studies in the database first")
     parser.add_argument("--finalise-interval", type=float, default=None, help="PNEUMO_FINALISE_INTERVAL_S")
+    parser.add_argument(
+        "--finalise-scaling", default="", help="only time one finalise pass per history size, e.g. 1000,3000"
+    )
     args = parser.parse_args()
+    if args.finalise_scaling:
+        finalise_scaling([int(n) for n in args.finalise_scaling.split(",")], args.db)
+        return
 
     from core.db import session_factory
 
     work = Path(tempfile.mkdtemp(prefix="pneumo-latency-"))
     pacs_folder = work / "pacs"
     pacs = run = None
-    database = None
+    postgres = None
     try:
         pacs_port, node_port = free_port(), free_port()
         pacs = start_storescp(pacs_folder, pacs_port, ae_title="PACS", nodelay=args.dcmtk_nodelay)
@@ -249,8 +275,8 @@ def main() -> None:
         else:
             env.pop("TCP_NODELAY", None)
         if args.db == "postgresql":
-            database = postgres_database()
-            env["PNEUMO_DATABASE_URL"] = database.__enter__()
+            postgres = postgres_database()
+            env["PNEUMO_DATABASE_URL"] = postgres.__enter__()
             env["PNEUMO_BROKER_URL"] = bench_redis_url()
             flush_bench_redis()
         url = env.get("PNEUMO_DATABASE_URL") or f"sqlite:///{work / 'home' / 'pneumo.db'}"
@@ -319,9 +345,9 @@ def main() -> None:
     finally:
         stop(run, 2)
         stop(pacs)
-        if database is not None:
+        if postgres is not None:
             flush_bench_redis()
-            database.__exit__(None, None, None)
+            postgres.__exit__(None, None, None)
         shutil.rmtree(work, ignore_errors=True)
 
 
