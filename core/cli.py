@@ -230,7 +230,7 @@ def send(
             send_files(paths, PeerAddress(to), calling_ae, group, ssl_context=ssl_context), start=1
         ):
             status = "no response" if result.status is None else f"0x{result.status:04X}"
-            failures += result.status != 0
+            failures += result.status is None or not (result.status == 0 or 0xB000 <= result.status <= 0xBFFF)
             typer.echo(f"[{index}/{total}] {result.path.name}: {status} "
                        f"study {result.study_instance_uid} sop {result.sop_instance_uid}")
     except (ConnectionError, ValueError, tls.TLSConfigError) as error:
@@ -260,6 +260,40 @@ def resend(
         typer.echo(f"no SR delivery recorded for study {study_instance_uid}", err=True)
         raise typer.Exit(1)
     typer.echo(f"{count} delivery(ies) queued again")
+
+
+@app.command()
+def dashboard() -> None:
+    """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
+    from core.dashboard import serve
+
+    _logging()
+    serve(_settings())
+
+
+@app.command()
+def retention(
+    older_than_days: float = typer.Option(..., help="Studies whose SRs were delivered this long ago"),
+    apply: bool = typer.Option(False, "--apply", help="Delete; without it, only list (dry run)"),
+) -> None:
+    """Remove stored images of finished studies (rows, results and SRs stay). Dry run first."""
+    from core import retention as policy
+    from core.db import session_factory
+
+    _logging()
+    settings = _settings()
+    sessions = session_factory(settings.sqlalchemy_url)
+    with sessions() as session:
+        found = policy.candidates(session, older_than_days)
+    total = sum(candidate.size_bytes for candidate in found)
+    for candidate in found:
+        typer.echo(f"{candidate.study_instance_uid}: {len(candidate.files)} file(s)")
+    if not apply:
+        typer.echo(f"dry run: {len(found)} study(ies), {total / 1e6:.1f} MB would be removed; "
+                   "add --apply to delete")
+        return
+    freed = sum(policy.remove(sessions, candidate) for candidate in found)
+    typer.echo(f"removed images of {len(found)} study(ies), {freed / 1e6:.1f} MB freed")
 
 
 def main() -> None:

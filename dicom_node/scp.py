@@ -14,6 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
+from core.monitoring import record_refusal
 from core.settings import Settings
 from dicom_node import contexts
 from dicom_node.receive import SUCCESS, enqueue_after_commit, store_instance
@@ -53,6 +54,15 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
+def handle_accepted(event: evt.Event) -> None:
+    """Say which proposed contexts we refused: a sender whose only context is refused sees an
+    association with nothing to send on, and IT needs this line to find out why."""
+    ae_title = str(event.assoc.requestor.ae_title).strip()
+    for context in event.assoc.rejected_contexts:
+        log.warning("presentation context refused for %s: %s with %s", ae_title,
+                    context.abstract_syntax, ", ".join(map(str, context.transfer_syntax)))
+
+
 def handle_store(
     event: evt.Event,
     settings: Settings,
@@ -70,6 +80,8 @@ def handle_store(
              outcome.status, outcome.reason)
     if outcome.status == SUCCESS and not outcome.duplicate and outcome.instance_id is not None:
         enqueue_after_commit(outcome.instance_id, sessions, enqueue)
+    elif outcome.status != SUCCESS and not 0xB000 <= outcome.status <= 0xBFFF:
+        record_refusal(sessions, calling, outcome.status, outcome.reason)
     return outcome.status
 
 
@@ -124,6 +136,7 @@ def start(
     tempfile.tempdir = str(settings.spool_dir)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]

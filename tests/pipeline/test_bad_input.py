@@ -488,7 +488,7 @@ def test_refused_at_the_node_and_nothing_stored(
 
 # --- association level ----------------------------------------------------------------------------
 
-def test_transfer_syntax_not_accepted(node: Node, classifier) -> None:
+def test_transfer_syntax_not_accepted(node: Node, classifier, caplog: pytest.LogCaptureFixture) -> None:
     """HTJ2K is not decoded here, so its context is rejected (result 4): the sender has no context
     to send on and must transcode; one proposing only that context aborts the association."""
     dataset = chest()
@@ -506,6 +506,7 @@ def test_transfer_syntax_not_accepted(node: Node, classifier) -> None:
     ae.add_requested_context(dataset.SOPClassUID, [HTJ2KLossless])
     only = ae.associate("127.0.0.1", node.settings.port, ae_title=node.settings.ae_title)
     assert not only.is_established and only.is_aborted  # no accepted context: the sender aborts
+    assert logged(caplog, f"presentation context refused for SENDER: {dataset.SOPClassUID}")
 
     assert not instances(node) and not stored_files(node) and not spool_files(node)
     good = chest()
