@@ -175,13 +175,18 @@ def run(
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
+    from core.tls import TLSConfigError
     from dicom_node.scp import start
     from worker.tasks import classify
 
     _logging()
     settings = _settings()
-    start(settings, session_factory(settings.sqlalchemy_url),
-          lambda instance_id: classify.delay(instance_id), block=True)
+    try:
+        start(settings, session_factory(settings.sqlalchemy_url),
+              lambda instance_id: classify.delay(instance_id), block=True)
+    except TLSConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
 
 
 @app.command()

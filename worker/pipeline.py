@@ -220,8 +220,9 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
             ).order_by(Instance.id)
         ).all()
         model_name, model_version = delivery.model_name, delivery.model_version
-    findings = [
-        ImageFinding(dcmread(path, stop_before_pixels=True), probability, label == "PNEUMONIA")
+    findings = [  # headers only; large private elements stay on disk
+        ImageFinding(dcmread(path, stop_before_pixels=True, defer_size=1 << 20), probability,
+                     label == "PNEUMONIA")
         for path, probability, label, _ in rows
     ]
     report = build_sr(findings, model_name, model_version, rows[0].threshold)
