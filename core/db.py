@@ -56,6 +56,10 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(64))
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # An image reached a terminal state since the last finalise: the SR may need (re)building.
+    # `changes` counts those events so finalise clears the flag only if none came in meanwhile.
+    report_pending: Mapped[bool] = mapped_column(default=False, index=True)
+    changes: Mapped[int] = mapped_column(Integer, default=0)
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
 
 

@@ -46,6 +46,8 @@ def _finish(session: Session, instance: Instance, state: InstanceState, reason: 
     instance.state = state
     instance.reason = reason
     instance.finished_at = utcnow()
+    session.execute(update(Study).where(Study.id == instance.study_id).values(
+        report_pending=True, changes=Study.changes + 1))
     audit(session, "instance", instance.id, str(state), reason)
 
 
@@ -142,10 +144,12 @@ def finalise_stable_studies(
     to_send = []
     with sessions() as session, session.begin():
         pending = select(Instance.study_id).where(Instance.state.not_in(TERMINAL_STATES))
-        studies = session.scalars(
-            select(Study).where(Study.last_received_at <= cutoff, Study.id.not_in(pending))
-        ).all()
+        studies = session.scalars(select(Study).where(
+            Study.report_pending, Study.last_received_at <= cutoff, Study.id.not_in(pending)
+        )).all()
         for study in studies:
+            session.execute(update(Study).where(Study.id == study.id, Study.changes == study.changes)
+                            .values(report_pending=False))
             counts = session.execute(
                 select(Result.model_name, Result.model_version, func.count(Result.id))
                 .join(Instance).where(Instance.study_id == study.id)

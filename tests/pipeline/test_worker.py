@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from highdicom.sr import srread
 from pydicom import dcmread
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from core.db import Delivery, DeliveryState, Instance, InstanceState, Result
+from core.db import Delivery, DeliveryState, Instance, InstanceState, Result, Study
 from core.settings import Settings
 from dicom_node.receive import store_instance
 from dicom_node.send import wrap_image
@@ -108,6 +108,34 @@ def test_filters_record_reasons(change, state, reason, sessions, classifier, tmp
     assert pipeline.classify_instance(sessions, instance_id, classifier) == state
     with sessions() as session:
         assert reason in session.get(Instance, instance_id).reason
+
+
+def test_finalise_reads_only_studies_with_news_and_refreshes_on_a_late_image(
+    sessions, classifier, tmp_path: Path
+) -> None:
+    """The scheduler runs finalise every second: it must not re-read the whole history, and an
+    image arriving after the SR was scheduled must refresh that same SR (same delivery)."""
+    images = sorted((DATA / "test" / "NORMAL").iterdir())[:2]
+    first = wrap_image(images[0])
+    pipeline.classify_instance(sessions, store(first, sessions, tmp_path), classifier)
+    settings = Settings(home=tmp_path / "home", quiet_seconds=0)
+    queued: list[int] = []
+    pipeline.finalise_stable_studies(sessions, settings, queued.append)
+    assert len(queued) == 1
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(Study.report_pending)) == 0
+
+    late = store(wrap_image(images[1], study=first), sessions, tmp_path)
+    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == []  # still classifying
+    pipeline.classify_instance(sessions, late, classifier)
+    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == [queued[0]]
+    with sessions() as session:
+        assert session.get(Delivery, queued[0]).instances_reported == 2
+        session.execute(update(Study).values(report_pending=True, changes=Study.changes + 1))
+        session.commit()
+    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == []  # nothing new
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(Study.report_pending)) == 0
 
 
 def test_stable_study_gets_one_sr_with_every_classified_image(
