@@ -106,18 +106,22 @@ def datasets(paths: list[Path], group: bool) -> Iterator[tuple[Path, Dataset]]:
 
 
 def requested_contexts(paths: list[Path]) -> list[tuple[str, list[str]]]:
-    """One context per SOP class present, offering each file's own transfer syntax."""
-    syntaxes: dict[str, set[str]] = {}
+    """Contexts for every (SOP class, transfer syntax) present, each file sent as it is.
+
+    A compressed syntax gets a context of its own: the acceptor picks one syntax per context, so
+    offering JPEG 2000 beside Explicit VR in one context leaves the JPEG 2000 file nothing to go on.
+    """
+    native = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts: dict[tuple[str, tuple[str, ...]], None] = {}
     for path in collect(paths):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             sop_class, syntax = DX_PRESENTATION, ExplicitVRLittleEndian
         else:
             header = dcmread(path, stop_before_pixels=True)
             sop_class, syntax = header.SOPClassUID, header.file_meta.TransferSyntaxUID
-        syntaxes.setdefault(str(sop_class), {ExplicitVRLittleEndian, ImplicitVRLittleEndian}).add(
-            str(syntax)
-        )
-    return [(sop_class, sorted(found)) for sop_class, found in syntaxes.items()]
+        syntaxes = tuple(native) if syntax in native else (str(syntax),)
+        contexts[(str(sop_class), syntaxes)] = None
+    return [(sop_class, list(syntaxes)) for sop_class, syntaxes in contexts]
 
 
 def send(
