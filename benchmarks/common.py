@@ -97,6 +97,21 @@ def write_payload(kind: str, count: int, folder: Path, images: Sequence[Path] | 
     return paths
 
 
+def embedded_env(home: Path, node_port: int, pacs_port: int, quiet_s: float) -> dict[str, str]:
+    """`pneumo run` on embedded defaults, a storescp PACS, a free dashboard port."""
+    return {
+        **os.environ,
+        "PNEUMO_HOME": str(home),
+        "PNEUMO_HOST": "127.0.0.1",
+        "PNEUMO_PORT": str(node_port),
+        "PNEUMO_PACS": f"PACS@127.0.0.1:{pacs_port}",
+        "PNEUMO_QUIET_SECONDS": str(quiet_s),
+        "PNEUMO_ALLOWED_PEERS": "STORESCU",
+        "PNEUMO_DASHBOARD_PORT": str(free_port()),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
 def dcmtk_env(nodelay: bool) -> dict[str, str]:
     """dcmtk 3.6.7 leaves Nagle's algorithm on unless TCP_NODELAY=1 is in its environment; with it
     on, every small PDU waits for the peer's delayed ACK (about 40 ms on loopback)."""

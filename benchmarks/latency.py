@@ -12,7 +12,6 @@ at the PACS; all are this machine's clock.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from common import (
     bench_redis_url,
     database,
     echo,
+    embedded_env,
     flush_bench_redis,
     free_port,
     load_average,
@@ -257,17 +257,7 @@ def main() -> None:
     try:
         pacs_port, node_port = free_port(), free_port()
         pacs = start_storescp(pacs_folder, pacs_port, ae_title="PACS", nodelay=args.dcmtk_nodelay)
-        env = {
-            **os.environ,
-            "PNEUMO_HOME": str(work / "home"),
-            "PNEUMO_HOST": "127.0.0.1",
-            "PNEUMO_PORT": str(node_port),
-            "PNEUMO_PACS": f"PACS@127.0.0.1:{pacs_port}",
-            "PNEUMO_QUIET_SECONDS": str(args.quiet),
-            "PNEUMO_ALLOWED_PEERS": "STORESCU",
-            "PNEUMO_DASHBOARD_PORT": str(free_port()),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        }
+        env = embedded_env(work / "home", node_port, pacs_port, args.quiet)
         if args.finalise_interval is not None:
             env["PNEUMO_FINALISE_INTERVAL_S"] = str(args.finalise_interval)
         if args.dcmtk_nodelay:

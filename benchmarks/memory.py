@@ -13,7 +13,6 @@ RSS of forked Celery children counts pages shared with their parent in both.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    embedded_env,
     free_port,
     load_average,
     print_table,
@@ -145,17 +145,7 @@ def main() -> None:
     try:
         pacs_port, node_port = free_port(), free_port()
         pacs = start_storescp(work / "pacs", pacs_port, ae_title="PACS")
-        env = {
-            **os.environ,
-            "PNEUMO_HOME": str(work / "home"),
-            "PNEUMO_HOST": "127.0.0.1",
-            "PNEUMO_PORT": str(node_port),
-            "PNEUMO_PACS": f"PACS@127.0.0.1:{pacs_port}",
-            "PNEUMO_QUIET_SECONDS": str(args.quiet),
-            "PNEUMO_ALLOWED_PEERS": "STORESCU",
-            "PNEUMO_DASHBOARD_PORT": str(free_port()),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        }
+        env = embedded_env(work / "home", node_port, pacs_port, args.quiet)
         run = start_pneumo_run(env, work / "pneumo-run.log")
         sessions = session_factory(f"sqlite:///{work / 'home' / 'pneumo.db'}")
         images = training_images(200)
