@@ -7,6 +7,7 @@ as Docker/Kubernetes secrets are mounted. Log `redacted()`, never the raw URLs o
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -37,13 +38,17 @@ URL_FIELDS = ("database_url", "broker_url")
 
 
 def redact_url(url: str) -> str:
-    """`scheme://user:***@host/...`: what may be logged of a URL that carries a password."""
+    """`scheme://user:***@host/...?password=***`: what may be logged of a URL with a password."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, separator, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
     userinfo, at, host = netloc.rpartition("@")
     if not (separator and at and ":" in userinfo):
         return url
     return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{slash}{path}"
+
+
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
 
 
 class Settings(BaseSettings):

@@ -34,6 +34,8 @@ def secret(kind: str) -> str:
     ("postgresql+psycopg://pneumo@db/pneumo", "postgresql+psycopg://pneumo@db/pneumo"),
     ("sqlite:////var/lib/pneumo/pneumo.db", "sqlite:////var/lib/pneumo/pneumo.db"),
     ("redis+socket:///var/pneumo/redis.sock", "redis+socket:///var/pneumo/redis.sock"),
+    ("postgresql+psycopg://db/pneumo?user=u&password=s3cret&sslmode=require",
+     "postgresql+psycopg://db/pneumo?user=u&password=***&sslmode=require"),
     ("", ""),
 ])
 def test_redact_url_masks_only_the_password(url: str, shown: str) -> None:
