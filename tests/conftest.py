@@ -78,21 +78,29 @@ def postgres_url() -> str:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database on each back-end."""
-    from sqlalchemy import text
 
-    from core.db import make_engine
     from core.migrate import upgrade
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'pneumo.db'}"
     else:
-        url = request.getfixturevalue("postgres_url")
-        engine = make_engine(url)
-        with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
+        url = request.getfixturevalue("database_url_postgres_fresh")
     upgrade(url)
     return url
+
+
+@pytest.fixture
+def database_url_postgres_fresh(postgres_url: str) -> str:
+    """The session's PostgreSQL database, emptied (not migrated) for this test."""
+    from sqlalchemy import text
+
+    from core.db import make_engine
+
+    engine = make_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+    return postgres_url
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ import pytest
 import redis
 from highdicom.sr import srread
 from pydicom import dcmread
-from sqlalchemy import select, text
+from sqlalchemy import select
 
-from core.db import Instance, make_engine, session_factory
+from core.db import Instance, session_factory
 from tests.conftest import REAL_DICOM, REDIS_TEST_URL, free_port
 from tests.pipeline.conftest import wait_for
 from worker.report import sr_uids
@@ -135,17 +135,8 @@ def _answers(server: Orthanc) -> bool:
 
 
 @pytest.fixture
-def empty_postgres(postgres_url: str) -> str:
-    engine = make_engine(postgres_url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return postgres_url
-
-
-@pytest.fixture
 def product_env(tmp_path: Path, tiny_registry: Path, node_port: int, orthanc: Orthanc,
-                empty_postgres: str) -> dict[str, str]:
+                database_url_postgres_fresh: str) -> dict[str, str]:
     """The node, workers and scheduler as in production: PostgreSQL, Redis, Orthanc as PACS."""
     redis.Redis.from_url(BROKER).flushdb()
     return {
@@ -157,7 +148,7 @@ def product_env(tmp_path: Path, tiny_registry: Path, node_port: int, orthanc: Or
         "PNEUMO_AE_TITLE": NODE_AET,
         "PNEUMO_PACS": f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}",
         "PNEUMO_ALLOWED_PEERS": ORTHANC_AET,
-        "PNEUMO_DATABASE_URL": empty_postgres,
+        "PNEUMO_DATABASE_URL": database_url_postgres_fresh,
         "PNEUMO_BROKER_URL": BROKER,
         "PNEUMO_QUIET_SECONDS": "1",
         "PNEUMO_DELIVERY_BACKOFF_S": "1",

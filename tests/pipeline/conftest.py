@@ -74,19 +74,6 @@ def pipeline_env(request, tmp_path: Path, tiny_registry: Path, pacs_address) -> 
     return env
 
 
-@pytest.fixture
-def database_url_postgres_fresh(postgres_url: str) -> str:
-    from sqlalchemy import text
-
-    from core.db import make_engine
-
-    engine = make_engine(postgres_url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    return postgres_url
-
-
 def database_url(env: dict[str, str]) -> str:
     return env.get("PNEUMO_DATABASE_URL") or f"sqlite:///{env['PNEUMO_HOME']}/pneumo.db"
 
