@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from core.db import Instance, session_factory
 from tests.conftest import REAL_DICOM, REDIS_TEST_URL, free_port
-from tests.pipeline.conftest import wait_for
+from tests.pipeline.conftest import stop_pneumo_run, wait_for
 from worker.report import sr_uids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,15 +172,7 @@ def pneumo_run(env: dict[str, str]) -> Iterator[None]:
         assert process.poll() is None, "pneumo run exited"
         yield
     finally:
-        process.send_signal(2)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        for log in sorted(Path(env["PNEUMO_HOME"]).glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
-        print(f"--- pneumo run\n{output[-2000:]}")
+        output = stop_pneumo_run(process, Path(env["PNEUMO_HOME"]))
     assert "pneumo: stopped" in output
 
 

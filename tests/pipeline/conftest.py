@@ -97,17 +97,22 @@ def running(pipeline_env: dict[str, str]):
         wait_for(echo, 90, "the node to answer C-ECHO")
         yield pipeline_env
     finally:
-        process.send_signal(2)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        home = Path(pipeline_env["PNEUMO_HOME"])
-        for log in sorted(home.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
-        print(f"--- pneumo run\n{output[-2000:]}")
+        output = stop_pneumo_run(process, Path(pipeline_env["PNEUMO_HOME"]))
     assert "pneumo: stopped" in output
+
+
+def stop_pneumo_run(process: subprocess.Popen, home: Path) -> str:
+    """Ctrl-C, as an operator would; print the children's logs for a failing test; its output."""
+    process.send_signal(2)
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    for log in sorted(home.glob("*.log")):
+        print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+    print(f"--- pneumo run\n{output[-2000:]}")
+    return output
 
 
 def sr_files(folder: Path) -> list[Path]:
