@@ -38,7 +38,7 @@ def train(
     weights: str = typer.Option(
         str(DEFAULT_WEIGHTS), help="Backbone weights: a local .h5 file, or 'imagenet' to download"
     ),
-    epochs: int = typer.Option(30, help="Phase 1 epochs (early stopping on validation AUC)"),
+    epochs: int = typer.Option(30, help="Phase 1 epochs (early stopping on validation loss)"),
     fine_tune_epochs: int = typer.Option(6, help="Phase 2 epochs (transfer model only)"),
     fine_tune_layers: int = typer.Option(40, help="Top backbone layers unfrozen in phase 2"),
     batch_size: int = typer.Option(32),

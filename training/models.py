@@ -24,14 +24,26 @@ def input_layer() -> keras.KerasTensor:
     return keras.Input(shape=shape, name="image")
 
 
+AUGMENTATION = (
+    "rotation +-5 deg, shift +-6%, zoom -10..+15% with height and width drawn independently "
+    "(aspect ratio +-15%), contrast +-40%, brightness +-10%"
+)
+
+
 def build_augmentation(seed: int = 1337) -> keras.Sequential:
-    """Small affine, contrast and brightness changes: what differs between exposures."""
+    """Small affine, contrast and brightness changes: what differs between exposures.
+
+    Height and width zoom are drawn independently because the data set squashed every original
+    (of varied size and aspect ratio) to 224x224, as serving does too: how much an image was
+    squashed says something about the machine and nothing about the lungs, so the model must not
+    learn it. AUGMENTATION describes this block for the card.
+    """
     return keras.Sequential(
         [
             layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
             layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed),
-            layers.RandomZoom((-0.1, 0.15), fill_mode="constant", seed=seed),
-            layers.RandomContrast(0.25, seed=seed),
+            layers.RandomZoom((-0.1, 0.15), (-0.1, 0.15), fill_mode="constant", seed=seed),
+            layers.RandomContrast(0.4, seed=seed),
             layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
         ],
         name="augmentation",

@@ -110,10 +110,10 @@ def fit_phase(
     class_weight: dict[int, float],
     verbose: int,
 ) -> dict[str, list[float]]:
-    """One `fit` with early stopping on validation ROC AUC (best weights restored)."""
+    """One `fit` with early stopping on validation log loss (best weights restored)."""
     callbacks = [
         keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=config.early_stopping_patience,
+            monitor="val_loss", mode="min", patience=config.early_stopping_patience,
             restore_best_weights=True,
         ),
         keras.callbacks.ReduceLROnPlateau(
@@ -219,18 +219,20 @@ def train(
         compile_for_training(
             training_model, config.fine_tune_learning_rate, config.label_smoothing
         )
-        phase1_auc = max(history["phase1"]["val_auc"])
+        phase1_loss = min(history["phase1"]["val_loss"])
         phase1_weights = model.get_weights()
         history["phase2"] = fit_phase(
             training_model, train_split, validation_split, config,
             config.fine_tune_epochs, class_weight, verbose,
         )
         epochs_run += len(history["phase2"]["loss"])
-        if max(history["phase2"]["val_auc"]) < phase1_auc:
-            # Fine-tuning did not beat the frozen backbone on validation: keep phase 1.
+        # Validation AUC sits at 0.994-0.995 for both phases and cannot tell them apart; the log
+        # loss, a proper scoring rule, still can. Keep phase 1 only if fine-tuning made it worse.
+        history["kept"] = "phase2"
+        if min(history["phase2"]["val_loss"]) > phase1_loss:
             model.set_weights(phase1_weights)
             history["kept"] = "phase1"
-            log.info("phase 2 did not improve validation AUC; keeping the phase 1 weights")
+            log.info("phase 2 did not improve validation loss; keeping the phase 1 weights")
     train_seconds = time.monotonic() - started
 
     # Threshold and metrics on validation.
@@ -265,7 +267,7 @@ def train(
         },
         "class_imbalance": "class weights (balanced: n / (2 * n_class))",
         "class_weights": {data.CLASS_NAMES[k]: v for k, v in class_weight.items()},
-        "augmentation": "rotation +-5 deg, shift +-6%, zoom -10..+15%, contrast +-25%, brightness +-10%",
+        "augmentation": models.AUGMENTATION,
         "threshold": threshold,
         "threshold_rule": "Youden's J on the validation split",
         "validation_score_histogram": scores,

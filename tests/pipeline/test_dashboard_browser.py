@@ -14,6 +14,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, session_factory
@@ -39,6 +41,16 @@ def browser():
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+def message_after(browser, button_id: str) -> str:
+    """Click a form button and return the banner of the page it leads to. A click returns before the
+    POST/redirect has loaded, so wait for the old page to go stale and the new banner to appear."""
+    button = browser.find_element(By.ID, button_id)
+    button.click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(expected_conditions.staleness_of(button))
+    return wait.until(expected_conditions.presence_of_element_located((By.ID, "message"))).text
 
 
 @pytest.fixture
@@ -72,13 +84,11 @@ def test_resend_a_dead_letter_from_the_dashboard(
     assert "dead" in row.text and dataset.StudyInstanceUID in browser.page_source
 
     browser.find_element(By.ID, "token").send_keys(TOKEN)
-    browser.find_element(By.ID, "sign-in").click()
-    assert "Signed in" in browser.find_element(By.ID, "message").text
+    assert "Signed in" in message_after(browser, "sign-in")
 
     pacs = start_storescp(pacs_address["folder"], pacs_address["port"])
     try:
-        browser.find_element(By.ID, f"resend-{delivery_id}").click()
-        assert "queued again" in browser.find_element(By.ID, "message").text
+        assert "queued again" in message_after(browser, f"resend-{delivery_id}")
         wait_for(lambda: delivery_state() == DeliveryState.DELIVERED, 60, "the re-sent SR to be delivered")
         browser.get(url)
         studies = browser.find_element(By.ID, "studies").text
