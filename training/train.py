@@ -219,20 +219,11 @@ def train(
         compile_for_training(
             training_model, config.fine_tune_learning_rate, config.label_smoothing
         )
-        phase1_loss = min(history["phase1"]["val_loss"])
-        phase1_weights = model.get_weights()
         history["phase2"] = fit_phase(
             training_model, train_split, validation_split, config,
             config.fine_tune_epochs, class_weight, verbose,
         )
         epochs_run += len(history["phase2"]["loss"])
-        # Validation AUC sits at 0.994-0.995 for both phases and cannot tell them apart; the log
-        # loss, a proper scoring rule, still can. Keep phase 1 only if fine-tuning made it worse.
-        history["kept"] = "phase2"
-        if min(history["phase2"]["val_loss"]) > phase1_loss:
-            model.set_weights(phase1_weights)
-            history["kept"] = "phase1"
-            log.info("phase 2 did not improve validation loss; keeping the phase 1 weights")
     train_seconds = time.monotonic() - started
 
     # Threshold and metrics on validation.
