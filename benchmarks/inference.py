@@ -3,9 +3,11 @@ vs the bare model on the same images' preprocessed tensors, in one process, pass
 
 The instances are recorded through the node's own `store_instance` into a real database (a fresh
 PostgreSQL database, or SQLite with --db sqlite); the model is the served `pneumonia-transfer`.
-The worker predicts one image per call, so the headline ratio is against the bare model at
-batch 1 through the same call the worker makes (`predict_on_batch`); batched figures are reported
-beside it. A final pass times each step of the worker path to show where the time goes.
+The default worker predicts one image per call, so the headline ratio is against the bare model
+at batch 1 through the same call the worker makes (`predict_on_batch`). The batched worker (the GPU
+worker's configuration: task threads sharing model calls through worker.batching) is compared with
+the bare model at the same batch size. A final pass times each step of the worker path to show
+where the time goes.
 
     .venv/bin/python benchmarks/inference.py --images 100 --rounds 3
 """
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,7 +165,7 @@ def main() -> None:
     from core.db import Instance, session_factory
     from core.registry import DEFAULT_MODELS_DIR
     from worker import pipeline
-    from worker.inference import served_classifier
+    from worker.inference import Classifier, served_classifier
 
     work = Path(tempfile.mkdtemp(prefix="pneumo-inference-"))
     try:
@@ -191,6 +194,14 @@ def main() -> None:
                 for instance_id in ids:
                     pipeline.classify_instance(sessions, instance_id, classifier)
 
+            batching = Classifier(model.version.label, DEFAULT_MODELS_DIR, args.batch, 0.01)
+            threads = ThreadPoolExecutor(2 * args.batch)  # as `pneumo worker --pool threads`
+
+            def worker_path_batched() -> None:
+                list(threads.map(
+                    lambda i: pipeline.classify_instance(sessions, i, lambda: batching), ids
+                ))
+
             def bare_predict_on_batch() -> None:
                 for tensor in tensors:
                     model.model.predict_on_batch(tensor[np.newaxis])
@@ -209,6 +220,7 @@ def main() -> None:
 
             passes = {
                 "worker path (classify_instance)": worker_path,
+                f"worker path, {2 * args.batch} threads, batches <= {args.batch}": worker_path_batched,
                 "bare predict_on_batch, batch 1": bare_predict_on_batch,
                 "bare model(x, training=False), batch 1": bare_call,
                 "bare model.predict, batch 1": bare_predict,
@@ -217,6 +229,8 @@ def main() -> None:
             # Warm-up: every traced function once, every cache filled.
             reset(sessions)
             pipeline.classify_instance(sessions, ids[0], classifier)
+            reset(sessions)
+            worker_path_batched()
             for name, function in passes.items():
                 if name.startswith("bare"):
                     function()
@@ -237,6 +251,8 @@ def main() -> None:
                 )
             reference = "bare predict_on_batch, batch 1"
             worker = "worker path (classify_instance)"
+            batched = f"worker path, {2 * args.batch} threads, batches <= {args.batch}"
+            bare_batch = f"bare predict_on_batch, batch {args.batch}"
             print()
             rows = []
             for name in passes:
@@ -254,6 +270,8 @@ def main() -> None:
             print(
                 f"headline ratio: worker path / {reference} = "
                 f"{median([w / b for w, b in zip(rates[worker], rates[reference], strict=True)]):.2f}; "
+                f"batched worker path / bare batch {args.batch} = "
+                f"{median([w / b for w, b in zip(rates[batched], rates[bare_batch], strict=True)]):.2f}; "
                 f"loads before rounds: {'; '.join(loads)}; after {load_average()}"
             )
             print()

@@ -38,13 +38,16 @@ def train(
     weights: str = typer.Option(
         str(DEFAULT_WEIGHTS), help="Backbone weights: a local .h5 file, or 'imagenet' to download"
     ),
-    epochs: int = typer.Option(30, help="Phase 1 epochs (early stopping on validation loss)"),
+    epochs: int = typer.Option(30, help="Phase 1 epochs (then early stopping ends a phase)"),
     fine_tune_epochs: int = typer.Option(6, help="Phase 2 epochs (transfer model only)"),
     fine_tune_layers: int = typer.Option(40, help="Top backbone layers unfrozen in phase 2"),
     batch_size: int = typer.Option(32),
     learning_rate: float = typer.Option(1e-3, help="Phase 1 learning rate"),
     fine_tune_learning_rate: float = typer.Option(1e-4, help="Phase 2 learning rate"),
     seed: int = typer.Option(1337),
+    early_stopping_monitor: str = typer.Option(
+        "val_auc", help="val_auc or val_loss: the validation metric that stops a phase"
+    ),
     max_train_images: int = typer.Option(0, help="Cap on training images (smoke runs only)"),
     report_test: bool = typer.Option(
         False, help="Evaluate the test split once, after training, into the card (final report)"
@@ -60,6 +63,7 @@ def train(
         fine_tune_epochs=fine_tune_epochs, fine_tune_layers=fine_tune_layers,
         batch_size=batch_size, learning_rate=learning_rate,
         fine_tune_learning_rate=fine_tune_learning_rate, seed=seed,
+        early_stopping_monitor=early_stopping_monitor,
         max_train_images=max_train_images or None,
     )
     import sys
@@ -193,11 +197,16 @@ def node() -> None:
 def worker(
     queues: str = typer.Option("inference-cpu,delivery,housekeeping", help="Queues to consume"),
     concurrency: int = typer.Option(1),
+    pool: str = typer.Option(
+        "prefork", help="prefork, or threads for batched inference (PNEUMO_INFERENCE_BATCH_SIZE > 1)"
+    ),
 ) -> None:
     """A Celery worker (use `-Q inference-gpu` on a GPU host)."""
     from worker.celery_app import app as celery_app
 
-    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "--loglevel", "INFO"])
+    celery_app.worker_main(
+        ["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--loglevel", "INFO"]
+    )
 
 
 @app.command()

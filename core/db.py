@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     Float,
     ForeignKey,
+    Insert,
     Integer,
     String,
     Text,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -168,6 +170,16 @@ class AuditEvent(Base):
 
 def audit(session: Session, entity: str, entity_id: int, event_name: str, detail: str | None = None) -> None:
     session.add(AuditEvent(entity=entity, entity_id=entity_id, event=event_name, detail=detail))
+
+
+def insert_ignoring_duplicates(session: Session, model: type[Base]) -> Insert:
+    """INSERT that skips a row breaking a unique constraint (ON CONFLICT DO NOTHING) in one round
+    trip, instead of a SELECT first; for the two databases we run on."""
+    dialect = session.get_bind().dialect.name
+    module = {"postgresql": postgresql, "sqlite": sqlite}.get(dialect)
+    if module is None:
+        raise NotImplementedError(f"no ON CONFLICT insert for {dialect}")
+    return module.insert(model).on_conflict_do_nothing()
 
 
 def make_engine(url: str) -> Engine:

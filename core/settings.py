@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     )
     inference_queue: str = Field("inference-cpu", description="inference-cpu or inference-gpu")
     model_name: str = Field("pneumonia-transfer", description="Which served model the workers run")
+    inference_batch_size: int = Field(
+        1, ge=1, description="Images per model call; above 1, run the inference worker with "
+        "`--pool threads` and at least this many threads (GPU: 32-128)"
+    )
+    inference_batch_wait_ms: float = Field(
+        10.0, ge=0, description="How long a batch waits for more images after its first one"
+    )
     models_dir: Path = Field(DEFAULT_MODELS_DIR)
     delivery_max_attempts: int = Field(6, description="SR C-STORE tries before dead-letter")
     delivery_backoff_s: float = Field(5.0, description="First retry delay; doubles each try")

@@ -60,11 +60,14 @@ class Child:
 def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[Child]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "worker.celery_app", "--quiet"]
+    # Batched inference needs the tasks of one batch in one process: threads, two batches' worth
+    # so the next batch decodes while the model runs the current one.
+    pool = (["-P", "threads", "-c", str(2 * settings.inference_batch_size)]
+            if settings.inference_batch_size > 1 else ["-c", str(inference_concurrency)])
     return [
         Child("node", [python, "-m", "core.cli", "node"]),
-        Child("worker-inference", [*celery, "worker", "-Q", settings.inference_queue,
-                                   "-c", str(inference_concurrency), "-n", "inference@%h",
-                                   "--loglevel", "INFO"]),
+        Child("worker-inference", [*celery, "worker", "-Q", settings.inference_queue, *pool,
+                                   "-n", "inference@%h", "--loglevel", "INFO"]),
         Child("worker-delivery", [*celery, "worker", "-Q", "delivery,housekeeping", "-c", "2",
                                   "-n", "delivery@%h", "--loglevel", "INFO"]),
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",

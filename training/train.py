@@ -44,6 +44,7 @@ class TrainConfig:
     dropout_rate: float = 0.3
     label_smoothing: float = 0.05
     early_stopping_patience: int = 4
+    early_stopping_monitor: str = "val_auc"  # or val_loss; the best epoch's weights are restored
     validation_fraction: float = 0.15
     seed: int = 1337
     max_train_images: int | None = None  # tests only: cap the training images
@@ -110,10 +111,12 @@ def fit_phase(
     class_weight: dict[int, float],
     verbose: int,
 ) -> dict[str, list[float]]:
-    """One `fit` with early stopping on validation log loss (best weights restored)."""
+    """One `fit` with early stopping on a validation metric (best weights restored)."""
     callbacks = [
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", mode="min", patience=config.early_stopping_patience,
+            monitor=config.early_stopping_monitor,
+            mode="min" if config.early_stopping_monitor.endswith("loss") else "max",
+            patience=config.early_stopping_patience,
             restore_best_weights=True,
         ),
         keras.callbacks.ReduceLROnPlateau(

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from core import registry
+from worker.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
+BATCH_TIMEOUT_S = 300  # a batch that takes this long means the model is stuck: fail the task
 
 
 @dataclass(frozen=True)
@@ -23,12 +25,20 @@ class Prediction:
 
 
 class Classifier:
-    """Wraps one registered model version; `predict` takes the contract's input tensors."""
+    """Wraps one registered model version; `predict` takes the contract's input tensors.
 
-    def __init__(self, spec: str, models_dir: Path) -> None:
+    With `batch_size` > 1, concurrent `predict` calls (Celery's thread pool) are batched together
+    (see worker.batching); otherwise each call runs the model on its own image.
+    """
+
+    def __init__(self, spec: str, models_dir: Path, batch_size: int = 1, batch_wait_s: float = 0.01) -> None:
         self.model, self.version = registry.load(spec, models_dir)
         self._lock = threading.Lock()
-        log.info("serving %s (threshold %.4f)", self.version.label, self.version.threshold)
+        self._batcher = (
+            MicroBatcher(self._run_model, batch_size, batch_wait_s) if batch_size > 1 else None
+        )
+        log.info("serving %s (threshold %.4f, batches of up to %d)",
+                 self.version.label, self.version.threshold, batch_size)
 
     @property
     def name(self) -> str:
@@ -38,25 +48,34 @@ class Classifier:
     def threshold(self) -> float:
         return self.version.threshold
 
+    def _run_model(self, tensors: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return np.asarray(self.model.predict_on_batch(tensors)).reshape(-1)
+
+    def _prediction(self, probability: float, inference_ms: float) -> Prediction:
+        label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
+        return Prediction(float(probability), label, inference_ms)
+
     def predict_batch(self, tensors: np.ndarray) -> list[Prediction]:
         started = time.perf_counter()
-        with self._lock:
-            output = np.asarray(self.model.predict_on_batch(tensors)).reshape(-1)
+        output = self._run_model(tensors)
         elapsed = (time.perf_counter() - started) * 1000 / max(1, len(tensors))
-        return [
-            Prediction(float(p), "PNEUMONIA" if p >= self.threshold else "NORMAL", elapsed)
-            for p in output
-        ]
+        return [self._prediction(p, elapsed) for p in output]
 
     def predict(self, tensor: np.ndarray) -> Prediction:
-        return self.predict_batch(tensor[np.newaxis])[0]
+        if self._batcher is None:
+            return self.predict_batch(tensor[np.newaxis])[0]
+        output, per_image_ms = self._batcher.submit(tensor).result(timeout=BATCH_TIMEOUT_S)
+        return self._prediction(float(output[0]), per_image_ms)
 
 
 _cache: dict[tuple[str, str], Classifier] = {}
 _cache_lock = threading.Lock()
 
 
-def served_classifier(model_name: str, models_dir: Path) -> Classifier:
+def served_classifier(
+    model_name: str, models_dir: Path, batch_size: int = 1, batch_wait_s: float = 0.01
+) -> Classifier:
     """The process-wide classifier for the currently served version of `model_name`.
 
     The served marker is re-read on each call (a small JSON file) so `pneumo models serve`
@@ -66,5 +85,5 @@ def served_classifier(model_name: str, models_dir: Path) -> Classifier:
     key = (model_name, version)
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = Classifier(f"{model_name}@{version}", models_dir)
+            _cache[key] = Classifier(f"{model_name}@{version}", models_dir, batch_size, batch_wait_s)
         return _cache[key]

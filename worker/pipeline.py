@@ -28,6 +28,7 @@ from core.db import (
     Result,
     Study,
     audit,
+    insert_ignoring_duplicates,
     utcnow,
 )
 from core.settings import Settings
@@ -42,48 +43,56 @@ LOCAL_DESTINATION = "local"  # no PACS configured: the SR is only written to dis
 MAX_WORKER_DEATHS = 3
 
 
-def _finish(session: Session, instance: Instance, state: InstanceState, reason: str | None) -> None:
-    instance.state = state
-    instance.reason = reason
-    instance.finished_at = utcnow()
-    session.execute(update(Study).where(Study.id == instance.study_id).values(
+def _finish(session: Session, instance_id: int, state: InstanceState, reason: str | None) -> bool:
+    """Make a non-terminal instance terminal and flag its study for a report; False if it
+    already was terminal (another delivery of the same job got there first)."""
+    study_id = session.scalar(
+        update(Instance).where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
+        .values(state=state, reason=reason, finished_at=utcnow()).returning(Instance.study_id)
+    )
+    if study_id is None:
+        return False
+    session.execute(update(Study).where(Study.id == study_id).values(
         report_pending=True, changes=Study.changes + 1))
-    audit(session, "instance", instance.id, str(state), reason)
+    audit(session, "instance", instance_id, str(state), reason)
+    return True
 
 
 def classify_instance(
     sessions: sessionmaker[Session], instance_id: int, classifier: Callable[[], Classifier]
 ) -> str:
-    """Classify one instance; idempotent. Returns the terminal state it ends in."""
+    """Classify one instance; idempotent. Returns the terminal state it ends in.
+
+    Two short transactions around the model (claim, then record), each a few statements: the
+    database round trips were a quarter of the worker's time per image (docs/benchmarks.md).
+    """
     with sessions() as session, session.begin():
-        instance = session.get(Instance, instance_id)
-        if instance is None:
-            raise LookupError(f"instance {instance_id} does not exist")
-        if instance.state in TERMINAL_STATES:
-            return instance.state
-        instance.attempts += 1
-        if instance.attempts > MAX_WORKER_DEATHS:
+        claimed = session.execute(
+            update(Instance).where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
+            .values(attempts=Instance.attempts + 1, state=InstanceState.PROCESSING)
+            .returning(Instance.path, Instance.sop_instance_uid, Instance.attempts)
+        ).one_or_none()
+        if claimed is None:
+            state = session.scalar(select(Instance.state).where(Instance.id == instance_id))
+            if state is None:
+                raise LookupError(f"instance {instance_id} does not exist")
+            return state
+        path, sop_uid, attempts = claimed
+        if attempts > MAX_WORKER_DEATHS:
             # Redelivered this often: the job itself kills workers (memory, a decoder crash).
-            _finish(session, instance, InstanceState.FAILED,
-                    f"gave up after {instance.attempts - 1} attempts that never finished")
+            _finish(session, instance_id, InstanceState.FAILED,
+                    f"gave up after {attempts - 1} attempts that never finished")
             return InstanceState.FAILED
-        instance.state = InstanceState.PROCESSING
-        path, sop_uid = instance.path, instance.sop_instance_uid
 
     state, reason, result, model = _classify_file(Path(path), classifier)
     with sessions() as session, session.begin():
-        instance = session.get(Instance, instance_id)
-        if instance.state in TERMINAL_STATES:
-            return instance.state
+        if not _finish(session, instance_id, state, reason):
+            # Another delivery of the same job finished it first: keep what that one recorded.
+            return session.scalar(select(Instance.state).where(Instance.id == instance_id))
         if result is not None:
             _record_model_version(session, model)
-            exists = session.scalar(select(Result.id).where(
-                Result.instance_id == instance_id, Result.model_name == model.name,
-                Result.model_version == model.version.version,
-            ))
-            if exists is None:
-                session.add(Result(instance_id=instance_id, **result))
-        _finish(session, instance, state, reason)
+            session.execute(insert_ignoring_duplicates(session, Result).values(
+                instance_id=instance_id, **result))
     log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
     return state
 
@@ -122,15 +131,12 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier]):
 
 
 def _record_model_version(session: Session, model: Classifier) -> None:
-    known = session.scalar(select(ModelVersionRow.id).where(
-        ModelVersionRow.name == model.name, ModelVersionRow.version == model.version.version
+    """The served version's card in `model_versions` (one statement; a no-op once it is there)."""
+    session.execute(insert_ignoring_duplicates(session, ModelVersionRow).values(
+        name=model.name, version=model.version.version,
+        model_sha256=model.version.card["model_sha256"], threshold=model.threshold,
+        card={k: v for k, v in model.version.card.items() if k != "training"},
     ))
-    if known is None:
-        session.add(ModelVersionRow(
-            name=model.name, version=model.version.version,
-            model_sha256=model.version.card["model_sha256"], threshold=model.threshold,
-            card={k: v for k, v in model.version.card.items() if k != "training"},
-        ))
 
 
 def finalise_stable_studies(

@@ -24,7 +24,8 @@ def sessions():
 
 
 def classifier():
-    return served_classifier(settings.model_name, settings.models_dir)
+    return served_classifier(settings.model_name, settings.models_dir,
+                             settings.inference_batch_size, settings.inference_batch_wait_ms / 1000)
 
 
 @app.task(name="pneumo.classify", autoretry_for=(OperationalError,), retry_backoff=2,

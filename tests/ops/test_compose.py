@@ -101,8 +101,13 @@ def test_gpu_worker_is_only_in_the_gpu_profile_and_reserves_an_nvidia_device(com
     assert [name for name, service in services.items() if "profiles" in service] == ["worker-gpu"]
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert gpu["command"] == ["pneumo", "worker", "--queues", "inference-gpu"]
+    command = gpu["command"]
+    assert command[:4] == ["pneumo", "worker", "--queues", "inference-gpu"]
     assert gpu["environment"]["PNEUMO_INFERENCE_QUEUE"] == "inference-gpu"
+    # Batched inference: a thread pool with room for two batches.
+    batch = int(gpu["environment"]["PNEUMO_INFERENCE_BATCH_SIZE"])
+    assert command[command.index("--pool") + 1] == "threads" and batch > 1
+    assert int(command[command.index("--concurrency") + 1]) >= 2 * batch
     assert gpu["build"]["dockerfile"] == "Dockerfile.gpu" and (REPO / "Dockerfile.gpu").is_file()
     cpu_queues = services["worker-cpu"]["command"][services["worker-cpu"]["command"].index("--queues") + 1]
     assert set(cpu_queues.split(",")) == {"inference-cpu", "delivery", "housekeeping"}

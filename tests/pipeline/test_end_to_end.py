@@ -70,6 +70,25 @@ def test_pneumo_send_matches_pneumo_evaluate(
     running: dict[str, str], pacs, tmp_path: Path, tiny_registry: Path
 ) -> None:
     """Parity: 20 test images through the DICOM path get evaluate's probabilities (1e-4)."""
+    assert_parity(running, pacs, tmp_path, tiny_registry)
+
+
+@pytest.fixture
+def batched_env(pipeline_env: dict[str, str]) -> dict[str, str]:
+    pipeline_env["PNEUMO_INFERENCE_BATCH_SIZE"] = "8"
+    return pipeline_env
+
+
+@pytest.mark.parametrize("pipeline_env", ["postgresql-redis"], indirect=True)
+def test_batched_inference_worker_matches_pneumo_evaluate(
+    batched_env, running: dict[str, str], pacs, tmp_path: Path, tiny_registry: Path
+) -> None:
+    """The GPU worker's configuration (thread pool, batches of up to 8) on the same parity check:
+    every image classified once, each with its own image's probability."""
+    assert_parity(running, pacs, tmp_path, tiny_registry)
+
+
+def assert_parity(running: dict[str, str], pacs, tmp_path: Path, tiny_registry: Path) -> None:
     root = tmp_path / "parity"
     link_subset(root, "test", "NORMAL", 10)
     link_subset(root, "test", "PNEUMONIA", 10)

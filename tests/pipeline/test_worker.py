@@ -77,6 +77,23 @@ def test_classification_is_idempotent(sessions, classifier, tmp_path: Path) -> N
         assert session.scalar(select(func.count(Result.id))) == 1
 
 
+def test_a_run_that_loses_the_race_writes_nothing(sessions, classifier, tmp_path: Path) -> None:
+    """Two deliveries of one job (a redelivered message): the one that finishes second must not add
+    a result or flip the state the first recorded."""
+    instance_id = store(REAL_DICOM / "fuji_cr_chest_mono1_explicit.dcm", sessions, tmp_path)
+
+    def finished_meanwhile():
+        with sessions() as session, session.begin():
+            session.execute(update(Instance).where(Instance.id == instance_id).values(
+                state=InstanceState.FAILED, reason="finished by the other run"))
+        return classifier()
+
+    assert pipeline.classify_instance(sessions, instance_id, finished_meanwhile) == InstanceState.FAILED
+    with sessions() as session:
+        assert session.get(Instance, instance_id).reason == "finished by the other run"
+        assert session.scalar(select(func.count(Result.id))) == 0
+
+
 def test_instance_that_keeps_killing_workers_fails_with_reason(
     sessions, classifier, tmp_path: Path
 ) -> None:
