@@ -63,8 +63,9 @@ def classify_instance(
 ) -> str:
     """Classify one instance; idempotent. Returns the terminal state it ends in.
 
-    Two short transactions around the model (claim, then record), each a few statements: the
-    database round trips were a quarter of the worker's time per image (docs/benchmarks.md).
+    Two short transactions around the model: claim, then record. Both change the instance only
+    while it is not terminal (a conditional UPDATE), so two deliveries of the same job, in two
+    processes or two threads of one batching worker, record one outcome.
     """
     with sessions() as session, session.begin():
         claimed = session.execute(

@@ -100,3 +100,19 @@ def test_batched_classification_equals_unbatched(
     for path, probability in rows:
         expected = single.predict(preprocess(grayscale_pixels(dcmread(path)))).probability
         assert probability == pytest.approx(expected, abs=1e-5)
+
+
+def test_pneumo_run_gives_a_batching_inference_worker_threads(tmp_path: Path) -> None:
+    """Batches form only among tasks of one process: with a batch size the embedded inference
+    worker runs Celery's thread pool with room for two batches; without, one prefork process."""
+    from core.settings import Settings
+    from core.supervisor import child_commands
+
+    def inference_command(**overrides) -> list[str]:
+        settings = Settings(home_dir=tmp_path, **overrides)
+        return next(c.command for c in child_commands(settings) if c.name == "worker-inference")
+
+    batched = inference_command(inference_batch_size=8)
+    assert batched[batched.index("-P") + 1] == "threads" and batched[batched.index("-c") + 1] == "16"
+    single = inference_command()
+    assert "-P" not in single and single[single.index("-c") + 1] == "1"
