@@ -55,9 +55,13 @@ def evaluate(
 def format_table(result: dict[str, Any]) -> str:
     """Plain text table, then the seed's own two lines."""
     lines = [f"model {result['model']}@{result['version']} on {result['split']}"]
+    intervals = result.get("ci95", {})
     for key in (*REPORT_KEYS, "sensitivity_at_specificity_0.90"):
         value = result[key]
-        lines.append(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
+        text = f"{value:.4f}" if isinstance(value, float) else f"{value}"
+        if key in intervals:
+            text += f"  (95% CI {intervals[key][0]:.3f}-{intervals[key][1]:.3f})"
+        lines.append(f"  {key:<34} {text}")
     matrix = result["confusion_matrix"]
     lines.append("  confusion matrix (rows true NORMAL/PNEUMONIA, columns predicted):")
     lines.append(f"    {matrix['tn']:>5} {matrix['fp']:>5}")
