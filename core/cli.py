@@ -161,7 +161,9 @@ def db_upgrade() -> None:
 
 @app.command()
 def run(
-    inference_concurrency: int = typer.Option(1, help="Inference worker processes"),
+    inference_concurrency: int = typer.Option(
+        1, help="Inference worker processes (with PNEUMO_INFERENCE_BATCH_SIZE > 1: one process, threads)"
+    ),
 ) -> None:
     """The embedded default: node, workers and scheduler in one supervised process group."""
     from core.supervisor import run as run_all

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -31,7 +32,9 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._pending: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
-        self.batch_sizes: list[int] = []  # the sizes run so far (tests and benchmarks read it)
+        # The sizes of the latest batches (tests and benchmarks read them); bounded, as a worker
+        # runs for months.
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
         threading.Thread(target=self._loop, name="micro-batcher", daemon=True).start()
 
     def submit(self, tensor: np.ndarray) -> Future:
@@ -46,8 +49,9 @@ class MicroBatcher:
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                batch.append(self._pending.get(timeout=max(remaining, 0)) if remaining > 0
-                             else self._pending.get_nowait())
+                batch.append(
+                    self._pending.get(timeout=remaining) if remaining > 0 else self._pending.get_nowait()
+                )
             except queue.Empty:
                 break
         return batch
