@@ -82,6 +82,7 @@ class DrillConfig:
     model_name: str = "pneumonia-transfer"
     workers: int = 2
     kill_worker: str = "worker"  # "worker": the whole worker (main + pool), a new one started; "pool"
+    batch: int = 1  # > 1: batching workers (thread pool, PNEUMO_INFERENCE_BATCH_SIZE), as on a GPU
     kill_at: float = 0.1  # fraction of instances terminal before the worker is killed mid-job
     pacs_down_at: float = 0.25  # fraction terminal (and one SR delivered) before the PACS goes down
     node_restart_at: float = 0.3  # fraction acknowledged
@@ -353,6 +354,7 @@ class Stack:
             "PNEUMO_DELIVERY_BACKOFF_S": str(self.config.delivery_backoff_s),
             "PNEUMO_MODELS_DIR": str(self.config.model_dir.resolve()),
             "PNEUMO_MODEL_NAME": self.config.model_name,
+            "PNEUMO_INFERENCE_BATCH_SIZE": str(self.config.batch),
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         })
@@ -403,9 +405,11 @@ class Stack:
     def start_worker(self) -> str:
         self.worker_count += 1
         name = f"worker{self.worker_count}"
+        batch = self.config.batch
+        pool = ["-P", "threads", "-c", str(2 * batch)] if batch > 1 else ["-c", "1"]
         self.processes.start(name, [
             sys.executable, "-m", "celery", "-A", "worker.celery_app", "--quiet", "worker",
-            "-Q", "inference-cpu,delivery,housekeeping", "-c", "1", "-n", f"drill-{name}@%h",
+            "-Q", "inference-cpu,delivery,housekeeping", *pool, "-n", f"drill-{name}@%h",
             "--loglevel", "INFO",
         ], env=self.env, cwd=self.home)
         return name
@@ -966,7 +970,9 @@ def format_table(report: DrillReport) -> str:
     ]
     lines = [
         f"Fault drill: {c['instances']} instances over {c['associations']} associations, "
-        f"{c['workers']} worker(s), PACS down {c['pacs_down_s']:g} s, Redis down {c['redis_down_s']:g} s "
+        f"{c['workers']} worker(s)"
+        + (f" batching up to {c['batch']} on {2 * c['batch']} threads" if c["batch"] > 1 else "")
+        + f", PACS down {c['pacs_down_s']:g} s, Redis down {c['redis_down_s']:g} s "
         f"(during {c['redis_restart_during']}), model {report.model}",
         "",
         "| measure | value |",
@@ -1013,6 +1019,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DrillConfig, bool]:
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
                         help="from the first C-STORE until everything must have settled")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch", type=int, default=defaults.batch,
+                        help="> 1: workers batch inference on threads (the GPU configuration)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and the database")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     args = parser.parse_args(argv)
@@ -1022,7 +1030,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DrillConfig, bool]:
         kill_at=args.kill_at, pacs_down_at=args.pacs_down_at, quiet_s=args.quiet_s,
         redis_restart_during=args.redis_during, redis_down_s=args.redis_down_s,
         delivery_backoff_s=args.delivery_backoff_s, timeout_s=args.timeout_s, seed=args.seed,
-        keep=args.keep,
+        keep=args.keep, batch=args.batch,
     )
     return config, args.json
 
