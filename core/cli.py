@@ -44,7 +44,10 @@ def train(
     batch_size: int = typer.Option(32),
     learning_rate: float = typer.Option(1e-3, help="Phase 1 learning rate"),
     fine_tune_learning_rate: float = typer.Option(1e-4, help="Phase 2 learning rate"),
-    seed: int = typer.Option(1337),
+    seed: int = typer.Option(1337, help="Seed of weights, augmentation and batch order"),
+    split_seed: int = typer.Option(
+        1337, help="Seed of the patient-level validation split (keep it for ensemble members)"
+    ),
     early_stopping_monitor: str = typer.Option(
         "val_auc", help="val_auc or val_loss: the validation metric that stops a phase"
     ),
@@ -62,7 +65,7 @@ def train(
         model_name=model, backbone=backbone, backbone_weights=weights, epochs=epochs,
         fine_tune_epochs=fine_tune_epochs, fine_tune_layers=fine_tune_layers,
         batch_size=batch_size, learning_rate=learning_rate,
-        fine_tune_learning_rate=fine_tune_learning_rate, seed=seed,
+        fine_tune_learning_rate=fine_tune_learning_rate, seed=seed, split_seed=split_seed,
         early_stopping_monitor=early_stopping_monitor,
         max_train_images=max_train_images or None,
     )

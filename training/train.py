@@ -46,7 +46,8 @@ class TrainConfig:
     early_stopping_patience: int = 4
     early_stopping_monitor: str = "val_auc"  # or val_loss; the best epoch's weights are restored
     validation_fraction: float = 0.15
-    seed: int = 1337
+    seed: int = 1337  # weights, augmentation and batch order
+    split_seed: int = 1337  # which patients form validation; kept fixed across ensemble members
     max_train_images: int | None = None  # tests only: cap the training images
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -184,7 +185,7 @@ def train(
     all_train = data.read_split(data_root, "train")
     unique, duplicate_count = data.drop_duplicates(all_train)
     train_samples, validation_samples = data.patient_split(
-        unique, config.validation_fraction, config.seed
+        unique, config.validation_fraction, config.split_seed
     )
     if config.max_train_images:
         rng = np.random.default_rng(config.seed)
@@ -256,7 +257,8 @@ def train(
             "validation_images": len(validation_samples),
             "duplicates_dropped": duplicate_count,
             "validation_split": (
-                f"{config.validation_fraction:.0%} of train/ patients per class, seed {config.seed}"
+                f"{config.validation_fraction:.0%} of train/ patients per class, "
+                f"seed {config.split_seed}"
             ),
         },
         "class_imbalance": "class weights (balanced: n / (2 * n_class))",
