@@ -77,6 +77,28 @@ def train(
 
 
 @app.command()
+def ensemble(
+    model: str = typer.Option(..., help="pneumonia-cnn or pneumonia-transfer"),
+    members: list[str] = typer.Argument(..., help="Versions to average (same --split-seed)"),
+    data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
+    report_test: bool = typer.Option(
+        False, help="Evaluate the test split once into the card (final report)"
+    ),
+) -> None:
+    """Average registered versions into a new version; threshold chosen on validation."""
+    from training.ensemble import build_ensemble
+
+    _logging()
+    try:
+        version = build_ensemble(model, members, data, models_dir, report_test)
+    except registry.RegistryError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"registered {version.label} at {version.path}")
+
+
+@app.command()
 def evaluate(
     model: str = typer.Option(..., help="name[@version]; the served version when none is given"),
     data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),

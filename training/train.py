@@ -230,14 +230,6 @@ def train(
         epochs_run += len(history["phase2"]["loss"])
     train_seconds = time.monotonic() - started
 
-    # Threshold and metrics on validation.
-    validation_probabilities = predict(model, validation_split.images)
-    threshold = metrics.choose_threshold(validation_split.labels, validation_probabilities)
-    validation_metrics = metrics.compute_metrics(
-        validation_split.labels, validation_probabilities, threshold
-    )
-    scores = np.histogram(validation_probabilities, bins=20, range=(0.0, 1.0))[0].tolist()
-
     card: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_commit": commit,
@@ -264,10 +256,6 @@ def train(
         "class_imbalance": "class weights (balanced: n / (2 * n_class))",
         "class_weights": {data.CLASS_NAMES[k]: v for k, v in class_weight.items()},
         "augmentation": models.AUGMENTATION,
-        "threshold": threshold,
-        "threshold_rule": "Youden's J on the validation split",
-        "validation_score_histogram": scores,
-        "metrics": {"validation": validation_metrics},
         "training": {
             "wall_seconds": round(train_seconds, 1),
             "epochs_run": epochs_run,
@@ -276,6 +264,39 @@ def train(
         "dataset_licence": (
             "Kermany, Zhang, Goldbaum (2018), Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, CC BY 4.0"
         ),
+    }
+    return register_evaluated(
+        config.model_name, model, card, validation_split, data_root, models_dir, report_test
+    )
+
+
+def register_evaluated(
+    name: str,
+    model: keras.Model,
+    card: dict[str, Any],
+    validation: Split,
+    data_root: Path,
+    models_dir: Path,
+    report_test: bool,
+) -> registry.ModelVersion:
+    """Threshold and metrics on validation, the test split once if asked, then register.
+
+    Shared by `train` and `ensemble`, so every version is scored and recorded the same way.
+    """
+    validation_probabilities = predict(model, validation.images)
+    threshold = metrics.choose_threshold(validation.labels, validation_probabilities)
+    card = {
+        **card,
+        "threshold": threshold,
+        "threshold_rule": "Youden's J on the validation split",
+        "validation_score_histogram": np.histogram(
+            validation_probabilities, bins=20, range=(0.0, 1.0)
+        )[0].tolist(),
+        "metrics": {
+            "validation": metrics.compute_metrics(
+                validation.labels, validation_probabilities, threshold
+            )
+        },
     }
     plots: list[Path] = []
     staging = Path(models_dir) / ".plots"
@@ -288,7 +309,7 @@ def train(
         )
         card["data"]["test_fingerprint"] = data.fingerprint(test_split.samples, data_root)
         plots = metrics.save_plots(test_split.labels, test_probabilities, threshold, staging, "test")
-    model_version = registry.register(config.model_name, model, card, models_dir, plots)
+    model_version = registry.register(name, model, card, models_dir, plots)
     for plot in plots:
         plot.unlink(missing_ok=True)
     log.info("registered %s in %s", model_version.label, model_version.path)

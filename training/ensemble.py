@@ -1,0 +1,148 @@
+"""`pneumo ensemble`: average registered versions of one model into a new version.
+
+A deep ensemble (members differing only in seed) is the most robust known way to keep accuracy
+and calibration under dataset shift, which is this data's problem (test normals differ from
+train's). The ensemble is one Keras model file whose output is the mean of the members'
+probabilities, so serving, hashing and the contract treat it like any other version. Members
+must share the validation split: otherwise one member's validation images are another's training
+images and the ensemble's threshold and validation metrics would be optimistic.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from core import contract, registry
+from training import data
+from training.train import code_commit, load_split, register_evaluated
+
+
+class EnsembleError(registry.RegistryError):
+    """Members that cannot be averaged honestly; the message says which and why."""
+
+
+def split_of(card: dict[str, Any]) -> tuple[float, int, str]:
+    """(validation fraction, split seed, train fingerprint) a version was validated on."""
+    hyper = card["hyper_parameters"]
+    # Cards written before split_seed existed split with `seed`.
+    return (
+        float(hyper["validation_fraction"]),
+        int(hyper.get("split_seed", hyper["seed"])),
+        card["data"]["train_fingerprint"],
+    )
+
+
+def check_members(versions: list[registry.ModelVersion]) -> tuple[float, int, str]:
+    """Refuse members that are too few, repeated, already ensembles or validated differently."""
+    if len(versions) < 2:
+        raise EnsembleError("an ensemble needs at least two member versions")
+    labels = [v.label for v in versions]
+    if len(set(labels)) != len(labels):
+        raise EnsembleError(f"a version is named twice: {labels}")
+    for version in versions:
+        if "members" in version.card:
+            raise EnsembleError(f"{version.label} is itself an ensemble; name its members instead")
+    splits = {v.label: split_of(v.card) for v in versions}
+    if len(set(splits.values())) != 1:
+        raise EnsembleError(
+            "members were validated on different splits (fraction, split seed, train data): "
+            + "; ".join(f"{label}: {s[0]}, {s[1]}, {s[2][:12]}" for label, s in splits.items())
+            + ". Train members with the same --split-seed."
+        )
+    return splits[labels[0]]
+
+
+def average(members: list[keras.Model]) -> keras.Model:
+    """One model whose output is the mean of the members' probabilities."""
+    inputs = keras.Input(
+        shape=(contract.INPUT_HEIGHT, contract.INPUT_WIDTH, contract.INPUT_CHANNELS), name="image"
+    )
+    for index, member in enumerate(members):
+        member.name = f"member_{index}"  # nested models need unique names to save
+    outputs = keras.layers.Average(name="pneumonia_probability")([m(inputs) for m in members])
+    return keras.Model(inputs, outputs, name=f"mean_of_{len(members)}")
+
+
+def member_summary(version: registry.ModelVersion) -> dict[str, Any]:
+    card = version.card
+    return {
+        "label": version.label,
+        "model_sha256": card["model_sha256"],
+        "code_commit": card.get("code_commit"),
+        "architecture": card.get("architecture"),
+        "seed": card["hyper_parameters"]["seed"],
+        "hyper_parameters": card["hyper_parameters"],
+        "validation_roc_auc": card["metrics"]["validation"]["roc_auc"],
+        "wall_seconds": card["training"]["wall_seconds"],
+        "epochs_run": card["training"]["epochs_run"],
+    }
+
+
+def build_ensemble(
+    name: str,
+    member_versions: list[str],
+    data_root: Path,
+    models_dir: Path = registry.DEFAULT_MODELS_DIR,
+    report_test: bool = False,
+) -> registry.ModelVersion:
+    """Load and check the members, average them, score on validation, register."""
+    started = time.monotonic()
+    commit = code_commit()
+    loaded = [registry.load(f"{name}@{v}", models_dir) for v in member_versions]
+    versions = [version for _, version in loaded]
+    fraction, split_seed, train_fingerprint = check_members(versions)
+
+    all_train = data.read_split(data_root, "train")
+    if data.fingerprint(all_train, data_root) != train_fingerprint:
+        raise EnsembleError(
+            f"{data_root}/train differs from the data the members were trained on "
+            f"(fingerprint {train_fingerprint[:12]}...)"
+        )
+    unique, duplicate_count = data.drop_duplicates(all_train)
+    train_samples, validation_samples = data.patient_split(unique, fraction, split_seed)
+    model = average([m for m, _ in loaded])
+    first = versions[0].card
+    card: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_commit": commit,
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+        "architecture": model.name,
+        "parameters": int(model.count_params()),
+        "hyper_parameters": {
+            "ensemble": "mean of member probabilities",
+            "members": [v.label for v in versions],
+            "validation_fraction": fraction,
+            "split_seed": split_seed,
+        },
+        "members": [member_summary(v) for v in versions],
+        "backbone": first.get("backbone"),
+        "data": {
+            "root": str(data_root),
+            "train_fingerprint": train_fingerprint,
+            "train_images": len(train_samples),
+            "validation_images": len(validation_samples),
+            "duplicates_dropped": duplicate_count,
+            "validation_split": (
+                f"{fraction:.0%} of train/ patients per class, seed {split_seed} (every member's)"
+            ),
+        },
+        "class_imbalance": first.get("class_imbalance"),
+        "class_weights": first.get("class_weights"),
+        "augmentation": first.get("augmentation"),
+        "training": {
+            "wall_seconds": round(sum(v.card["training"]["wall_seconds"] for v in versions), 1),
+            "epochs_run": sum(v.card["training"]["epochs_run"] for v in versions),
+            "ensemble_seconds": round(time.monotonic() - started, 1),
+            "note": "wall_seconds and epochs_run are the members' sums (trained one after another)",
+        },
+        "dataset_licence": first.get("dataset_licence"),
+    }
+    return register_evaluated(
+        name, model, card, load_split(validation_samples), data_root, models_dir, report_test
+    )
