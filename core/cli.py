@@ -131,15 +131,17 @@ def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) ->
         typer.echo(f"no models in {models_dir}")
         return
     typer.echo(f"{'model':<22} {'version':<18} {'served':<7} {'threshold':>9} "
-               f"{'val AUC':>8} {'test acc':>8} {'test AUC':>8}")
+               f"{'val AUC':>8} {'test acc':>8} {'test AUC':>8}  ensemble of")
     for row in rows:
         test = row.card.get("metrics", {}).get("test", {})
         validation = row.card.get("metrics", {}).get("validation", {})
         mark = "*" if served.get(row.name) == row.version else ""
+        members = " ".join(m["label"].split("@")[1] for m in row.card.get("members", []))
         typer.echo(
             f"{row.name:<22} {row.version:<18} {mark:<7} {row.card.get('threshold', 0):>9.4f} "
             f"{validation.get('roc_auc', float('nan')):>8.4f} "
             f"{test.get('accuracy', float('nan')):>8.4f} {test.get('roc_auc', float('nan')):>8.4f}"
+            f"  {members}".rstrip()
         )
 
 

@@ -62,6 +62,9 @@ def test_ensemble_is_the_mean_of_its_members(tiny_data: Path, tmp_path: Path) ->
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["threshold"] == card["threshold"]
 
+    listed = pneumo("models", "list", "--models-dir", str(tmp_path)).stdout.splitlines()
+    assert [line.split()[-2:] for line in listed if ensemble.version in line] == [["m1", "m2"]]
+
 
 @pytest.mark.parametrize(
     ("members", "message"),
