@@ -11,7 +11,6 @@ images and the ensemble's threshold and validation metrics would be optimistic.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import keras
 
 from core import contract, registry
 from training import data
-from training.train import code_commit, load_split, register_evaluated
+from training.train import code_commit, load_split, provenance, register_evaluated
 
 
 class EnsembleError(registry.RegistryError):
@@ -108,12 +107,7 @@ def build_ensemble(
     model = average([m for m, _ in loaded])
     first = versions[0].card
     card: dict[str, Any] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_commit": commit,
-        "keras_version": keras.__version__,
-        "backend": keras.backend.backend(),
-        "architecture": model.name,
-        "parameters": int(model.count_params()),
+        **provenance(model, commit),
         "hyper_parameters": {
             "ensemble": "mean of member probabilities",
             "members": [v.label for v in versions],

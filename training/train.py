@@ -231,12 +231,7 @@ def train(
     train_seconds = time.monotonic() - started
 
     card: dict[str, Any] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_commit": commit,
-        "keras_version": keras.__version__,
-        "backend": keras.backend.backend(),
-        "architecture": model.name,
-        "parameters": int(model.count_params()),
+        **provenance(model, commit),
         "hyper_parameters": asdict(config),
         "backbone": (
             {"name": config.backbone, "weights": weights_description(config.backbone_weights)}
@@ -268,6 +263,18 @@ def train(
     return register_evaluated(
         config.model_name, model, card, validation_split, data_root, models_dir, report_test
     )
+
+
+def provenance(model: keras.Model, commit: str) -> dict[str, Any]:
+    """What produced a version: when, from which code, on which Keras and backend."""
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_commit": commit,
+        "keras_version": keras.__version__,
+        "backend": keras.backend.backend(),
+        "architecture": model.name,
+        "parameters": int(model.count_params()),
+    }
 
 
 def register_evaluated(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -45,10 +46,12 @@ def browser():
 
 def message_after(browser, button_id: str) -> str:
     """Click a form button and return the banner of the page it leads to. A click returns before the
-    POST/redirect has loaded, so wait for the old page to go stale and the new banner to appear."""
+    POST/redirect has loaded, so wait for the old page to go stale and the new banner to appear.
+    Mid-navigation Chromium may answer "node does not belong to the document" instead of "stale":
+    that is the page changing, so the wait polls again rather than failing."""
     button = browser.find_element(By.ID, button_id)
     button.click()
-    wait = WebDriverWait(browser, 30)
+    wait = WebDriverWait(browser, 30, ignored_exceptions=(WebDriverException,))
     wait.until(expected_conditions.staleness_of(button))
     return wait.until(expected_conditions.presence_of_element_located((By.ID, "message"))).text
 
