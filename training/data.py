@@ -101,6 +101,25 @@ def patient_split(
     return train, validation
 
 
+@dataclass(frozen=True)
+class TrainValidation:
+    """`train/` as read, and the training and validation samples carved from it."""
+
+    all_train: list[Sample]
+    train: list[Sample]
+    validation: list[Sample]
+    duplicates_dropped: int
+
+
+def carve_validation(root: Path, validation_fraction: float, seed: int) -> TrainValidation:
+    """`train/` with byte-identical duplicates dropped, split by patient. The one recipe both
+    training and ensembling use, so an ensemble is scored on exactly its members' validation."""
+    all_train = read_split(root, "train")
+    unique, dropped = drop_duplicates(all_train)
+    train, validation = patient_split(unique, validation_fraction, seed)
+    return TrainValidation(all_train, train, validation, dropped)
+
+
 def fingerprint(samples: list[Sample], root: Path) -> str:
     """Hash of the file list (paths relative to root, labels) and each file's contents."""
     digest = hashlib.sha256()

@@ -96,14 +96,12 @@ def build_ensemble(
     versions = [version for _, version in loaded]
     fraction, split_seed, train_fingerprint = check_members(versions)
 
-    all_train = data.read_split(data_root, "train")
-    if data.fingerprint(all_train, data_root) != train_fingerprint:
+    carved = data.carve_validation(data_root, fraction, split_seed)
+    if data.fingerprint(carved.all_train, data_root) != train_fingerprint:
         raise EnsembleError(
             f"{data_root}/train differs from the data the members were trained on "
             f"(fingerprint {train_fingerprint[:12]}...)"
         )
-    unique, duplicate_count = data.drop_duplicates(all_train)
-    train_samples, validation_samples = data.patient_split(unique, fraction, split_seed)
     model = average([m for m, _ in loaded])
     first = versions[0].card
     card: dict[str, Any] = {
@@ -119,9 +117,9 @@ def build_ensemble(
         "data": {
             "root": str(data_root),
             "train_fingerprint": train_fingerprint,
-            "train_images": len(train_samples),
-            "validation_images": len(validation_samples),
-            "duplicates_dropped": duplicate_count,
+            "train_images": len(carved.train),
+            "validation_images": len(carved.validation),
+            "duplicates_dropped": carved.duplicates_dropped,
             "validation_split": (
                 f"{fraction:.0%} of train/ patients per class, seed {split_seed} (every member's)"
             ),
@@ -138,5 +136,5 @@ def build_ensemble(
         "dataset_licence": first.get("dataset_licence"),
     }
     return register_evaluated(
-        name, model, card, load_split(validation_samples), data_root, models_dir, report_test
+        name, model, card, load_split(carved.validation), data_root, models_dir, report_test
     )

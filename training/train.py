@@ -182,11 +182,9 @@ def train(
     keras.utils.set_random_seed(config.seed)
 
     # Data: train/ only, duplicates dropped, validation carved by patient.
-    all_train = data.read_split(data_root, "train")
-    unique, duplicate_count = data.drop_duplicates(all_train)
-    train_samples, validation_samples = data.patient_split(
-        unique, config.validation_fraction, config.split_seed
-    )
+    carved = data.carve_validation(data_root, config.validation_fraction, config.split_seed)
+    all_train, duplicate_count = carved.all_train, carved.duplicates_dropped
+    train_samples, validation_samples = carved.train, carved.validation
     if config.max_train_images:
         rng = np.random.default_rng(config.seed)
         keep = sorted(rng.choice(len(train_samples), config.max_train_images, replace=False))
