@@ -51,6 +51,9 @@ def train(
     early_stopping_monitor: str = typer.Option(
         "val_auc", help="val_auc or val_loss: the validation metric that stops a phase"
     ),
+    augmentation: str = typer.Option(
+        "standard", help="standard, or robust (adds gamma, blur, noise and an erased patch)"
+    ),
     max_train_images: int = typer.Option(0, help="Cap on training images (smoke runs only)"),
     report_test: bool = typer.Option(
         False, help="Evaluate the test split once, after training, into the card (final report)"
@@ -66,7 +69,7 @@ def train(
         fine_tune_epochs=fine_tune_epochs, fine_tune_layers=fine_tune_layers,
         batch_size=batch_size, learning_rate=learning_rate,
         fine_tune_learning_rate=fine_tune_learning_rate, seed=seed, split_seed=split_seed,
-        early_stopping_monitor=early_stopping_monitor,
+        early_stopping_monitor=early_stopping_monitor, augmentation=augmentation,
         max_train_images=max_train_images or None,
     )
     import sys
@@ -120,6 +123,38 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2))
     else:
         typer.echo(format_table(result))
+
+
+@app.command()
+def compare(
+    model: str = typer.Option(..., help="pneumonia-cnn or pneumonia-transfer"),
+    reference: str = typer.Argument(..., help="Version to compare against (e.g. the served one)"),
+    candidate: str = typer.Argument(..., help="Version that would replace it"),
+    data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    resamples: int = typer.Option(2000, help="Paired bootstrap resamples"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+) -> None:
+    """Two versions' validation ROC AUC, the difference and its paired-bootstrap SE (no test)."""
+    from training.compare import compare as run_compare
+
+    try:
+        result = run_compare(model, reference, candidate, data, models_dir, resamples)
+    except registry.RegistryError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    low, high = result["difference_ci95"]
+    verdict = "non-inferior" if result["non_inferior"] else "worse by more than one SE"
+    typer.echo(
+        f"validation ({result['validation_images']} images) ROC AUC\n"
+        f"  reference {result['reference']:<40} {result['reference_roc_auc']:.4f}\n"
+        f"  candidate {result['candidate']:<40} {result['candidate_roc_auc']:.4f}\n"
+        f"  difference {result['difference']:+.4f}, bootstrap SE {result['bootstrap_se']:.4f}, "
+        f"95% CI {low:+.4f} to {high:+.4f}: candidate is {verdict}"
+    )
 
 
 @models_app.command("list")

@@ -17,7 +17,7 @@ from typing import Any
 import keras
 
 from core import contract, registry
-from training import data
+from training.compare import shared_validation, split_of
 from training.train import code_commit, load_split, provenance, register_evaluated
 
 
@@ -25,19 +25,8 @@ class EnsembleError(registry.RegistryError):
     """Members that cannot be averaged honestly; the message says which and why."""
 
 
-def split_of(card: dict[str, Any]) -> tuple[float, int, str]:
-    """(validation fraction, split seed, train fingerprint) a version was validated on."""
-    hyper = card["hyper_parameters"]
-    # Cards written before split_seed existed split with `seed`.
-    return (
-        float(hyper["validation_fraction"]),
-        int(hyper.get("split_seed", hyper["seed"])),
-        card["data"]["train_fingerprint"],
-    )
-
-
-def check_members(versions: list[registry.ModelVersion]) -> tuple[float, int, str]:
-    """Refuse members that are too few, repeated, already ensembles or validated differently."""
+def check_members(versions: list[registry.ModelVersion]) -> None:
+    """Refuse members that are too few, repeated or already ensembles."""
     if len(versions) < 2:
         raise EnsembleError("an ensemble needs at least two member versions")
     labels = [v.label for v in versions]
@@ -46,14 +35,6 @@ def check_members(versions: list[registry.ModelVersion]) -> tuple[float, int, st
     for version in versions:
         if "members" in version.card:
             raise EnsembleError(f"{version.label} is itself an ensemble; name its members instead")
-    splits = {v.label: split_of(v.card) for v in versions}
-    if len(set(splits.values())) != 1:
-        raise EnsembleError(
-            "members were validated on different splits (fraction, split seed, train data): "
-            + "; ".join(f"{label}: {s[0]}, {s[1]}, {s[2][:12]}" for label, s in splits.items())
-            + ". Train members with the same --split-seed."
-        )
-    return splits[labels[0]]
 
 
 def average(members: list[keras.Model]) -> keras.Model:
@@ -94,14 +75,9 @@ def build_ensemble(
     commit = code_commit()
     loaded = [registry.load(f"{name}@{v}", models_dir) for v in member_versions]
     versions = [version for _, version in loaded]
-    fraction, split_seed, train_fingerprint = check_members(versions)
-
-    carved = data.carve_validation(data_root, fraction, split_seed)
-    if data.fingerprint(carved.all_train, data_root) != train_fingerprint:
-        raise EnsembleError(
-            f"{data_root}/train differs from the data the members were trained on "
-            f"(fingerprint {train_fingerprint[:12]}...)"
-        )
+    check_members(versions)
+    carved = shared_validation(versions, data_root)  # refuses members validated differently
+    fraction, split_seed, train_fingerprint = split_of(versions[0].card)
     model = average([m for m, _ in loaded])
     first = versions[0].card
     card: dict[str, Any] = {

@@ -24,30 +24,71 @@ def input_layer() -> keras.KerasTensor:
     return keras.Input(shape=shape, name="image")
 
 
-AUGMENTATION = (
-    "rotation +-5 deg, shift +-6%, zoom -10..+15% with height and width drawn independently "
-    "(aspect ratio +-15%), contrast +-40%, brightness +-10%"
-)
+AUGMENTATIONS = {
+    "standard": (
+        "rotation +-5 deg, shift +-6%, zoom -10..+15% with height and width drawn independently "
+        "(aspect ratio +-15%), contrast +-40%, brightness +-10%"
+    ),
+    "robust": (
+        "standard, plus gamma 0.67..1.5, Gaussian blur (5x5, sigma up to 1 px) on half the "
+        "images, Gaussian noise sd 0.02, and one erased patch (2-8% of the image) on half the images"
+    ),
+}
 
 
-def build_augmentation(seed: int = 1337) -> keras.Sequential:
+class RandomGamma(layers.Layer):
+    """x ** gamma with log(gamma) uniform in +-`log_range`, per image, for inputs in [0, 1].
+
+    The percentile stretch removes linear exposure differences; a tone curve (how a vendor's
+    processing maps dose to grey) is what remains, and gamma is its first-order model.
+    """
+
+    def __init__(self, log_range: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.log_range = log_range
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        shape = (keras.ops.shape(inputs)[0], 1, 1, 1)
+        log_gamma = keras.random.uniform(
+            shape, -self.log_range, self.log_range, seed=self.generator
+        )
+        return keras.ops.power(keras.ops.clip(inputs, 1e-6, 1.0), keras.ops.exp(log_gamma))
+
+
+def build_augmentation(seed: int = 1337, recipe: str = "standard") -> keras.Sequential:
     """Small affine, contrast and brightness changes: what differs between exposures.
 
     Height and width zoom are drawn independently because the data set squashed every original
     (of varied size and aspect ratio) to 224x224, as serving does too: how much an image was
     squashed says something about the machine and nothing about the lungs, so the model must not
-    learn it. AUGMENTATION describes this block for the card.
+    learn it. "robust" adds what differs between sites after the percentile stretch (tone curve,
+    sharpness, noise) and hides a patch, so no single region (a marker, a line) can decide alone.
+    AUGMENTATIONS describes each recipe for the card.
     """
-    return keras.Sequential(
-        [
-            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
-            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed),
-            layers.RandomZoom((-0.1, 0.15), (-0.1, 0.15), fill_mode="constant", seed=seed),
-            layers.RandomContrast(0.4, seed=seed),
-            layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
-        ],
-        name="augmentation",
-    )
+    if recipe not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {sorted(AUGMENTATIONS)}, got {recipe!r}")
+    steps = [
+        layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
+        layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed),
+        layers.RandomZoom((-0.1, 0.15), (-0.1, 0.15), fill_mode="constant", seed=seed),
+        layers.RandomContrast(0.4, seed=seed),
+        layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
+    ]
+    if recipe == "robust":
+        steps += [
+            RandomGamma(0.4, seed=seed),
+            layers.RandomGaussianBlur(
+                factor=0.5, kernel_size=5, sigma=(0.1, 1.0), value_range=(0.0, 1.0), seed=seed
+            ),
+            layers.GaussianNoise(0.02, seed=seed),
+            layers.RandomErasing(
+                factor=0.5, scale=(0.02, 0.08), fill_value=0.5, value_range=(0.0, 1.0), seed=seed
+            ),
+        ]
+    return keras.Sequential(steps, name="augmentation")
 
 
 def conv_block(x, filters: int, convolutions: int, dropout_rate: float, name: str, stride: int = 1):
@@ -135,8 +176,8 @@ def unfreeze_top(model: keras.Model, layer_count: int) -> int:
     return trainable
 
 
-def with_augmentation(model: keras.Model, seed: int) -> keras.Model:
+def with_augmentation(model: keras.Model, seed: int, recipe: str = "standard") -> keras.Model:
     """The training-time wrapper: augmentation, then the model (weights shared)."""
     inputs = input_layer()
-    outputs = model(build_augmentation(seed)(inputs))
+    outputs = model(build_augmentation(seed, recipe)(inputs))
     return keras.Model(inputs, outputs, name=f"{model.name}_training")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-4
     dropout_rate: float = 0.3
     label_smoothing: float = 0.05
+    augmentation: str = "standard"  # a key of models.AUGMENTATIONS
     early_stopping_patience: int = 4
     early_stopping_monitor: str = "val_auc"  # or val_loss; the best epoch's weights are restored
     validation_fraction: float = 0.15
@@ -65,19 +67,48 @@ def load_split(samples: list[data.Sample]) -> Split:
 
 
 def code_commit() -> str:
-    """The git commit of this code, '+dirty' when it has uncommitted changes."""
+    """The git commit of this code, '+dirty' when tracked code (not models/) has changes.
+
+    Where there is no git checkout (a container image, a copy sent to a GPU host), the commit
+    the copy was made from comes from PNEUMO_CODE_COMMIT, marked as declared rather than read.
+    """
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!models"],
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        declared = os.environ.get("PNEUMO_CODE_COMMIT")
+        return f"{declared} (declared, no git checkout)" if declared else "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+def compute_device() -> str:
+    """What the training ran on, for the card (wall time means little without it)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return f"{device.platform}: {device.device_kind}"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return f"gpu: {details.get('device_name', gpus[0].name)}"
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return f"gpu: {torch.cuda.get_device_name(0)}"
+    return f"cpu: {os.cpu_count()} cores"
 
 
 def weights_description(weights: str) -> dict[str, str]:
@@ -199,7 +230,7 @@ def train(
 
     # Model and phase 1.
     model = build(config)
-    training_model = models.with_augmentation(model, config.seed)
+    training_model = models.with_augmentation(model, config.seed, config.augmentation)
     if config.model_name == "pneumonia-transfer":
         # Backbone frozen: train the head on features computed once (no augmentation), which
         # costs one forward pass instead of one per epoch.
@@ -248,7 +279,7 @@ def train(
         },
         "class_imbalance": "class weights (balanced: n / (2 * n_class))",
         "class_weights": {data.CLASS_NAMES[k]: v for k, v in class_weight.items()},
-        "augmentation": models.AUGMENTATION,
+        "augmentation": models.AUGMENTATIONS[config.augmentation],
         "training": {
             "wall_seconds": round(train_seconds, 1),
             "epochs_run": epochs_run,
@@ -270,6 +301,7 @@ def provenance(model: keras.Model, commit: str) -> dict[str, Any]:
         "code_commit": commit,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
+        "device": compute_device(),
         "architecture": model.name,
         "parameters": int(model.count_params()),
     }
