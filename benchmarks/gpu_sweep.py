@@ -8,6 +8,11 @@ OUT/<run>.tar (registry folder and log) at once, and whatever is unfinished at t
 stopped and its log kept in OUT/unfinished.log. The test split is not read here.
 
     KERAS_BACKEND=jax PNEUMO_CODE_COMMIT=<sha> python benchmarks/gpu_sweep.py DATA WEIGHTS OUT
+
+Measured on an H100 (2026-11-26, session 5): it did not finish. With five processes at once a
+CNN step took 0.5 s and a transfer phase-2 step 0.7-0.75 s, about twice this 2-core CPU, and
+no run reached its end inside the deadline. Why was not found (no device time was left); try one
+process and a larger batch first.
 """
 
 from __future__ import annotations

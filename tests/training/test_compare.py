@@ -78,3 +78,16 @@ def test_random_gamma_bends_the_tone_curve_within_its_range() -> None:
     assert np.all(middle >= 0.5 ** np.exp(0.4) - 1e-5) and np.all(middle <= 0.5 ** np.exp(-0.4) + 1e-5)
     assert np.ptp(middle) > 0  # drawn per image
     np.testing.assert_array_equal(np.asarray(gamma(images, training=False)), images)
+
+
+def test_a_copy_without_git_records_the_declared_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import train
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(train.subprocess, "run", no_git)
+    monkeypatch.delenv("PNEUMO_CODE_COMMIT", raising=False)
+    assert train.code_commit() == "unknown"
+    monkeypatch.setenv("PNEUMO_CODE_COMMIT", "06f5cae")
+    assert train.code_commit() == "06f5cae (declared, no git checkout)"
