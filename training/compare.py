@@ -26,10 +26,11 @@ class ValidationMismatch(registry.RegistryError):
 def split_of(card: dict[str, Any]) -> tuple[float, int, str]:
     """(validation fraction, split seed, train fingerprint) a version was validated on."""
     hyper = card["hyper_parameters"]
-    # Cards written before split_seed existed split with `seed`.
+    # Cards written before split_seed existed split with `seed`; ensembles carry no `seed`.
+    split_seed = hyper["split_seed"] if "split_seed" in hyper else hyper["seed"]
     return (
         float(hyper["validation_fraction"]),
-        int(hyper.get("split_seed", hyper["seed"])),
+        int(split_seed),
         card["data"]["train_fingerprint"],
     )
 

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from tests.training.test_ensemble import register_member
 from tests.training.test_training_run import pneumo
 from training import models
-from training.compare import paired_bootstrap_auc
+from training.compare import paired_bootstrap_auc, split_of
 
 
 def test_paired_bootstrap_sees_a_real_gain_and_no_gain_in_a_copy() -> None:
@@ -91,3 +91,11 @@ def test_a_copy_without_git_records_the_declared_commit(monkeypatch: pytest.Monk
     assert train.code_commit() == "unknown"
     monkeypatch.setenv("PNEUMO_CODE_COMMIT", "06f5cae")
     assert train.code_commit() == "06f5cae (declared, no git checkout)"
+
+
+def test_split_of_reads_single_versions_old_cards_and_ensembles() -> None:
+    data_part = {"data": {"train_fingerprint": "f"}}
+    single = {"hyper_parameters": {"validation_fraction": 0.15, "seed": 2, "split_seed": 7}}
+    old = {"hyper_parameters": {"validation_fraction": 0.15, "seed": 7}}  # before --split-seed
+    ensemble = {"hyper_parameters": {"validation_fraction": 0.15, "split_seed": 7, "members": []}}
+    assert {split_of({**card, **data_part}) for card in (single, old, ensemble)} == {(0.15, 7, "f")}
