@@ -109,13 +109,19 @@ def evaluate(
     models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
     plots: Path = typer.Option(None, help="Folder for the ROC and reliability PNGs"),
+    record: bool = typer.Option(
+        False, help="With --split test: record this as the version's one test report (once)"
+    ),
 ) -> None:
     """Evaluate a registered model on a split at its card's threshold."""
     from training.evaluate import evaluate as run_evaluation
-    from training.evaluate import format_table
+    from training.evaluate import format_table, record_test
 
     try:
-        result = run_evaluation(model, data, split, models_dir, plots)
+        if record:
+            result = record_test(model, data, split, models_dir)
+        else:
+            result = run_evaluation(model, data, split, models_dir, plots)
     except registry.RegistryError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
@@ -168,7 +174,7 @@ def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) ->
     typer.echo(f"{'model':<22} {'version':<18} {'served':<7} {'threshold':>9} "
                f"{'val AUC':>8} {'test acc':>8} {'test AUC':>8}  ensemble of")
     for row in rows:
-        test = row.card.get("metrics", {}).get("test", {})
+        test = row.test_metrics
         validation = row.card.get("metrics", {}).get("validation", {})
         mark = "*" if served.get(row.name) == row.version else ""
         members = " ".join(m["label"].split("@")[1] for m in row.card.get("members", []))

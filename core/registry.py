@@ -3,6 +3,8 @@
 A version folder holds `model.keras`, `card.json` and the evaluation plots. The card carries the
 model file's SHA-256; loading recomputes it and refuses a mismatch, and refuses a card whose
 preprocessing contract differs from this code's. `models/served.json` names one version per model.
+A version's test metrics are written once: into the card at registration (`--report-test`), or
+later into `test_report.json` (`pneumo evaluate --split test --record`); never both, never twice.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from core import contract
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
 SERVED_FILE = "served.json"
+TEST_REPORT_FILE = "test_report.json"
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
@@ -51,6 +54,12 @@ class ModelVersion:
     @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def test_metrics(self) -> dict[str, Any]:
+        """The one recorded test evaluation (card or test report); empty if test was never read."""
+        in_card = self.card.get("metrics", {}).get("test")
+        return in_card or _read_json(self.path / TEST_REPORT_FILE).get("metrics", {})
 
 
 def sha256_file(path: Path) -> str:
@@ -147,6 +156,33 @@ def register(
     if name not in served_versions(models_dir):
         mark_served(name, version, models_dir)
     return ModelVersion(name, version, final, card)
+
+
+def ensure_test_unread(model_version: ModelVersion) -> None:
+    """Refuse a second test evaluation of a version that has one recorded."""
+    if model_version.test_metrics:
+        raise RegistryError(
+            f"{model_version.label} already has test metrics recorded; the test split is read "
+            f"once per version, for the report"
+        )
+
+
+def record_test_report(
+    model_version: ModelVersion, report: dict[str, Any], plots: list[Path] = ()
+) -> Path:
+    """Add the version's one test evaluation to its folder; refuse if one is already recorded.
+
+    The card stays as registered (its model hash and validation choices predate any test look);
+    the report sits next to it, read-only, with the plots it names.
+    """
+    ensure_test_unread(model_version)
+    target = model_version.path / TEST_REPORT_FILE
+    for plot in plots:
+        shutil.copy2(plot, model_version.path / Path(plot).name)
+        (model_version.path / Path(plot).name).chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    _write_json_atomic(target, report)
+    target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    return target
 
 
 def verify(model_version: ModelVersion) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import numpy as np
 from core import registry
 from training import data, metrics
 from training.preprocess import preprocess_many
+from training.train import code_commit
 
 REPORT_KEYS = (
     "n", "accuracy", "loss", "sensitivity", "specificity", "ppv", "npv", "f1",
@@ -70,3 +73,34 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{split_name} loss: {result['loss']}")
     lines.append(f"{split_name} accuracy: {result['accuracy']}")
     return "\n".join(lines)
+
+
+def record_test(
+    spec: str,
+    data_root: Path,
+    split: str = "test",
+    models_dir: Path = registry.DEFAULT_MODELS_DIR,
+) -> dict[str, Any]:
+    """Evaluate on test and record it as the version's one test report (refused if it has one).
+
+    For versions whose test split was not read at registration: a candidate served by a rule
+    decided on validation gets its one test look here, and the look is kept next to its card.
+    """
+    if split != "test":
+        raise registry.RegistryError(f"--record is for the test split only, not {split!r}")
+    model_version = registry.resolve(spec, models_dir)
+    registry.ensure_test_unread(model_version)  # before a single test image is read
+    with tempfile.TemporaryDirectory() as plots_dir:
+        result = evaluate(model_version.label, data_root, split, models_dir, Path(plots_dir))
+        metrics_only = {
+            k: v for k, v in result.items() if k not in ("predictions", "plots", "model", "version")
+        }
+        report = {
+            "evaluated": datetime.now(UTC).isoformat(timespec="seconds"),
+            "code_commit": code_commit(),
+            "test_fingerprint": data.fingerprint(data.read_split(data_root, split), data_root),
+            "metrics": metrics_only,
+        }
+        registry.record_test_report(model_version, report, [Path(p) for p in result["plots"]])
+    result["plots"] = [str(model_version.path / Path(p).name) for p in result["plots"]]
+    return result

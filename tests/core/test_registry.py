@@ -78,5 +78,24 @@ def test_committed_served_models_verify_and_carry_their_contract() -> None:
         registry.verify(version)
         assert 0.0 < version.threshold < 1.0
         assert version.model_file.stat().st_size < 25 * 1024 * 1024
-        assert {"validation", "test"} <= set(version.card["metrics"])
+        assert "validation" in version.card["metrics"]
+        assert version.test_metrics["n"] == 624  # the served version's one test look is on record
         assert version.card["training"]["wall_seconds"] < 3600
+
+
+def test_test_report_is_recorded_once(registered: registry.ModelVersion, tmp_path: Path) -> None:
+    assert registered.test_metrics == {}
+    registry.record_test_report(registered, {"metrics": {"accuracy": 0.9, "n": 624}})
+    version = registry.resolve("pneumonia-cnn@v1", tmp_path)
+    assert version.test_metrics == {"accuracy": 0.9, "n": 624}
+    with pytest.raises(registry.RegistryError, match="already has test metrics"):
+        registry.record_test_report(version, {"metrics": {"accuracy": 0.95}})
+    assert registry.resolve("pneumonia-cnn@v1", tmp_path).test_metrics["accuracy"] == 0.9
+
+
+def test_a_card_with_test_metrics_takes_no_second_report(tmp_path: Path) -> None:
+    card = {"threshold": 0.5, "metrics": {"test": {"accuracy": 0.8}}}
+    version = registry.register("pneumonia-cnn", models.build_cnn((4,)), card, tmp_path, version="v1")
+    with pytest.raises(registry.RegistryError, match="read once per version"):
+        registry.record_test_report(version, {"metrics": {"accuracy": 0.95}})
+    assert not (version.path / registry.TEST_REPORT_FILE).exists()

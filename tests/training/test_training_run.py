@@ -53,6 +53,21 @@ def test_tiny_transfer_run_registers_and_evaluates(tiny_data: Path, tmp_path: Pa
                    "--models-dir", str(models_dir))
     assert "Test accuracy: " in table.stdout and "Test loss: " in table.stdout
 
+    # The one recorded test look: kept next to the card, listed, and never taken twice.
+    record = ("evaluate", "--model", f"pneumonia-transfer@{version.version}", "--data",
+              str(tiny_data), "--models-dir", str(models_dir), "--record")
+    recorded = pneumo(*record, "--json")
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    report = json.loads((version.path / registry.TEST_REPORT_FILE).read_text())
+    assert report["metrics"]["accuracy"] == result["accuracy"]
+    assert report["metrics"]["n"] == 16 and len(report["test_fingerprint"]) == 64
+    assert all((version.path / Path(p).name).exists() for p in json.loads(recorded.stdout)["plots"])
+    assert registry.resolve(version.label, models_dir).card == card  # the card is untouched
+    again = pneumo(*record)
+    assert again.returncode == 2 and "already has test metrics" in again.stderr
+    listed = pneumo("models", "list", "--models-dir", str(models_dir))
+    assert f"{result['accuracy']:.4f}" in listed.stdout
+
 
 def test_evaluate_refuses_a_tampered_model(tiny_data: Path, tmp_path: Path) -> None:
     import keras
