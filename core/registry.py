@@ -177,11 +177,18 @@ def record_test_report(
     """
     ensure_test_unread(model_version)
     target = model_version.path / TEST_REPORT_FILE
-    for plot in plots:
-        shutil.copy2(plot, model_version.path / Path(plot).name)
-        (model_version.path / Path(plot).name).chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-    _write_json_atomic(target, report)
-    target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    read_only = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+    try:
+        for plot in plots:
+            shutil.copy2(plot, model_version.path / Path(plot).name)
+            (model_version.path / Path(plot).name).chmod(read_only)
+        _write_json_atomic(target, report)  # last: a report on disk means the plots are too
+        target.chmod(read_only)
+    except OSError as error:
+        raise RegistryError(
+            f"cannot record the test report of {model_version.label} in {model_version.path}: "
+            f"{error}. Run it where models/ is writable (a checkout, not a deployed image)."
+        ) from error
     return target
 
 

@@ -99,3 +99,15 @@ def test_a_card_with_test_metrics_takes_no_second_report(tmp_path: Path) -> None
     with pytest.raises(registry.RegistryError, match="read once per version"):
         registry.record_test_report(version, {"metrics": {"accuracy": 0.95}})
     assert not (version.path / registry.TEST_REPORT_FILE).exists()
+
+
+def test_unwritable_registry_gives_a_clear_error(
+    registered: registry.ModelVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(path: Path, data: dict) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(registry, "_write_json_atomic", refuse)
+    with pytest.raises(registry.RegistryError, match=r"cannot record the test report.*writable"):
+        registry.record_test_report(registered, {"metrics": {"accuracy": 0.9}})
+    assert registered.test_metrics == {}
