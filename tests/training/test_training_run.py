@@ -84,3 +84,10 @@ def test_evaluate_refuses_a_tampered_model(tiny_data: Path, tmp_path: Path) -> N
                     "--models-dir", str(tmp_path))
     assert result.returncode == 2
     assert "changed after registration" in result.stderr
+
+
+def test_record_is_for_the_test_split_only(tiny_data: Path, tmp_path: Path) -> None:
+    result = pneumo("evaluate", "--model", "pneumonia-cnn", "--data", str(tiny_data),
+                    "--split", "train", "--record", "--models-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "test split only" in result.stderr
