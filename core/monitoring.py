@@ -145,10 +145,12 @@ class Snapshot:
 
 
 def served_cards(models_dir: Path) -> dict[str, dict]:
+    """Each served version's card, with its one test look under `test_metrics` (card or report)."""
     cards = {}
     for name, version in registry.served_versions(models_dir).items():
         try:
-            cards[name] = registry.resolve(f"{name}@{version}", models_dir).card
+            model_version = registry.resolve(f"{name}@{version}", models_dir)
+            cards[name] = {**model_version.card, "test_metrics": model_version.test_metrics}
         except (registry.RegistryError, OSError) as error:
             cards[name] = {"version": version, "error": str(error)}
     return cards

@@ -144,6 +144,23 @@ def test_page_lists_studies_failures_and_models_without_patient_names(
     assert PATIENT in named.get("/").text
 
 
+def test_served_version_shows_a_test_look_recorded_after_registration(
+    sessions, database_url: str, served_registry: Path, broker, tmp_path: Path
+) -> None:
+    """A candidate served by a validation rule has its test figures in test_report.json."""
+    from training import models
+
+    later = registry.register("pneumonia-transfer", models.build_cnn(filters=(4,), dense_units=2),
+                              {"threshold": 0.184}, served_registry, version="v-later")
+    registry.record_test_report(later, {"metrics": {"accuracy": 0.8798, "roc_auc": 0.9704,
+                                                    "sensitivity": 0.9923, "specificity": 0.6923}})
+    registry.mark_served("pneumonia-transfer", "v-later", served_registry)
+    page = TestClient(create_app(_settings(tmp_path, database_url, served_registry))).get("/").text
+    row = page.split('id="models"', 1)[1].split("</table>", 1)[0]
+    assert "v-later" in row and "0.880" in row and "0.692" in row
+    assert "not reported" not in row
+
+
 def test_state_changing_actions_need_the_token(
     sessions, database_url: str, served_registry: Path, broker, tmp_path: Path
 ) -> None:
