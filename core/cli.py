@@ -117,9 +117,12 @@ def evaluate(
     from training.evaluate import evaluate as run_evaluation
     from training.evaluate import format_table, record_test
 
+    if record and split != "test":
+        typer.echo(f"error: --record is for the test split only, not {split!r}", err=True)
+        raise typer.Exit(2)
     try:
         if record:
-            result = record_test(model, data, split, models_dir)
+            result = record_test(model, data, models_dir)
         else:
             result = run_evaluation(model, data, split, models_dir, plots)
     except registry.RegistryError as error:

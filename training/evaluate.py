@@ -76,29 +76,24 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def record_test(
-    spec: str,
-    data_root: Path,
-    split: str = "test",
-    models_dir: Path = registry.DEFAULT_MODELS_DIR,
+    spec: str, data_root: Path, models_dir: Path = registry.DEFAULT_MODELS_DIR
 ) -> dict[str, Any]:
     """Evaluate on test and record it as the version's one test report (refused if it has one).
 
     For versions whose test split was not read at registration: a candidate served by a rule
     decided on validation gets its one test look here, and the look is kept next to its card.
     """
-    if split != "test":
-        raise registry.RegistryError(f"--record is for the test split only, not {split!r}")
     model_version = registry.resolve(spec, models_dir)
     registry.ensure_test_unread(model_version)  # before a single test image is read
     with tempfile.TemporaryDirectory() as plots_dir:
-        result = evaluate(model_version.label, data_root, split, models_dir, Path(plots_dir))
+        result = evaluate(model_version.label, data_root, "test", models_dir, Path(plots_dir))
         metrics_only = {
             k: v for k, v in result.items() if k not in ("predictions", "plots", "model", "version")
         }
         report = {
             "evaluated": datetime.now(UTC).isoformat(timespec="seconds"),
             "code_commit": code_commit(),
-            "test_fingerprint": data.fingerprint(data.read_split(data_root, split), data_root),
+            "test_fingerprint": data.fingerprint(data.read_split(data_root, "test"), data_root),
             "metrics": metrics_only,
         }
         registry.record_test_report(model_version, report, [Path(p) for p in result["plots"]])
