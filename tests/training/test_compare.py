@@ -74,8 +74,9 @@ def test_random_gamma_bends_the_tone_curve_within_its_range() -> None:
     gamma = models.RandomGamma(0.4, seed=3)
     bent = np.asarray(gamma(images, training=True))
     assert bent.min() >= 0.0 and bent.max() <= 1.0 + 1e-6
-    middle = bent[:, 0, 112, 0]  # 0.5 ** gamma, gamma in [e^-0.4, e^0.4]
-    assert np.all(middle >= 0.5 ** np.exp(0.4) - 1e-5) and np.all(middle <= 0.5 ** np.exp(-0.4) + 1e-5)
+    grey = images[0, 0, 112, 0]  # 112/223, not 0.5: the bounds use the pixel's own value
+    middle = bent[:, 0, 112, 0]  # grey ** gamma, gamma in [e^-0.4, e^0.4]
+    assert np.all(middle >= grey ** np.exp(0.4) - 1e-5) and np.all(middle <= grey ** np.exp(-0.4) + 1e-5)
     assert np.ptp(middle) > 0  # drawn per image
     np.testing.assert_array_equal(np.asarray(gamma(images, training=False)), images)
 
