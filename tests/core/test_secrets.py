@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings, redact_url
-from tests.conftest import DATA, free_port
+from tests.conftest import DATA, dcmtk, free_port
 from tests.pipeline.conftest import REPO, wait_for
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
@@ -109,7 +109,7 @@ def test_pneumo_run_never_prints_the_secrets(
     outputs = []
     try:
         def echo() -> bool:
-            return subprocess.run(["echoscu", "-aec", "PNEUMO", "127.0.0.1", port],
+            return subprocess.run([dcmtk("echoscu"), "-aec", "PNEUMO", "127.0.0.1", port],
                                   capture_output=True).returncode == 0
 
         wait_for(echo, 90, "the node to answer C-ECHO")

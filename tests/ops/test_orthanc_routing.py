@@ -28,7 +28,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from core.db import Instance, session_factory
-from tests.conftest import REAL_DICOM, REDIS_TEST_URL, free_port
+from tests.conftest import REAL_DICOM, REDIS_TEST_URL, dcmtk, free_port
 from tests.pipeline.conftest import stop_pneumo_run, wait_for
 from worker.report import sr_uids
 
@@ -82,7 +82,7 @@ class Orthanc:
     def store(self, path: Path, *options: str, calling_ae: str = MODALITY_AET) -> int:
         """storescu into Orthanc; `options` proposes the file's compressed transfer syntax."""
         return subprocess.run(
-            ["storescu", *options, "-aet", calling_ae, "-aec", ORTHANC_AET, "127.0.0.1",
+            [dcmtk("storescu"), *options, "-aet", calling_ae, "-aec", ORTHANC_AET, "127.0.0.1",
              str(self.dicom_port), str(path)], capture_output=True, timeout=60,
         ).returncode
 
@@ -164,7 +164,7 @@ def pneumo_run(env: dict[str, str]) -> Iterator[None]:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def echo() -> bool:
-        return subprocess.run(["echoscu", "-aet", ORTHANC_AET, "-aec", NODE_AET, "127.0.0.1",
+        return subprocess.run([dcmtk("echoscu"), "-aet", ORTHANC_AET, "-aec", NODE_AET, "127.0.0.1",
                                env["PNEUMO_PORT"]], capture_output=True).returncode == 0
 
     try:

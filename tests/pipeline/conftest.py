@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REDIS_TEST_URL, free_port
+from tests.conftest import REDIS_TEST_URL, dcmtk, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
 
 def start_storescp(folder: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
+        [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -89,7 +89,7 @@ def running(pipeline_env: dict[str, str]):
 
     def echo() -> bool:
         return subprocess.run(
-            ["echoscu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", port],
+            [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", port],
             capture_output=True,
         ).returncode == 0
 

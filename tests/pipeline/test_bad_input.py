@@ -55,7 +55,7 @@ from dicom_node.receive import (
     SUCCESS,
 )
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, REAL_DICOM, free_port
+from tests.conftest import DATA, REAL_DICOM, dcmtk, free_port
 from tests.pipeline.conftest import wait_for
 from training.preprocess import preprocess
 from worker import pipeline
@@ -581,7 +581,8 @@ def test_huge_private_element_is_stored_with_bounded_memory(
     tracemalloc.start()
     try:
         sender = subprocess.Popen(  # dcmtk: the sender's copy is not in this process's memory
-            ["storescu", "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(node.settings.port), str(path)],
+            [dcmtk("storescu"), "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(node.settings.port),
+             str(path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         wait_for(lambda: any(p.stat().st_size > 5 << 20 for p in spool_files(node)), 60,

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, session_factory
 from dicom_node.send import wrap_image
-from tests.conftest import DATA
+from tests.conftest import DATA, dcmtk
 from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp, wait_for
 
 pytestmark = pytest.mark.slow
@@ -69,8 +69,8 @@ def test_resend_a_dead_letter_from_the_dashboard(
     dataset = wrap_image(sorted((DATA / "test" / "PNEUMONIA").iterdir())[0])
     path = tmp_path / "image.dcm"
     dataset.save_as(path, enforce_file_format=True)
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", running["PNEUMO_PORT"],
-                    str(path)], check=True, capture_output=True)
+    subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1",
+                    running["PNEUMO_PORT"], str(path)], check=True, capture_output=True)
     sessions = session_factory(database_url(running))
 
     def delivery_state() -> str | None:

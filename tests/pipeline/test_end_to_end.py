@@ -8,7 +8,6 @@ shape (PostgreSQL + the machine's Redis).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from sqlalchemy import select
 
 from core.db import Instance, Result, session_factory
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, link_subset
+from tests.conftest import DATA, dcmtk, link_subset
 from tests.pipeline.conftest import REPO, database_url, sr_files, wait_for
 
 pytestmark = pytest.mark.slow
@@ -40,7 +39,7 @@ def test_storescu_to_sr_in_pacs(running: dict[str, str], pacs, tmp_path: Path) -
         sent[dataset.StudyInstanceUID] = dataset.SOPInstanceUID
     started = time.monotonic()
     subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", running["PNEUMO_PORT"],
+        [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", running["PNEUMO_PORT"],
          *map(str, sorted(outgoing.iterdir()))],
         check=True, capture_output=True,
     )
@@ -61,7 +60,7 @@ def test_storescu_to_sr_in_pacs(running: dict[str, str], pacs, tmp_path: Path) -
         assert group.source_images[0].referenced_sop_instance_uid == sop_uid
         probability = group.get_measurements()[0].value
         assert probability == pytest.approx(results[sop_uid].probability, abs=1e-6)
-        dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
+        dump = subprocess.run([dcmtk("dsrdump"), str(path)], capture_output=True, text=True)
         assert dump.returncode == 0, dump.stderr
         assert "Pneumonia" in dump.stdout and "UNVERIFIED" in dump.stdout
 
@@ -120,4 +119,5 @@ def assert_parity(running: dict[str, str], pacs, tmp_path: Path, tiny_registry: 
 
 def test_dcmtk_tools_are_installed() -> None:
     for tool in ("storescu", "storescp", "echoscu", "dsrdump"):
-        assert shutil.which(tool), f"{tool} missing: install dcmtk (.ci/run does)"
+        version = subprocess.run([dcmtk(tool), "--version"], capture_output=True, text=True).stdout
+        assert "dcmtk" in version, f"{tool} is not dcmtk's: {version[:200]!r}"

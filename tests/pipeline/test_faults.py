@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from core.db import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Result, session_factory
 from dicom_node.send import wrap_image
-from tests.conftest import DATA
+from tests.conftest import DATA, dcmtk
 from tests.pipeline.conftest import database_url, sr_files, start_storescp, wait_for
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def store_one(env: dict[str, str], tmp_path: Path, index: int = 0) -> str:
     dataset = wrap_image(sorted((DATA / "test" / "PNEUMONIA").iterdir())[index])
     path = tmp_path / f"image{index}.dcm"
     dataset.save_as(path, enforce_file_format=True)
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1",
+    subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1",
                     env["PNEUMO_PORT"], str(path)], check=True, capture_output=True)
     return str(dataset.SOPInstanceUID)
 

@@ -33,7 +33,7 @@ from core.settings import PeerAddress, Settings
 from dicom_node import scp
 from dicom_node.receive import SUCCESS
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, free_port
+from tests.conftest import DATA, dcmtk, free_port
 from tests.pipeline.conftest import REPO, wait_for
 from worker.delivery import DeliveryError, send_sr
 from worker.report import ImageFinding, build_sr
@@ -198,7 +198,7 @@ def test_plain_tcp_to_the_tls_port_fails(start_node) -> None:
     settings, _ = start_node()
     assoc = associate(settings, None)
     assert not assoc.is_established
-    echo = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", settings.ae_title, "-to", "5",
+    echo = subprocess.run([dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", settings.ae_title, "-to", "5",
                            "127.0.0.1", str(settings.port)], capture_output=True, timeout=30)
     assert echo.returncode != 0
 
@@ -292,7 +292,7 @@ def test_dcmtk_storescu_over_tls_is_stored(
     path = tmp_path / "image.dcm"
     dataset.save_as(path, enforce_file_format=True)
     result = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", settings.ae_title, "-to", "10",
+        [dcmtk("storescu"), "-aet", "STORESCU", "-aec", settings.ae_title, "-to", "10",
          *_dcmtk_tls(pki, pki.client if mutual else None), "127.0.0.1", str(settings.port), str(path)],
         capture_output=True, text=True, timeout=60,
     )
@@ -305,7 +305,7 @@ def test_dcmtk_storescu_over_tls_is_stored(
 def test_dcmtk_without_a_client_certificate_is_refused_by_mutual_tls(start_node, pki: Pki) -> None:
     settings, _ = start_node(require_client_cert=True)
     result = subprocess.run(
-        ["echoscu", "-aet", "ECHOSCU", "-aec", settings.ae_title, "-to", "10", *_dcmtk_tls(pki, None),
+        [dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", settings.ae_title, "-to", "10", *_dcmtk_tls(pki, None),
          "127.0.0.1", str(settings.port)],
         capture_output=True, text=True, timeout=60,
     )
@@ -344,7 +344,7 @@ def sr_file(tmp_path: Path) -> Path:
 def start_tls_storescp(folder: Path, port: int, identity: Identity, verify_client_with: Path | None):
     verification = ["+cf", str(verify_client_with), "-rc"] if verify_client_with else ["-ic"]
     return subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(folder), "+tls", str(identity.key), str(identity.cert),
+        [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), "+tls", str(identity.key), str(identity.cert),
          *verification, str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
