@@ -19,7 +19,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from core.db import Delivery, DeliveryState, session_factory
+from core.db import Delivery, DeliveryState, Result, session_factory
 from dicom_node.send import wrap_image
 from tests.conftest import DATA, dcmtk
 from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp, wait_for
@@ -95,7 +95,9 @@ def test_resend_a_dead_letter_from_the_dashboard(
         wait_for(lambda: delivery_state() == DeliveryState.DELIVERED, 60, "the re-sent SR to be delivered")
         browser.get(url)
         studies = browser.find_element(By.ID, "studies").text
-        assert "delivered" in studies and "PNEUMONIA" in studies
+        with sessions() as session:
+            label = session.scalar(select(Result.label))  # the tiny test model's call, whichever it is
+        assert "delivered" in studies and label in studies
         assert "none" in browser.find_element(By.ID, "attention").text  # nothing left to act on
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
