@@ -1,11 +1,12 @@
-"""GPU check: the served model on another Keras backend (JAX), batch inference by batch size,
-and a tiny training run on that backend. Run on a GPU host without TensorFlow:
+"""Backend check: the served models on another Keras backend (JAX or PyTorch, GPU or CPU) against
+TensorFlow's probabilities, batch inference by batch size, and a tiny training run on that
+backend. Run where TensorFlow is not installed, to prove the code does not need it:
 
-    KERAS_BACKEND=jax python benchmarks/gpu_check.py --images DIR --reference ref.json \
+    KERAS_BACKEND=torch python benchmarks/backend_check.py --images DIR --reference ref.json \
         --small-weights mobilenet_v2_..._0.35_224_no_top.h5
 
 `--reference` holds the probabilities the TensorFlow CPU build gives for the same images
-(written by `benchmarks/gpu_reference.py`). Prints a table; numbers go to docs/benchmarks.md.
+(written by `benchmarks/backend_reference.py`). Prints a table; numbers go to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -62,11 +63,14 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--small-weights", type=Path, required=True)
     parser.add_argument("--model", default="pneumonia-transfer")
+    parser.add_argument("--batches", default="1,8,32,128,512",
+                        help="batch sizes to time; on 2 CPU cores 512 exhausts memory on torch: use 1,8,32")
     args = parser.parse_args()
 
-    import jax
+    from training.train import compute_device
 
-    print(f"backend {keras.backend.backend()}, devices {jax.devices()}")
+    backend = keras.backend.backend()
+    print(f"backend {backend} (keras {keras.__version__}), {compute_device()}")
     reference = json.loads(args.reference.read_text())
     images = sorted(args.images.glob("*.jpeg"))
     tensors = preprocess_many(images)
@@ -75,11 +79,11 @@ def main() -> None:
         model, version = registry.load(spec)
         probabilities = model.predict(tensors, batch_size=32, verbose=0).reshape(-1)
         difference = float(np.max(np.abs(probabilities - np.array(expected))))
-        print(f"{version.label}: max |p_jax_gpu - p_tf_cpu| over {len(images)} images = {difference:.2e}")
+        print(f"{version.label}: max |p_{backend} - p_tf_cpu| over {len(images)} images = {difference:.2e}")
         rows.append((version.label, difference))
         if spec.startswith(args.model):
             print("batch  images/s")
-            for batch_size in (1, 8, 32, 128, 512):
+            for batch_size in map(int, args.batches.split(",")):
                 print(f"{batch_size:>5}  {throughput(model, tensors, batch_size):9.1f}")
     print("tiny training on this backend:", json.dumps(tiny_training(images, args.small_weights)))
 

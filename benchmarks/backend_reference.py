@@ -1,5 +1,5 @@
 """Write the TensorFlow-CPU probabilities of the served models for a folder of images, and
-copy the inputs for `gpu_check.py` into one folder that can travel to the GPU host."""
+copy the inputs for `backend_check.py` into one folder that can travel to another host."""
 
 from __future__ import annotations
 
