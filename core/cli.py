@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -383,7 +385,19 @@ def retention(
     typer.echo(f"removed images of {len(found)} study(ies), {freed / 1e6:.1f} MB freed")
 
 
+def require_keras_backend() -> None:
+    """Keras defaults to TensorFlow and, where it is not installed, fails deep inside its own
+    import; a JAX or PyTorch host must say which backend to use, so tell the operator that."""
+    if os.environ.get("KERAS_BACKEND") or importlib.util.find_spec("tensorflow") is not None:
+        return
+    raise SystemExit(
+        "pneumo: TensorFlow is not installed and KERAS_BACKEND is not set; set KERAS_BACKEND=jax "
+        "or KERAS_BACKEND=torch (whichever this host has), or install the project with TensorFlow"
+    )
+
+
 def main() -> None:
+    require_keras_backend()
     app()
 
 
