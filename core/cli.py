@@ -166,6 +166,10 @@ def compare(
         f"  difference {result['difference']:+.4f}, bootstrap SE {result['bootstrap_se']:.4f}, "
         f"95% CI {low:+.4f} to {high:+.4f}: candidate is {verdict}"
     )
+    typer.echo("threshold (card; Youden on the same resamples, 5-95%)")
+    for role in ("reference", "candidate"):
+        low, high = result[f"{role}_threshold_range_90"]
+        typer.echo(f"  {role} {result[f'{role}_threshold']:.3f} ({low:.3f}-{high:.3f})")
 
 
 @models_app.command("list")

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from tests.training.test_ensemble import register_member
 from tests.training.test_training_run import pneumo
-from training import models
+from training import metrics, models
 from training.compare import paired_bootstrap_auc, split_of
 
 
@@ -30,6 +30,16 @@ def test_paired_bootstrap_sees_a_real_gain_and_no_gain_in_a_copy() -> None:
     assert gain["difference_ci95"][0] > 0 and 0 < gain["bootstrap_se"] < gain["difference"] / 2
 
 
+def test_paired_bootstrap_gives_each_versions_threshold_a_range() -> None:
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 200)
+    scores = 1 / (1 + np.exp(-(4 * labels - 2 + rng.normal(0, 1.0, labels.size))))
+    result = paired_bootstrap_auc(labels, scores, scores, resamples=300)
+    assert result["reference_threshold_range_90"] == result["candidate_threshold_range_90"]
+    low, high = result["candidate_threshold_range_90"]
+    assert 0 < low < metrics.choose_threshold(labels, scores) < high < 1
+
+
 @pytest.mark.slow
 def test_compare_reports_both_versions_on_their_shared_validation(
     tiny_data: Path, tmp_path: Path
@@ -47,10 +57,14 @@ def test_compare_reports_both_versions_on_their_shared_validation(
     )
     assert report["non_inferior"] == (report["difference"] >= -report["bootstrap_se"])
     assert report["validation_images"] > 0
+    for role in ("reference", "candidate"):
+        low, high = report[f"{role}_threshold_range_90"]
+        assert 0 <= low <= high <= 1 and 0 < report[f"{role}_threshold"] < 1
 
     table = pneumo("compare", *common, "m1", "m1", "--resamples", "50")
     assert table.returncode == 0 and "difference +0.0000" in table.stdout
     assert "non-inferior" in table.stdout
+    assert "threshold (card; Youden on the same resamples, 5-95%)" in table.stdout
 
     refused = pneumo("compare", *common, "m1", "m3")
     assert refused.returncode == 2 and "validated on different splits" in refused.stderr
