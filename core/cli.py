@@ -146,7 +146,8 @@ def compare(
     resamples: int = typer.Option(2000, help="Paired bootstrap resamples"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ) -> None:
-    """Two versions' validation ROC AUC, the difference and its paired-bootstrap SE (no test)."""
+    """Two versions' validation ROC AUC, the difference and its paired-bootstrap SE, and how firm
+    each one's threshold is on the same resamples (no test)."""
     from training.compare import compare as run_compare
 
     try:
