@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(6, description="SR C-STORE tries before dead-letter")
     delivery_backoff_s: float = Field(5.0, description="First retry delay; doubles each try")
     classify_max_retries: int = Field(3)
+    delivery_worker_max_memory_mb: int = Field(
+        400, ge=0, description="`pneumo run`'s delivery worker replaces a pool child whose resident "
+        "memory passes this after a task (0: never); bounds its slow growth (~10 MiB/hour measured)"
+    )
     sweep_interval_s: float = Field(10.0, description="How often stuck instances are re-queued")
     finalise_interval_s: float = Field(1.0, description="How often stable studies are looked for")
     dashboard_host: str = Field("127.0.0.1", description="Address the dashboard/metrics service binds")

@@ -64,12 +64,15 @@ def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[C
     # so the next batch decodes while the model runs the current one.
     pool = (["-P", "threads", "-c", str(2 * settings.inference_batch_size)]
             if settings.inference_batch_size > 1 else ["-c", str(inference_concurrency)])
+    # A child past the bound finishes its task (acked late, so nothing is lost) and is replaced.
+    memory_bound = (["--max-memory-per-child", str(settings.delivery_worker_max_memory_mb * 1024)]
+                    if settings.delivery_worker_max_memory_mb else [])
     return [
         Child("node", [python, "-m", "core.cli", "node"]),
         Child("worker-inference", [*celery, "worker", "-Q", settings.inference_queue, *pool,
                                    "-n", "inference@%h", "--loglevel", "INFO"]),
         Child("worker-delivery", [*celery, "worker", "-Q", "delivery,housekeeping", "-c", "2",
-                                  "-n", "delivery@%h", "--loglevel", "INFO"]),
+                                  "-n", "delivery@%h", "--loglevel", "INFO", *memory_bound]),
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",
                             "-s", str(settings.home_dir / "celerybeat-schedule")]),
         Child("dashboard", [python, "-m", "core.cli", "dashboard"]),

@@ -8,6 +8,7 @@ shape (PostgreSQL + the machine's Redis).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from highdicom.sr import srread
 from pydicom import dcmread
 from sqlalchemy import select
 
-from core.db import Instance, Result, session_factory
+from core.db import Delivery, DeliveryState, Instance, Result, session_factory
 from dicom_node.send import wrap_image
 from tests.conftest import DATA, dcmtk, link_subset
 from tests.pipeline.conftest import REPO, database_url, sr_files, wait_for
@@ -121,3 +122,29 @@ def test_dcmtk_tools_are_installed() -> None:
     for tool in ("storescu", "storescp", "echoscu", "dsrdump"):
         version = subprocess.run([dcmtk(tool), "--version"], capture_output=True, text=True).stdout
         assert "dcmtk" in version, f"{tool} is not dcmtk's: {version[:200]!r}"
+
+
+@pytest.fixture
+def tight_memory_env(pipeline_env: dict[str, str]) -> dict[str, str]:
+    pipeline_env["PNEUMO_DELIVERY_WORKER_MAX_MEMORY_MB"] = "1"  # every child is past it after a task
+    return pipeline_env
+
+
+@pytest.mark.parametrize("pipeline_env", ["embedded"], indirect=True)
+def test_delivery_children_past_the_memory_bound_are_replaced_and_nothing_is_lost(
+    tight_memory_env, running: dict[str, str], pacs, tmp_path: Path
+) -> None:
+    outgoing = tmp_path / "outgoing"
+    outgoing.mkdir()
+    for image in sorted((DATA / "test" / "NORMAL").iterdir())[:4]:
+        wrap_image(image).save_as(outgoing / f"{image.stem}.dcm", enforce_file_format=True)
+    subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1",
+                    running["PNEUMO_PORT"], *map(str, sorted(outgoing.iterdir()))],
+                   check=True, capture_output=True)
+    wait_for(lambda: len(sr_files(pacs["folder"])) >= 4, 120, "four SRs at the PACS")
+    log = (Path(running["PNEUMO_HOME"]) / "worker-delivery.log").read_text()
+    children = set(re.findall(r"ForkPoolWorker-(\d+)\]", log))
+    assert len(children) > 2, f"the pool's 2 children were never replaced: {sorted(children)}"
+    with session_factory(database_url(running))() as session:
+        states = session.scalars(select(Delivery.state)).all()
+    assert sorted(states) == [DeliveryState.DELIVERED] * 4
