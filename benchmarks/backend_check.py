@@ -74,13 +74,11 @@ def main() -> None:
     reference = json.loads(args.reference.read_text())
     images = sorted(args.images.glob("*.jpeg"))
     tensors = preprocess_many(images)
-    rows = []
     for spec, expected in reference.items():
         model, version = registry.load(spec)
         probabilities = model.predict(tensors, batch_size=32, verbose=0).reshape(-1)
         difference = float(np.max(np.abs(probabilities - np.array(expected))))
         print(f"{version.label}: max |p_{backend} - p_tf_cpu| over {len(images)} images = {difference:.2e}")
-        rows.append((version.label, difference))
         if spec.startswith(args.model):
             print("batch  images/s")
             for batch_size in map(int, args.batches.split(",")):

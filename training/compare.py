@@ -62,7 +62,7 @@ def paired_bootstrap_auc(
     candidate: np.ndarray,
     resamples: int = 2000,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """ROC AUC of both, candidate minus reference, and the difference's bootstrap SE and 95% CI.
 
     The same resamples also give each version's Youden threshold a 5-95% range: at validation
