@@ -1,14 +1,18 @@
 """Which instances are classified; everything else is `ignored` with a reason a person can read.
 
-Both checks read only the header, so an image is refused before its pixel data is read or decoded.
+Both checks read only headers, so an image is refused before its pixel data is decoded: the DICOM
+header, and for JPEG, JPEG-LS and JPEG 2000 the compressed frame's own header (its declared size).
 Reasons start with a fixed class, then ': ' and the details (monitoring groups by the class).
 """
 
 from __future__ import annotations
 
+import openjpeg
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.pixels.utils import _get_jpg_parameters
+from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -104,4 +108,31 @@ def failure_reason(dataset: Dataset) -> str | None:
     for keyword in DECIMALS:
         if not _decimals(dataset, keyword):
             return f"invalid image header: {keyword} is not a number"
+    declared = _codestream_size(dataset)
+    if declared and declared != (rows, columns):
+        return (f"compressed image does not match the header: its codestream declares "
+                f"{declared[1]}x{declared[0]} pixels, the header {columns}x{rows}")
     return None
+
+
+def _codestream_size(dataset: Dataset) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 first frame declares; None if not one.
+
+    Why: decoders size their buffers from the codestream, not from the DICOM header checked above.
+    A 660 KB JPEG 2000 file whose codestream claims 40000x40000 took 9.6 GB and 42 s to fail in
+    the decoder; a JPEG claiming 60000x60000, 14 GB and 80 s (docs/benchmarks.md).
+    """
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax not in (*JPEG2000TransferSyntaxes, *JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes):
+        return None
+    try:
+        frames = _integer(dataset, "NumberOfFrames", 1)
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=frames))
+        if syntax in JPEG2000TransferSyntaxes:
+            declared = openjpeg.get_parameters(frame)  # reads the SIZ marker only
+            return int(declared["rows"]), int(declared["columns"])
+        # pydicom's own marker parser (the SOF segment); libjpeg.get_parameters decodes the image.
+        declared = _get_jpg_parameters(frame)
+        return int(declared["height"]), int(declared["width"])
+    except Exception:  # unparsable: left to the decoder, which reports it in its own words
+        return None

@@ -36,6 +36,7 @@ from training.preprocess import preprocess
 from worker import filters
 from worker.decode import DecodeError, grayscale_pixels
 from worker.inference import Classifier
+from worker.isolation import decode_in_child
 from worker.report import ImageFinding, build_sr, sr_uids
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,12 @@ def classify_instance(
                     f"gave up after {attempts - 1} attempts that never finished")
             return InstanceState.FAILED
 
-    state, reason, result, model = _classify_file(Path(path), classifier)
+    if attempts > 1:
+        # An attempt before this one never finished: this image may be what killed it, so it is
+        # decoded apart (worker.isolation) and can take down nothing but its own child process.
+        log.warning("instance %s: attempt %d after one that never finished; decoding it apart",
+                    sop_uid, attempts)
+    state, reason, result, model = _classify_file(Path(path), classifier, isolated=attempts > 1)
     with sessions() as session, session.begin():
         if not _finish(session, instance_id, state, reason):
             # Another delivery of the same job finished it first: keep what that one recorded.
@@ -98,7 +104,7 @@ def classify_instance(
     return state
 
 
-def _classify_file(path: Path, classifier: Callable[[], Classifier]):
+def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: bool = False):
     """(state, reason, result columns or None, the model used or None); never raises for bad input."""
     started = time.perf_counter()
     try:
@@ -114,7 +120,7 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier]):
     if reason:
         return InstanceState.FAILED, reason, None, None
     try:
-        tensor = preprocess(grayscale_pixels(dataset))
+        tensor = decode_in_child(path) if isolated else preprocess(grayscale_pixels(dataset))
     except (DecodeError, ValueError) as error:
         return InstanceState.FAILED, str(error)[:500], None, None
     decode_ms = (time.perf_counter() - started) * 1000

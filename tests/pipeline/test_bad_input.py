@@ -26,6 +26,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
@@ -278,6 +279,25 @@ def corrupt_j2k() -> Dataset:
     return dataset
 
 
+def codestream_claiming(name: str, marker: bytes, offset: int, fmt: str, side: int) -> Dataset:
+    """A real compressed file whose codestream header claims `side` x `side` pixels (the DICOM
+    header keeps its own size): a decompression bomb, 9.6 GB (JPEG 2000) or 14 GB (JPEG) to fail."""
+    dataset = dcmread(REAL_DICOM / name)
+    frame = bytearray(next(generate_frames(dataset.PixelData, number_of_frames=1)))
+    struct.pack_into(fmt, frame, frame.find(marker) + offset, side, side)
+    dataset.PixelData = encapsulate([bytes(frame)])
+    dataset.PatientName, dataset.PatientID = PATIENT_NAME, PATIENT_ID
+    return dataset
+
+
+def j2k_bomb() -> Dataset:  # SIZ: Xsiz, Ysiz
+    return codestream_claiming("nema_rg1_cr_chest_j2k_lossy.dcm", b"\xff\x51", 6, ">II", 40000)
+
+
+def jpeg_bomb() -> Dataset:  # SOF0: height, width
+    return codestream_claiming("konica_cr_mono1_jpeg.dcm", b"\xff\xc0", 5, ">HH", 60000)
+
+
 def rows_not_a_number() -> Dataset:
     """Rows written as text with a text VR (explicit VR lets a buggy writer do that)."""
     dataset = chest()
@@ -356,6 +376,12 @@ STORED_THEN_JUDGED = {
     "corrupt JPEG 2000": (corrupt_j2k, InstanceState.FAILED,
                           "pixel data could not be decoded (JPEG 2000 Image Compression (Lossless Only))",
                           True),
+    "JPEG 2000 codestream larger than the header": (
+        j2k_bomb, InstanceState.FAILED, "compressed image does not match the header: its codestream "
+        "declares 40000x40000 pixels, the header 1841x1955", False),
+    "JPEG codestream larger than the header": (
+        jpeg_bomb, InstanceState.FAILED, "compressed image does not match the header: its codestream "
+        "declares 60000x60000 pixels, the header 2010x2446", False),
     "Rows not a number": (rows_not_a_number, InstanceState.FAILED,
                           "invalid image header: Rows is missing or not a number", False),
     "BitsAllocated 7": (bits_allocated_7, InstanceState.FAILED,

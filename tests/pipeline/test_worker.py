@@ -13,7 +13,6 @@ from dicom_node.receive import store_instance
 from dicom_node.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
 from worker import pipeline
-from worker.inference import Classifier
 
 # The README of ../shared/dicom/real: expected handling per file.
 EXPECTED = {
@@ -26,12 +25,6 @@ EXPECTED = {
     "cr_hip_jpeg_lossless.dcm": (InstanceState.IGNORED, "body part HIP"),
     "canine_dx_thorax.dcm": (InstanceState.CLASSIFIED, None),
 }
-
-
-@pytest.fixture
-def classifier(tiny_registry: Path):
-    model = Classifier("pneumonia-transfer", tiny_registry)
-    return lambda: model
 
 
 def store(path_or_dataset, sessions, tmp_path: Path) -> int:
