@@ -119,8 +119,8 @@ def _codestream_size(dataset: Dataset) -> tuple[int, int] | None:
     """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 first frame declares; None if not one.
 
     Why: decoders size their buffers from the codestream, not from the DICOM header checked above.
-    A 660 KB JPEG 2000 file whose codestream claims 40000x40000 took 9.6 GB and 42 s to fail in
-    the decoder; a JPEG claiming 60000x60000, 14 GB and 80 s (docs/benchmarks.md).
+    A 661 KiB JPEG 2000 file whose codestream claims 40000x40000 took 9.2 GiB and 30 s to fail in
+    the decoder; a JPEG claiming 60000x60000, 13.8 GiB and 71 s (`benchmarks/decoding.py`).
     """
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax not in (*JPEG2000TransferSyntaxes, *JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes):

@@ -281,7 +281,7 @@ def corrupt_j2k() -> Dataset:
 
 def codestream_claiming(name: str, marker: bytes, offset: int, fmt: str, side: int) -> Dataset:
     """A real compressed file whose codestream header claims `side` x `side` pixels (the DICOM
-    header keeps its own size): a decompression bomb, 9.6 GB (JPEG 2000) or 14 GB (JPEG) to fail."""
+    header keeps its own size): a decompression bomb, 9 GiB (JPEG 2000) or 14 GiB (JPEG) to fail."""
     dataset = dcmread(REAL_DICOM / name)
     frame = bytearray(next(generate_frames(dataset.PixelData, number_of_frames=1)))
     struct.pack_into(fmt, frame, frame.find(marker) + offset, side, side)
