@@ -65,6 +65,9 @@ def test_worker_killed_mid_job_is_redelivered_and_finishes_once(
         results = session.scalars(select(Result).where(Result.instance_id == instance.id)).all()
     assert instance.attempts == 2
     assert len(results) == 1
+    # The second attempt decoded the image apart: it may have been what killed the first.
+    log = (Path(running["PNEUMO_HOME"]) / "worker-inference.log").read_text()
+    assert "attempt 2 after one that never finished; decoding it apart" in log
     wait_for(lambda: len(sr_files(pacs["folder"])) == 1, 60, "the SR at the PACS")
 
 
