@@ -29,6 +29,8 @@ BENCH_REDIS_DB = 13  # a database number nothing else on the machine uses; flush
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.conftest import dcmtk  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
+
 
 def load_average() -> str:
     """The 1/5/15-minute load averages, as `uptime` prints them."""
@@ -52,7 +54,7 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, inter
 
 
 def echo(port: int, called: str = "PNEUMO", calling: str = "STORESCU") -> bool:
-    command = ["echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+    command = [dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
     return subprocess.run(command, capture_output=True).returncode == 0
 
 
@@ -125,7 +127,7 @@ def start_storescp(
     folder: Path, port: int, fork: bool = False, ae_title: str = "PACS", nodelay: bool = False
 ) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
-    command = ["storescp", "-aet", ae_title, "-od", str(folder), "+xa"]
+    command = [dcmtk("storescp"), "-aet", ae_title, "-od", str(folder), "+xa"]
     if fork:
         command.append("--fork")
     process = subprocess.Popen(
@@ -138,7 +140,8 @@ def start_storescp(
 def storescu(
     port: int, files: Sequence[Path], called: str = "PNEUMO", nodelay: bool = False
 ) -> subprocess.Popen:
-    command = ["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    command = [dcmtk("storescu"), "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port),
+               *map(str, files)]
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dcmtk_env(nodelay)
     )

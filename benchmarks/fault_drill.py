@@ -59,6 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from tests.conftest import dcmtk  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
+
 DATA = Path(os.environ.get("PNEUMO_SHARED", REPO.parent / "shared")) / "data" / "chest_xray"
 POSTGRES_ADMIN_URL = os.environ.get(
     "PNEUMO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -297,7 +299,7 @@ class Stack:
 
     def start_pacs(self) -> None:
         self.processes.start("pacs", [
-            "storescp", "-aet", PACS_AE, "-od", str(self.pacs_dir), "+uf", "+xa", str(self.pacs_port),
+            dcmtk("storescp"), "-aet", PACS_AE, "-od", str(self.pacs_dir), "+uf", "+xa", str(self.pacs_port),
         ])
         wait_until(lambda: port_open(self.pacs_port), 30, "storescp to listen")
 

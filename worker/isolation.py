@@ -35,7 +35,7 @@ MEMORY_LIMIT_MB = 2048
 DECODE_FAILED = 3  # the child's exit status for an image that cannot be decoded (reason on stdout)
 # Children decoding at once: a crashed threaded worker redelivers every image it had in flight,
 # and each of them is then a suspect; one child per core keeps that burst within memory.
-_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+_slots = threading.BoundedSemaphore(len(os.sched_getaffinity(0)))
 
 
 def decode_in_child(path: Path, timeout_s: float = TIMEOUT_S) -> np.ndarray:
@@ -57,7 +57,9 @@ def decode_in_child(path: Path, timeout_s: float = TIMEOUT_S) -> np.ndarray:
         if child.returncode == DECODE_FAILED:
             raise DecodeError(child.stdout.strip())
         if child.returncode < 0:
-            raise DecodeError(f"decoding killed its process ({signal.Signals(-child.returncode).name}; "
+            number = -child.returncode
+            name = next((s.name for s in signal.Signals if s == number), f"signal {number}")
+            raise DecodeError(f"decoding killed its process ({name}; "
                               "decoded apart, as an earlier attempt never finished)")
         last_line = (child.stderr.strip().splitlines() or ["no output"])[-1]
         raise DecodeError(f"decoding exited with status {child.returncode}: {last_line}"[:500])
