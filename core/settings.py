@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     max_associations: int = Field(10)
     network_timeout_s: float = Field(60.0, description="DIMSE/ACSE/network timeouts")
     min_free_disk_mb: int = Field(500, description="Below this free space, C-STORE answers 0xA700")
+    max_inflated_mb: int = Field(
+        512, description="A deflated data set inflating past this is refused (0xC210): reading one "
+        "inflates it whole in memory"
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate (chain) of the node; set with tls_key_file: TLS only"
     )

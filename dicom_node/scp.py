@@ -74,7 +74,7 @@ def handle_store(
     outcome = store_instance(
         Path(event.dataset_path), str(request.AffectedSOPClassUID),
         str(request.AffectedSOPInstanceUID), calling, settings.storage_dir, sessions,
-        settings.min_free_disk_mb,
+        settings.min_free_disk_mb, settings.max_inflated_mb,
     )
     log.info("C-STORE %s from %s: 0x%04X %s", request.AffectedSOPInstanceUID, calling,
              outcome.status, outcome.reason)

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
     generate_uid,
@@ -152,13 +154,14 @@ def encoded(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def part10(folder: Path, body: bytes, sop_class: str, sop_uid: str | None = None) -> Path:
+def part10(folder: Path, body: bytes, sop_class: str, sop_uid: str | None = None,
+           syntax: str = ExplicitVRLittleEndian) -> Path:
     """A file whose data set is `body`, sent as it is: pynetdicom takes the request's UIDs from
     the file meta and streams the bytes after it unparsed."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     path = folder / f"{meta.MediaStorageSOPInstanceUID}.dcm"
     with open(path, "wb") as handle:
         handle.write(b"\0" * 128 + b"DICM")
@@ -478,6 +481,21 @@ def class_differs_from_context(folder: Path) -> Path:
     return part10(folder, encoded(dataset), chest().SOPClassUID, dataset.SOPInstanceUID)
 
 
+def deflate_bomb(folder: Path) -> Path:
+    """Deflated (the node accepts that syntax): a chest image, then 600 MiB of zeros in a private
+    element; 0.6 MB on the wire. pydicom inflates a deflated data set whole to read its header."""
+    dataset = chest()
+    size = 600 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [compressor.compress(encoded(dataset)),
+             compressor.compress(struct.pack("<HH2sHI", 0x7FE1, 0x1010, b"OB", 0, size))]
+    zeros = bytes(1 << 20)
+    parts += [compressor.compress(zeros) for _ in range(size >> 20)]
+    parts.append(compressor.flush())
+    return part10(folder, b"".join(parts), dataset.SOPClassUID, dataset.SOPInstanceUID,
+                  DeflatedExplicitVRLittleEndian)
+
+
 REFUSED = {
     "not DICOM": (not_dicom, CANNOT_UNDERSTAND, "not a DICOM dataset: no SOP Class, SOP Instance"),
     "truncated in pixel data": (truncated_in_pixel_data, CANNOT_UNDERSTAND,
@@ -490,6 +508,8 @@ REFUSED = {
     "no SOPInstanceUID": (without("SOPInstanceUID"), CANNOT_UNDERSTAND, "missing SOPInstanceUID"),
     "letters in a UID": (letters_in_study_uid, CANNOT_UNDERSTAND,
                          "invalid StudyInstanceUID: not digits and dots of at most 64 characters"),
+    "deflated data set inflating past the limit": (deflate_bomb, CANNOT_UNDERSTAND,
+                                                   "deflated data set too large: inflates past 512 MiB"),
     "SOP class differs from the context": (class_differs_from_context, DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                            "dataset does not match the C-STORE request: SOP Class UID "
                                            f"{CTImageStorage}"),
