@@ -145,6 +145,10 @@ def test_delivery_children_past_the_memory_bound_are_replaced_and_nothing_is_los
     log = (Path(running["PNEUMO_HOME"]) / "worker-delivery.log").read_text()
     children = set(re.findall(r"ForkPoolWorker-(\d+)\]", log))
     assert len(children) > 2, f"the pool's 2 children were never replaced: {sorted(children)}"
-    with session_factory(database_url(running))() as session:
-        states = session.scalars(select(Delivery.state)).all()
-    assert sorted(states) == [DeliveryState.DELIVERED] * 4
+
+    def states() -> list[str]:
+        with session_factory(database_url(running))() as session:
+            return sorted(session.scalars(select(Delivery.state)).all())
+
+    # storescp writes the SR before it answers, and the task records the answer after: wait.
+    wait_for(lambda: states() == [DeliveryState.DELIVERED] * 4, 30, "four deliveries recorded")
