@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from tests.pipeline.test_worker import store
 from training.preprocess import preprocess
 from worker import pipeline
 from worker.decode import DecodeError, grayscale_pixels
+from worker.inference import Classifier
 from worker.isolation import decode_in_child
 
 CHEST = REAL_DICOM / "nih_cxr14_dx_implicit.dcm"
@@ -111,7 +113,7 @@ def test_a_decoder_that_does_not_finish_is_stopped() -> None:
 def suspect(sessions, tmp_path: Path, name: str = "nih_cxr14_dx_implicit.dcm") -> int:
     """An instance whose first attempt started and never finished (its worker died)."""
     folder = tmp_path / name
-    folder.mkdir()
+    folder.mkdir(parents=True)
     instance_id = store(REAL_DICOM / name, sessions, folder)
     with sessions() as session, session.begin():
         instance = session.get(Instance, instance_id)
@@ -160,3 +162,35 @@ def test_suspect_that_crashes_its_decoder_fails_alone_with_the_signal(
         assert failed.attempts == 2
         assert "decoding killed its process (SIGSEGV" in failed.reason
         assert session.get(Instance, other).state == InstanceState.CLASSIFIED
+
+
+def test_a_burst_of_suspects_on_the_thread_pool_is_classified_a_few_children_at_a_time(
+    sessions, tiny_registry: Path, tmp_path: Path
+) -> None:
+    """What a crashed threaded worker leaves: every image it had in flight comes back as a
+    suspect at once. Each is decoded apart, at most one child per core runs, and all are
+    classified through the shared batches."""
+    names = ["nih_cxr14_dx_implicit.dcm", "fuji_cr_chest_mono1_explicit.dcm",
+             "konica_cr_mono1_jpeg.dcm", "nema_rg1_cr_chest_j2k_lossy.dcm"] * 2
+    suspects = [suspect(sessions, tmp_path / str(index), name) for index, name in enumerate(names)]
+    model = Classifier("pneumonia-transfer", tiny_registry, batch_size=8, batch_wait_s=0.05)
+    most_children, done = 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal most_children
+        while not done.is_set():
+            most_children = max(most_children, len(decoder_children()))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(suspects)) as pool:
+            states = list(pool.map(
+                lambda instance_id: pipeline.classify_instance(sessions, instance_id, lambda: model),
+                suspects))
+    finally:
+        done.set()
+        watcher.join()
+    assert states == [InstanceState.CLASSIFIED] * len(suspects)
+    assert 1 <= most_children <= len(os.sched_getaffinity(0))
