@@ -256,7 +256,7 @@ def inflates_past(path: Path, limit_bytes: int) -> bool:
 
     Why: pydicom inflates a deflated data set whole, in memory, to read even its header, so
     `DEFER_SIZE` bounds nothing there: a 1.2 MB file inflating to 1 GiB took the node 2.1 GB and
-    5.6 s to read. Here it is inflated 1 MiB at a time and thrown away, stopping past the limit.
+    6-7 s to read. Here it is inflated 1 MiB at a time and thrown away, stopping past the limit.
     """
     meta = read_file_meta_info(path)
     if not meta.TransferSyntaxUID.is_deflated:
