@@ -173,6 +173,75 @@ def compare(
         typer.echo(f"  {role} {result[f'{role}_threshold']:.3f} ({low:.3f}-{high:.3f})")
 
 
+SITE_DATA_HELP = ("Site folder: labels.csv (file, label, optional patient_id, age, view) and its "
+                  "JPEG/PNG/DICOM images, or NORMAL/ and PNEUMONIA/ folders")
+
+
+@app.command()
+def accept(
+    model: list[str] = typer.Option(
+        ..., help="NAME[@VERSION] (the served version when none is given); repeat to compare"),
+    data: Path = typer.Option(..., help=SITE_DATA_HELP),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    out: Path = typer.Option(
+        None, help="Folder for the ROC and reliability PNGs [default: ./accept-<site folder>]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON"),
+    resamples: int = typer.Option(1000, help="Patient bootstrap resamples of the ROC AUC interval"),
+) -> None:
+    """Site acceptance report: images refused and why, then ROC AUC, accuracy, sensitivity and
+    specificity (95% intervals: Wilson for proportions, patient bootstrap for the AUC) on the
+    images assessed, at each version's card threshold, overall, per view and per age band.
+    DICOM files go through the worker's filters and decoding."""
+    require_keras_backend()
+    _logging()
+    from training import site
+    from training.accept import accept as run_accept
+    from training.accept import format_report
+    from training.ood import ScopeError
+    from worker.scope import decode_site_file
+
+    try:
+        report = run_accept(model, data, models_dir, out, decode_site_file, resamples)
+    except (registry.RegistryError, site.SiteDataError, ScopeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., help="NAME@VERSION to calibrate"),
+    data: Path = typer.Option(..., help=SITE_DATA_HELP),
+    split_seed: int = typer.Option(20261202, help="Seed of the split by patient into halves"),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON"),
+    resamples: int = typer.Option(1000, help="Patient bootstrap resamples of the ROC AUC interval"),
+) -> None:
+    """Choose a version's threshold on a site's own labelled studies and register it as a new
+    version (same model file and pixel check, not served).
+
+    The studies are split by patient, stratified by class, into a calibration and an evaluation
+    half. Threshold rule: Youden's J (sensitivity + specificity - 1) maximised on the calibration
+    half, the middle of a plateau (on the images the version assesses; the rule every version's
+    threshold uses). The evaluation half is then reported at that threshold, as `pneumo accept`
+    reports, next to the parent at its own threshold.
+    """
+    require_keras_backend()
+    _logging()
+    from training import site
+    from training.calibrate import calibrate as run_calibrate
+    from training.calibrate import format_report
+    from training.ood import ScopeError
+    from worker.scope import decode_site_file
+
+    try:
+        _, report = run_calibrate(model, data, models_dir, split_seed, decode_site_file, resamples)
+    except (registry.RegistryError, site.SiteDataError, ScopeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @models_app.command("list")
 def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) -> None:
     """Every registered version, its validation/test metrics and which one is served."""
@@ -202,12 +271,79 @@ def models_serve(
 ) -> None:
     """Mark a version as the one the workers serve."""
     try:
-        registry.verify(registry.resolve(f"{name}@{version}", models_dir))
+        candidate = registry.resolve(f"{name}@{version}", models_dir)
+        registry.verify(candidate)
+        if not candidate.scope:
+            raise registry.RegistryError(
+                f"{candidate.label} has no intended use and pixel check, so the workers could "
+                f"not tell what it was validated on; run `pneumo scope fit --model {candidate.label}`")
         registry.mark_served(name, version, models_dir)
     except registry.RegistryError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
     typer.echo(f"{name}@{version} is now served")
+
+
+scope_app = typer.Typer(help="Intended use and pixel check of a model version.", no_args_is_help=True)
+app.add_typer(scope_app, name="scope")
+
+
+@scope_app.command("fit")
+def scope_fit(
+    model: str = typer.Option(..., help="NAME@VERSION registered before pixel checks existed"),
+    false_refusal_rate: float = typer.Option(
+        0.01, help="Share of held-out in-scope (validation) images the check may refuse"),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+) -> None:
+    """Fit a version's pixel check on its own training split, threshold on its validation split,
+    and record it with its intended use in scope.json (once; the card is not changed)."""
+    require_keras_backend()
+    _logging()
+    from training.scope import fit_existing
+
+    try:
+        version = fit_existing(model, models_dir, false_refusal_rate)
+    except registry.RegistryError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    check = version.scope["pixel_check"]
+    typer.echo(f"{version.label}: pixel check threshold {check['threshold']:.2f} "
+               f"({check['held_out_refused_rate']:.1%} of {check['held_out_images']} held-out refused)")
+
+
+@app.command()
+def adapt(
+    model: str = typer.Option(..., help="Model name; its served version is the base"),
+    site: str = typer.Option(..., help="The site's name, recorded in the card"),
+    data: Path = typer.Option(..., help="Site folder: labels.csv (file, label, patient_id, age, view) "
+                                        "and the JPEG/PNG/DICOM images it names"),
+    epochs: int = typer.Option(10, help="Fine-tuning epochs at most (early stopping on validation)"),
+    site_validation_fraction: float = typer.Option(0.25, help="Site patients held for validation"),
+    max_base_images: int = typer.Option(None, hidden=True),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
+) -> None:
+    """A new version for the base population and the site's: fine-tuned on both, threshold on
+    both sites' validation patients, pixel check refitted on both. Registered, not served:
+    accept it on the site's held-back studies (`pneumo accept`), then `pneumo models serve`."""
+    require_keras_backend()
+    _logging()
+    from training.adapt import AdaptConfig
+    from training.adapt import adapt as run_adapt
+    from training.site import SiteDataError
+    from worker.scope import decode_site_file
+
+    config = AdaptConfig(epochs=epochs, site_validation_fraction=site_validation_fraction,
+                         max_base_images=max_base_images)
+    try:
+        version = run_adapt(model, site, data, models_dir, config, decode_site_file)
+    except (registry.RegistryError, SiteDataError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    by_site = version.card["metrics"]["validation_by_site"]
+    typer.echo(f"registered {version.label} (not served); threshold {version.threshold:.4f}")
+    for name, result in by_site.items():
+        typer.echo(f"  validation {name}: n {result['n']}, ROC AUC {result['roc_auc']:.4f}, "
+                   f"accuracy {result['accuracy']:.4f}")
 
 
 db_app = typer.Typer(help="The database schema (Alembic).", no_args_is_help=True)

@@ -35,9 +35,13 @@ class InstanceState(StrEnum):
     CLASSIFIED = "classified"  # terminal
     IGNORED = "ignored"  # terminal: not a frontal chest radiograph, with the reason
     FAILED = "failed"  # terminal: could not be classified, with the reason
+    # terminal: a chest radiograph unlike what the served version was validated on (its card's
+    # intended use, or its pixel check); refused with the reason, never classified
+    OUT_OF_SCOPE = "out_of_scope"
 
 
-TERMINAL_STATES = (InstanceState.CLASSIFIED, InstanceState.IGNORED, InstanceState.FAILED)
+TERMINAL_STATES = (InstanceState.CLASSIFIED, InstanceState.IGNORED, InstanceState.FAILED,
+                   InstanceState.OUT_OF_SCOPE)
 
 
 class DeliveryState(StrEnum):
@@ -91,6 +95,10 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Out of scope: the version that refused it (its SR says "not assessed") and its pixel score.
+    scope_model_name: Mapped[str | None] = mapped_column(String(64))
+    scope_model_version: Mapped[str | None] = mapped_column(String(64))
+    scope_score: Mapped[float | None] = mapped_column(Float)
     study: Mapped[Study] = relationship(back_populates="instances")
     results: Mapped[list[Result]] = relationship(back_populates="instance")
 
@@ -107,6 +115,8 @@ class Result(Base):
     label: Mapped[str] = mapped_column(String(16))
     decode_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
+    scope_score: Mapped[float | None] = mapped_column(Float)  # pixel check; None before it existed
+    scope_threshold: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     instance: Mapped[Instance] = relationship(back_populates="results")
 

@@ -25,6 +25,7 @@ MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
 SERVED_FILE = "served.json"
 TEST_REPORT_FILE = "test_report.json"
+SCOPE_FILE = "scope.json"  # the scope of a version registered before pixel checks existed
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
@@ -60,6 +61,11 @@ class ModelVersion:
         """The one recorded test evaluation (card or test report); empty if test was never read."""
         in_card = self.card.get("metrics", {}).get("test")
         return in_card or _read_json(self.path / TEST_REPORT_FILE).get("metrics", {})
+
+    @property
+    def scope(self) -> dict[str, Any]:
+        """Intended use and pixel check (card, or `scope.json` beside an older card); {} if none."""
+        return self.card.get("scope") or _read_json(self.path / SCOPE_FILE)
 
 
 def sha256_file(path: Path) -> str:
@@ -129,8 +135,12 @@ def register(
     models_dir: Path = DEFAULT_MODELS_DIR,
     extra_files: list[Path] = (),
     version: str | None = None,
+    detector_file: Path | None = None,
 ) -> ModelVersion:
-    """Write a new immutable version folder; the first version of a name becomes served."""
+    """Write a new immutable version folder; the first version of a name becomes served.
+
+    With `detector_file`, the card's `scope` records its name and SHA-256 (training.ood).
+    """
     version = version or new_version()
     final = Path(models_dir) / name / version
     if final.exists():
@@ -139,8 +149,13 @@ def register(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save(staging / MODEL_FILE)
-    for extra in extra_files:
+    for extra in [*extra_files, *([detector_file] if detector_file else [])]:
         shutil.copy2(extra, staging / Path(extra).name)
+    if detector_file:
+        card = {**card, "scope": {
+            **card.get("scope", {}), "detector_file": Path(detector_file).name,
+            "detector_sha256": sha256_file(staging / Path(detector_file).name),
+        }}
     card = {
         **card,
         "name": name,
@@ -192,6 +207,26 @@ def record_test_report(
     return target
 
 
+def record_scope(model_version: ModelVersion, scope: dict[str, Any], detector_file: Path) -> Path:
+    """Give a version registered before pixel checks its scope, once: the card stays as it was.
+
+    The detector file is copied next to the card and its hash written into `scope.json`.
+    """
+    if model_version.scope:
+        raise RegistryError(f"{model_version.label} already has a scope; versions are immutable")
+    target = model_version.path / Path(detector_file).name
+    read_only = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+    try:
+        shutil.copy2(detector_file, target)
+        target.chmod(read_only)
+        scope = {**scope, "detector_file": target.name, "detector_sha256": sha256_file(target)}
+        _write_json_atomic(model_version.path / SCOPE_FILE, scope)
+        (model_version.path / SCOPE_FILE).chmod(read_only)
+    except OSError as error:
+        raise RegistryError(f"cannot record the scope of {model_version.label}: {error}") from error
+    return model_version.path / SCOPE_FILE
+
+
 def verify(model_version: ModelVersion) -> None:
     """Refuse a model whose file changed since registration or whose contract differs."""
     if not model_version.model_file.exists():
@@ -220,3 +255,56 @@ def load(spec: str, models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[Any, ModelVe
     verify(model_version)
     model = keras.saving.load_model(model_version.model_file, compile=False)
     return model, model_version
+
+
+def register_copy(
+    parent: ModelVersion,
+    card: dict[str, Any],
+    models_dir: Path = DEFAULT_MODELS_DIR,
+    extra_files: list[Path] = (),
+    version: str | None = None,
+) -> ModelVersion:
+    """A new immutable version of `parent`'s name with the same model file and pixel check.
+
+    The parent's model file and detector are verified against its hashes and copied byte for byte
+    (same SHA-256s); the card's `scope` is the parent's. Never marked served (`pneumo calibrate`).
+    """
+    verify(parent)
+    scope = dict(parent.scope)
+    detector = parent.path / str(scope.get("detector_file", ""))
+    if not scope.get("detector_file") or not detector.is_file():
+        raise RegistryError(f"{parent.label} has no pixel check to copy; run `pneumo scope fit`")
+    if sha256_file(detector) != scope.get("detector_sha256"):
+        raise ModelIntegrityError(f"{parent.label}: {detector.name} differs from the hash its "
+                                  f"scope records; it was changed after it was fitted")
+    version = version or new_version()
+    final = Path(models_dir) / parent.name / version
+    if final.exists():
+        raise RegistryError(f"{parent.name}@{version} already exists; versions are immutable")
+    staging = final.with_name(f".staging-{version}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        shutil.copyfile(parent.model_file, staging / MODEL_FILE)
+        shutil.copyfile(detector, staging / detector.name)
+        for extra in extra_files:
+            shutil.copy2(extra, staging / Path(extra).name)
+        card = {
+            **card,
+            "scope": {**scope, "detector_sha256": sha256_file(staging / detector.name)},
+            "name": parent.name,
+            "version": version,
+            "model_file": MODEL_FILE,
+            "model_sha256": sha256_file(staging / MODEL_FILE),
+            "preprocessing": contract.preprocessing_contract(),
+        }
+        if card["model_sha256"] != parent.card.get("model_sha256"):
+            raise ModelIntegrityError(f"{parent.label}: the copy of {MODEL_FILE} differs from it")
+        (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        for path in staging.iterdir():
+            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ModelVersion(parent.name, version, final, card)

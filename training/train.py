@@ -140,10 +140,13 @@ def fit_phase(
     validation: Split,
     config: TrainConfig,
     epochs: int,
-    class_weight: dict[int, float],
+    class_weight: dict[int, float] | None,
     verbose: int,
+    train_weights: np.ndarray | None = None,
+    validation_weights: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
-    """One `fit` with early stopping on a validation metric (best weights restored)."""
+    """One `fit` with early stopping on a validation metric (best weights restored); per-image
+    weights (adapt) instead of class weights when given."""
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor=config.early_stopping_monitor,
@@ -155,14 +158,15 @@ def fit_phase(
             monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6
         ),
     ]
-    validation_inputs = fit_inputs(validation.images, validation.labels, config.batch_size, 0, False)
+    validation_inputs = fit_inputs(validation.images, validation.labels, config.batch_size, 0, False,
+                                   validation_weights)
     validation_data = (
         validation_inputs["x"]
         if "y" not in validation_inputs
-        else (validation_inputs["x"], validation_inputs["y"])
+        else tuple(validation_inputs[k] for k in ("x", "y", "sample_weight") if k in validation_inputs)
     )
     history = training_model.fit(
-        **fit_inputs(train.images, train.labels, config.batch_size, config.seed, True),
+        **fit_inputs(train.images, train.labels, config.batch_size, config.seed, True, train_weights),
         validation_data=validation_data,
         epochs=epochs,
         class_weight=class_weight,

@@ -7,6 +7,8 @@ Reasons start with a fixed class, then ': ' and the details (monitoring groups b
 
 from __future__ import annotations
 
+import re
+
 import openjpeg
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -19,8 +21,22 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 RADIOGRAPH_CLASSES = {CR, DX_PRESENTATION, DX_PROCESSING}
-CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_LAT", ""}  # absent counts as chest
-FRONTAL_VIEWS = {"PA", "AP", ""}  # absent counts as frontal
+# Absent body part or view passes here; the served version's pixel check decides (worker.scope).
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_LAT", ""}
+FRONTAL_VIEWS = {"PA", "AP", ""}
+# Words in a description or protocol that name another body part (after DICOM CID 4031), and
+# words that name the chest: a description naming only another part is evidence enough.
+_OTHER_BODY_PARTS = """
+    SKULL HEAD BRAIN FACE FACIAL SINUS SINUSES ORBIT ORBITS NASAL TEETH TOOTH DENTAL JAW MANDIBLE
+    MAXILLA PANORAMIC PANO OPG OPT ORTHOPANTOMOGRAM CEPHALOMETRIC CEPH SPINE CSPINE TSPINE LSPINE
+    NECK CERVICAL LUMBAR SACRUM COCCYX PELVIS HIP HIPS FEMUR KNEE KNEES PATELLA TIBIA FIBULA LEG
+    ANKLE FOOT FEET TOE TOES HEEL CALCANEUS SHOULDER HUMERUS ELBOW FOREARM RADIUS ULNA WRIST HAND
+    HANDS FINGER FINGERS THUMB ABDOMEN ABDOMINAL KUB BREAST MAMMO MAMMOGRAPHY MAMMOGRAM SCAPULA
+"""
+OTHER_BODY_PART_WORDS = frozenset(_OTHER_BODY_PARTS.split())
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CXR", "PULMONARY"})
+DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName",
+                "RequestedProcedureDescription", "PerformedProcedureStepDescription")
 MIN_SIDE = 32
 MAX_SIDE = 8192
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # decoding more would take gigabytes of worker memory
@@ -65,6 +81,9 @@ def ignore_reason(dataset: Dataset) -> str | None:
     body_part = str(dataset.get("BodyPartExamined", "") or "").strip().upper()
     if body_part not in CHEST_BODY_PARTS:
         return f"not a chest image: body part {body_part}"
+    described = _described_other_part(dataset)
+    if described:
+        return f"not a chest image: {described}"
     view = str(dataset.get("ViewPosition", "") or "").strip().upper()
     if view not in FRONTAL_VIEWS:
         if view in {"LL", "RL", "LAT", "LATERAL"}:
@@ -78,6 +97,19 @@ def ignore_reason(dataset: Dataset) -> str | None:
     if (samples is not None and samples != 1) or photometric not in {"MONOCHROME1", "MONOCHROME2"}:
         return (f"not a grayscale image: {photometric or 'no PhotometricInterpretation'}, "
                 f"SamplesPerPixel {samples}")
+    return None
+
+
+def _described_other_part(dataset: Dataset) -> str | None:
+    """'SeriesDescription names TEETH' when a description names another body part and no chest.
+
+    Only our own vocabulary word is quoted: descriptions are free text and may hold anything.
+    """
+    for keyword in DESCRIPTIONS:
+        words = set(re.split(r"[^A-Z0-9]+", str(dataset.get(keyword, "") or "").upper()))
+        other = sorted(words & OTHER_BODY_PART_WORDS)
+        if other and not words & CHEST_WORDS:
+            return f"{keyword} names {other[0]}"
     return None
 
 

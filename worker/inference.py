@@ -1,4 +1,4 @@
-"""The served model, loaded once per worker process, verified against its card."""
+"""The served model and its pixel check, loaded once per worker process, verified against its card."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core import registry
+from training import models, ood
 from worker.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -22,17 +23,29 @@ class Prediction:
     probability: float
     label: str
     inference_ms: float
+    scope_score: float  # the pixel check's score; above `Classifier.scope_threshold`: out of scope
+
 
 
 class Classifier:
     """Wraps one registered model version; `predict` takes the contract's input tensors.
 
     With `batch_size` > 1, concurrent `predict` calls (Celery's thread pool) are batched together
-    (see worker.batching); otherwise each call runs the model on its own image.
+    (see worker.batching); otherwise each call runs the model on its own image. One model call
+    gives the probability and the pixel check's features (training.models.with_features).
     """
 
     def __init__(self, spec: str, models_dir: Path, batch_size: int = 1, batch_wait_s: float = 0.01) -> None:
-        self.model, self.version = registry.load(spec, models_dir)
+        model, self.version = registry.load(spec, models_dir)
+        if not self.version.scope.get("detector_sha256"):
+            raise registry.RegistryError(
+                f"{self.version.label} has no pixel check, so no image can be checked against what "
+                f"it was validated on; run `pneumo scope fit --model {self.version.label}`")
+        try:
+            self.detector = ood.load(self.version.path, self.version.scope["detector_sha256"])
+        except ood.ScopeError as error:
+            raise registry.RegistryError(f"{self.version.label}: {error}") from error
+        self.model, _ = models.with_features(model)
         self._lock = threading.Lock()
         self._batcher = (
             MicroBatcher(self._run_model, batch_size, batch_wait_s) if batch_size > 1 else None
@@ -48,25 +61,37 @@ class Classifier:
     def threshold(self) -> float:
         return self.version.threshold
 
-    def _run_model(self, tensors: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return np.asarray(self.model.predict_on_batch(tensors)).reshape(-1)
+    @property
+    def scope_threshold(self) -> float:
+        return self.detector.threshold
 
-    def _prediction(self, probability: float, inference_ms: float) -> Prediction:
+    @property
+    def intended_use(self) -> dict:
+        return self.version.scope.get("intended_use", {})
+
+    def _run_model(self, tensors: np.ndarray) -> np.ndarray:
+        """(N, 2): probability and pixel check score per image."""
+        with self._lock:
+            probabilities, features = self.model.predict_on_batch(tensors)
+        scores = self.detector.score(np.asarray(features))
+        return np.stack([np.asarray(probabilities).reshape(-1), scores], axis=1)
+
+    def _prediction(self, output: np.ndarray, inference_ms: float) -> Prediction:
+        probability, score = float(output[0]), float(output[1])
         label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
-        return Prediction(float(probability), label, inference_ms)
+        return Prediction(probability, label, inference_ms, score)
 
     def predict_batch(self, tensors: np.ndarray) -> list[Prediction]:
         started = time.perf_counter()
         output = self._run_model(tensors)
         elapsed = (time.perf_counter() - started) * 1000 / max(1, len(tensors))
-        return [self._prediction(p, elapsed) for p in output]
+        return [self._prediction(row, elapsed) for row in output]
 
     def predict(self, tensor: np.ndarray) -> Prediction:
         if self._batcher is None:
             return self.predict_batch(tensor[np.newaxis])[0]
         output, per_image_ms = self._batcher.submit(tensor).result(timeout=BATCH_TIMEOUT_S)
-        return self._prediction(float(output[0]), per_image_ms)
+        return self._prediction(output, per_image_ms)
 
 
 _cache: dict[tuple[str, str], Classifier] = {}

@@ -1,6 +1,7 @@
 """What the Celery tasks do, as plain functions over a session factory (tested directly).
 
-classify_instance: filter -> decode -> shared preprocessing -> predict -> one result row.
+classify_instance: filter -> scope (header) -> decode -> shared preprocessing -> predict and pixel
+check -> one result row, or `out_of_scope` with the reason.
 finalise_stable_studies: quiet studies with every instance terminal get an SR delivery.
 deliver: build the SR from the database and the stored headers, C-STORE it, record the outcome.
 sweep: re-queue instances whose job was never queued or got lost.
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import scope
 from core.db import (
     TERMINAL_STATES,
     Delivery,
@@ -38,6 +40,7 @@ from worker.decode import DecodeError, grayscale_pixels
 from worker.inference import Classifier
 from worker.isolation import decode_in_child
 from worker.report import ImageFinding, build_sr, sr_uids
+from worker.scope import header_age, header_view
 
 log = logging.getLogger(__name__)
 LOCAL_DESTINATION = "local"  # no PACS configured: the SR is only written to disk
@@ -96,8 +99,11 @@ def classify_instance(
         if not _finish(session, instance_id, state, reason):
             # Another delivery of the same job finished it first: keep what that one recorded.
             return session.scalar(select(Instance.state).where(Instance.id == instance_id))
-        if result is not None:
+        if model is not None:
             _record_model_version(session, model)
+        if state == InstanceState.OUT_OF_SCOPE:
+            session.execute(update(Instance).where(Instance.id == instance_id).values(**result))
+        elif result is not None:
             session.execute(insert_ignoring_duplicates(session, Result).values(
                 instance_id=instance_id, **result))
     log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
@@ -105,7 +111,8 @@ def classify_instance(
 
 
 def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: bool = False):
-    """(state, reason, result columns or None, the model used or None); never raises for bad input."""
+    """(state, reason, result or refusal columns or None, the model used or None); never raises
+    for bad input. A result carries a label only when the image is within the model's scope."""
     started = time.perf_counter()
     try:
         # Values over 1 MB (pixel data, large private elements) are read only when used: the
@@ -119,13 +126,19 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
     reason = filters.failure_reason(dataset)
     if reason:
         return InstanceState.FAILED, reason, None, None
+    model = classifier()
+    reason = scope.header_reason(model.intended_use, header_age(dataset), header_view(dataset))
+    if reason:
+        return InstanceState.OUT_OF_SCOPE, f"{reason} ({model.version.label})", _refusal(model), model
     try:
         tensor = decode_in_child(path) if isolated else preprocess(grayscale_pixels(dataset))
     except (DecodeError, ValueError) as error:
         return InstanceState.FAILED, str(error)[:500], None, None
     decode_ms = (time.perf_counter() - started) * 1000
-    model = classifier()
     prediction = model.predict(tensor)
+    if prediction.scope_score > model.scope_threshold:
+        reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)
+        return InstanceState.OUT_OF_SCOPE, reason, _refusal(model, prediction.scope_score), model
     return InstanceState.CLASSIFIED, None, {
         "model_name": model.name,
         "model_version": model.version.version,
@@ -134,7 +147,15 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
         "label": prediction.label,
         "decode_ms": decode_ms,
         "inference_ms": prediction.inference_ms,
+        "scope_score": prediction.scope_score,
+        "scope_threshold": model.scope_threshold,
     }, model
+
+
+def _refusal(model: Classifier, score: float | None = None) -> dict:
+    """The instance columns that name the version that refused an image, and its pixel score."""
+    return {"scope_model_name": model.name, "scope_model_version": model.version.version,
+            "scope_score": score}
 
 
 def _record_model_version(session: Session, model: Classifier) -> None:
@@ -163,12 +184,7 @@ def finalise_stable_studies(
         for study in studies:
             session.execute(update(Study).where(Study.id == study.id, Study.changes == study.changes)
                             .values(report_pending=False))
-            counts = session.execute(
-                select(Result.model_name, Result.model_version, func.count(Result.id))
-                .join(Instance).where(Instance.study_id == study.id)
-                .group_by(Result.model_name, Result.model_version)
-            ).all()
-            for model_name, model_version, count in counts:
+            for (model_name, model_version), count in _reported_counts(session, study.id).items():
                 for destination in destinations:
                     delivery = _delivery_for(session, study, model_name, model_version, destination)
                     if delivery.instances_reported < count:
@@ -185,6 +201,25 @@ def finalise_stable_studies(
     for delivery_id in to_send:
         enqueue_delivery(delivery_id)
     return to_send
+
+
+def _reported_counts(session: Session, study_id: int) -> dict[tuple[str, str], int]:
+    """Images an SR reports, per model version: those it classified and those it refused as out
+    of scope (reported as not assessed, so a study of refused images still gets its SR)."""
+    counts: dict[tuple[str, str], int] = {}
+    classified = session.execute(
+        select(Result.model_name, Result.model_version, func.count(Result.id))
+        .join(Instance).where(Instance.study_id == study_id)
+        .group_by(Result.model_name, Result.model_version)
+    ).all()
+    refused = session.execute(
+        select(Instance.scope_model_name, Instance.scope_model_version, func.count(Instance.id))
+        .where(Instance.study_id == study_id, Instance.state == InstanceState.OUT_OF_SCOPE)
+        .group_by(Instance.scope_model_name, Instance.scope_model_version)
+    ).all()
+    for model_name, model_version, count in [*classified, *refused]:
+        counts[(model_name, model_version)] = counts.get((model_name, model_version), 0) + count
+    return counts
 
 
 def _lost_deliveries(session: Session, lost_after_s: float) -> list[int]:
@@ -225,7 +260,7 @@ def _delivery_for(
 
 
 def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) -> Path:
-    """Build the SR from every classified image of the study and write it; returns the path."""
+    """Build the SR from every image of the study the version classified or refused; write it."""
     with sessions() as session:
         delivery = session.get(Delivery, delivery_id)
         rows = session.execute(
@@ -236,13 +271,27 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
                 Result.model_version == delivery.model_version,
             ).order_by(Instance.id)
         ).all()
+        refused = session.execute(
+            select(Instance.path, Instance.reason).where(
+                Instance.study_id == delivery.study_id,
+                Instance.state == InstanceState.OUT_OF_SCOPE,
+                Instance.scope_model_name == delivery.model_name,
+                Instance.scope_model_version == delivery.model_version,
+            ).order_by(Instance.id)
+        ).all()
         model_name, model_version = delivery.model_name, delivery.model_version
+        threshold = rows[0].threshold if rows else session.scalar(
+            select(ModelVersionRow.threshold).where(ModelVersionRow.name == model_name,
+                                                    ModelVersionRow.version == model_version))
     findings = [  # headers only; large private elements stay on disk
         ImageFinding(dcmread(path, stop_before_pixels=True, defer_size=1 << 20), probability,
                      label == "PNEUMONIA")
         for path, probability, label, _ in rows
+    ] + [
+        ImageFinding(dcmread(path, stop_before_pixels=True, defer_size=1 << 20), None, None, reason)
+        for path, reason in refused
     ]
-    report = build_sr(findings, model_name, model_version, rows[0].threshold)
+    report = build_sr(findings, model_name, model_version, threshold)
     sr_dir.mkdir(parents=True, exist_ok=True)
     path = sr_dir / f"{report.SOPInstanceUID}.dcm"
     report.save_as(path, enforce_file_format=True)

@@ -1,7 +1,9 @@
 """The DICOM SR for one study and model version, built with highdicom (TID 1500).
 
-One image-level group (TID 1501) per classified image: Pneumonia (SCT 233604007) present/absent,
-the probability as a measurement, the algorithm (TID 4019). UIDs derive from (study, model,
+One image-level group (TID 1501) per image the version looked at: Pneumonia (SCT 233604007)
+Present/Absent with the probability as a measurement for a classified image; Undetermined with a
+"not assessed" comment and its reason for one outside the version's validated scope (never Absent
+for what was not assessed); the algorithm (TID 4019) in both. UIDs derive from (study, model,
 version), so a re-built SR replaces the earlier one at the PACS instead of adding another.
 """
 
@@ -20,7 +22,9 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
@@ -30,8 +34,8 @@ from pydicom.uid import generate_uid
 
 MANUFACTURER = "Pneumo"
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
-PRESENT = Code("52101004", "SCT", "Present")
-ABSENT = Code("2667000", "SCT", "Absent")
+# CID 240 (Present/Absent/Undetermined) as pydicom carries it: Absent is SCT 272519000 today.
+PRESENT, ABSENT, UNDETERMINED = codes.SCT.Present, codes.SCT.Absent, codes.SCT.Undetermined
 CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = Code("PNEUMO-P", "99PNEUMO", "Pneumonia probability")
 NO_UNITS = Code("1", "UCUM", "no units")
@@ -46,11 +50,12 @@ _PATIENT_STUDY_TYPE2 = (
 
 @dataclass(frozen=True)
 class ImageFinding:
-    """One classified image's result."""
+    """One image's result: classified (probability, present) or not assessed (the reason)."""
 
     source: Dataset  # the image's header (pixel data not needed)
-    probability: float
-    present: bool
+    probability: float | None
+    present: bool | None
+    not_assessed: str | None = None  # why the version gave no finding (out of its scope)
 
 
 def sr_uids(study_instance_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
@@ -74,12 +79,34 @@ def _evidence(source: Dataset) -> Dataset:
     return evidence
 
 
+def _not_assessed_group(
+    finding: ImageFinding, sop_uid: str, algorithm: AlgorithmIdentification, model_name: str,
+    model_version: str,
+) -> MeasurementsAndQualitativeEvaluations:
+    """Pneumonia: Undetermined, plus a comment saying the image was not assessed and why."""
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[sop_uid, model_name, model_version]),
+            identifier=f"pneumonia classification of {sop_uid}"[:64],
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        source_images=[SourceImageForMeasurementGroup(str(finding.source.SOPClassUID), sop_uid)],
+        qualitative_evaluations=[QualitativeEvaluation(PNEUMONIA, UNDETERMINED)],
+    )
+    group[0].ContentSequence.append(TextContentItem(
+        name=codes.DCM.Comment, value=f"not assessed: {finding.not_assessed}"[:1024],
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    ))
+    return group
+
+
 def build_sr(
     findings: list[ImageFinding], model_name: str, model_version: str, threshold: float
 ) -> ComprehensiveSR:
     """The study's SR; `findings` must share one StudyInstanceUID."""
     if not findings:
-        raise ValueError("findings must not be empty: an SR needs at least one classified image")
+        raise ValueError("findings must not be empty: an SR needs at least one image")
     study_uids = {str(f.source.StudyInstanceUID) for f in findings}
     if len(study_uids) != 1:
         raise ValueError(f"findings span {len(study_uids)} studies; one SR per study")
@@ -98,6 +125,9 @@ def build_sr(
     groups = []
     for finding in findings:
         sop_uid = str(finding.source.SOPInstanceUID)
+        if finding.not_assessed:
+            groups.append(_not_assessed_group(finding, sop_uid, algorithm, model_name, model_version))
+            continue
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
                 uid=generate_uid(entropy_srcs=[sop_uid, model_name, model_version]),

@@ -181,7 +181,7 @@ def test_stable_study_gets_one_sr_with_every_classified_image(
         result = results[source]
         evaluation = group.get_qualitative_evaluations()[0]
         assert evaluation.name.value == "233604007"
-        assert evaluation.value.value == ("52101004" if result.label == "PNEUMONIA" else "2667000")
+        assert evaluation.value.value == ("52101004" if result.label == "PNEUMONIA" else "272519000")
         assert group.get_measurements()[0].value == pytest.approx(result.probability, abs=1e-6)
         texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue")
                  for item in group[0].ContentSequence}
