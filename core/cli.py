@@ -180,18 +180,19 @@ SITE_DATA_HELP = ("Site folder: labels.csv (file, label, optional patient_id, ag
 @app.command()
 def accept(
     model: list[str] = typer.Option(
-        ..., help="NAME[@VERSION] (the served version when none is given); repeat to compare"),
+        ..., help="NAME@VERSION, or NAME for its served version; repeat to compare versions"),
     data: Path = typer.Option(..., help=SITE_DATA_HELP),
     models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
     out: Path = typer.Option(
-        None, help="Folder for the ROC and reliability PNGs [default: ./accept-<site folder>]"),
+        None, help="Folder for the ROC and reliability PNGs (default: ./accept-SITE, SITE the name "
+                   "of the --data folder)"),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON"),
     resamples: int = typer.Option(1000, help="Patient bootstrap resamples of the ROC AUC interval"),
 ) -> None:
-    """Site acceptance report: images refused and why, then ROC AUC, accuracy, sensitivity and
-    specificity (95% intervals: Wilson for proportions, patient bootstrap for the AUC) on the
-    images assessed, at each version's card threshold, overall, per view and per age band.
-    DICOM files go through the worker's filters and decoding."""
+    """Site acceptance report: how many images each version refuses and why, then on the images it
+    assesses ROC AUC, accuracy, sensitivity and specificity at its card threshold, overall, per view
+    and per age band. 95% intervals: Wilson for proportions, patient bootstrap for the AUC. DICOM
+    files go through the worker's filters and decoding."""
     require_keras_backend()
     _logging()
     from training import site
@@ -208,7 +209,20 @@ def accept(
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
-@app.command()
+CALIBRATE_HELP = (
+    "Choose a version's threshold on a site's own labelled studies and register it as a new version "
+    "(same model file and pixel check, not served).\n\n"
+    "The studies are split by patient, stratified by class, into a calibration half and an "
+    "evaluation half (--split-seed).\n\n"
+    "Threshold rule: Youden's J (sensitivity + specificity - 1) maximised on the calibration half, "
+    "the middle of a plateau; on the images the version assesses (not refused), the rule every "
+    "version's threshold uses on its validation split.\n\n"
+    "The evaluation half is then reported at that threshold as `pneumo accept` reports it, next to "
+    "the parent at its own threshold; the evaluation half takes no part in the choice."
+)
+
+
+@app.command(help=CALIBRATE_HELP)
 def calibrate(
     model: str = typer.Option(..., help="NAME@VERSION to calibrate"),
     data: Path = typer.Option(..., help=SITE_DATA_HELP),
@@ -217,15 +231,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON"),
     resamples: int = typer.Option(1000, help="Patient bootstrap resamples of the ROC AUC interval"),
 ) -> None:
-    """Choose a version's threshold on a site's own labelled studies and register it as a new
-    version (same model file and pixel check, not served).
-
-    The studies are split by patient, stratified by class, into a calibration and an evaluation
-    half. Threshold rule: Youden's J (sensitivity + specificity - 1) maximised on the calibration
-    half, the middle of a plateau (on the images the version assesses; the rule every version's
-    threshold uses). The evaluation half is then reported at that threshold, as `pneumo accept`
-    reports, next to the parent at its own threshold.
-    """
+    """A site's own threshold as a new version; the rule is in CALIBRATE_HELP (shown by --help)."""
     require_keras_backend()
     _logging()
     from training import site
