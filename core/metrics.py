@@ -51,7 +51,7 @@ class SnapshotCollector:
                        [((r,), v) for r, v in snap.refusal_reasons.items()], ["reason"])
         yield _gauge("instances", "Instances by state",
                      [((s,), float(n)) for s, n in snap.instances_by_state.items()], ["state"])
-        yield _counter("instance_failures", "Instances failed or ignored, by reason",
+        yield _counter("instance_failures", "Instances failed, ignored or refused as out of scope, by reason",
                        [(k, v) for k, v in snap.failures_by_reason.items()], ["state", "reason"])
         yield _counter("results", "Results by label and model version",
                        [(k, v) for k, v in snap.results_by_label.items()], ["label", "model", "version"])

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import registry
+from core import registry, scope
 from core.db import (
     AuditEvent,
     Delivery,
@@ -157,8 +157,27 @@ def served_cards(models_dir: Path) -> dict[str, dict]:
 
 
 def reason_class(reason: str | None) -> str:
-    """Group free-text reasons into a bounded label set for metrics (text before the first ':')."""
-    return (reason or "unknown").split(":", 1)[0].strip()[:60]
+    """Group free-text reasons into a bounded label set for metrics (text before the first ':';
+    out of scope by its rule: patient age, view or pixel check)."""
+    text = reason or "unknown"
+    if text.startswith(f"{scope.OUT_OF_SCOPE}: "):
+        detail = text.split(": ", 1)[1]
+        rule = next((r for r in ("patient age", "view", "pixel check") if r in detail), "other")
+        return f"{scope.OUT_OF_SCOPE} ({rule})"
+    return text.split(":", 1)[0].strip()[:60]
+
+
+def not_classified_by_reason(session: Session) -> dict[tuple[str, str], int]:
+    """(state, reason class) -> count for ignored, failed and out-of-scope instances."""
+    counts: dict[tuple[str, str], int] = {}
+    for state, reason, count in session.execute(
+            select(Instance.state, Instance.reason, func.count())
+            .where(Instance.state.in_([InstanceState.FAILED, InstanceState.IGNORED,
+                                       InstanceState.OUT_OF_SCOPE]))
+            .group_by(Instance.state, Instance.reason)):
+        key = (state, reason_class(reason))
+        counts[key] = counts.get(key, 0) + count
+    return counts
 
 
 def snapshot(settings: Settings, sessions: sessionmaker[Session], queue_depths=None) -> Snapshot:
@@ -201,12 +220,7 @@ def _read_database(session: Session, snap: Snapshot, settings: Settings) -> None
         key = (f"0x{status:04X}", ae)
         snap.cstores[key] = snap.cstores.get(key, 0) + count
         snap.refusal_reasons[reason_class(reason)] = snap.refusal_reasons.get(reason_class(reason), 0) + count
-    for state, reason, count in session.execute(
-            select(Instance.state, Instance.reason, func.count())
-            .where(Instance.state.in_([InstanceState.FAILED, InstanceState.IGNORED]))
-            .group_by(Instance.state, Instance.reason)):
-        key = (state, reason_class(reason))
-        snap.failures_by_reason[key] = snap.failures_by_reason.get(key, 0) + count
+    snap.failures_by_reason = not_classified_by_reason(session)
     for label, name, version, count in session.execute(
             select(Result.label, Result.model_name, Result.model_version, func.count())
             .group_by(Result.label, Result.model_name, Result.model_version)):

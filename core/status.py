@@ -18,6 +18,7 @@ from core.db import (
     session_factory,
     utcnow,
 )
+from core.monitoring import not_classified_by_reason
 from core.settings import Settings
 
 
@@ -43,6 +44,11 @@ def render(settings: Settings, last: int = 10) -> str:
             select(Instance.state, func.count()).group_by(Instance.state).order_by(Instance.state)
         ):
             lines.append(f"  {state:<16} {count}")
+        by_reason = not_classified_by_reason(session)
+        if by_reason:
+            lines.append("not classified, by reason:")
+            lines += [f"  {state:<16} {reason:<40} {count}"
+                      for (state, reason), count in sorted(by_reason.items())]
         lines.append("deliveries by state:")
         for state, count in session.execute(
             select(Delivery.state, func.count()).group_by(Delivery.state).order_by(Delivery.state)

@@ -134,11 +134,41 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with a small untrained CNN served as pneumonia-transfer (fast to load)."""
     import keras
 
-    from core import registry
     from training import models
 
     folder = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(1)
     model = models.build_cnn(filters=(4, 8), dense_units=4)
-    registry.register("pneumonia-transfer", model, {"threshold": 0.5}, folder, version="test-1")
+    register_with_scope(model, "pneumonia-transfer", folder, "test-1", accept_all=True)
     return folder
+
+
+def register_with_scope(model, name: str, folder: Path, version: str, accept_all: bool = False,
+                        card: dict | None = None, images: int = 24):
+    """Register `model` with a pixel check fitted on `images` Kermany train/ images per class and
+    held out on as many others. `accept_all`: no age, view or pixel limits, for tests of the
+    pipeline's mechanics (tests/pipeline/test_scope.py tests the refusals with real limits)."""
+    import tempfile
+
+    import numpy as np
+
+    from core import registry
+    from training import ood
+    from training.preprocess import preprocess_many
+    from training.scope import fit_detector, kermany_site, scope_card
+
+    files = {c: sorted((DATA / "train" / c).iterdir())[::20][: 2 * images] for c in ("NORMAL", "PNEUMONIA")}
+    fit_paths = files["NORMAL"][:images] + files["PNEUMONIA"][:images]
+    held_paths = files["NORMAL"][images:] + files["PNEUMONIA"][images:]
+    groups = np.array(["kermany/NORMAL"] * images + ["kermany/PNEUMONIA"] * images)
+    detector, summary = fit_detector(model, preprocess_many(fit_paths), groups, preprocess_many(held_paths))
+    site = kermany_site(len(fit_paths))
+    if accept_all:
+        detector = ood.Detector(detector.layers, detector.means, detector.precision, 1e30, 0.0)
+        summary = {**summary, "threshold": 1e30, "false_refusal_rate": 0.0}
+        site = {**site, "views": [], "age_years": None}
+    with tempfile.TemporaryDirectory() as staging:
+        detector_file = ood.save(detector, Path(staging))
+        return registry.register(name, model, {"threshold": 0.5, **(card or {}),
+                                               "scope": scope_card(summary, [site])},
+                                 folder, version=version, detector_file=detector_file)

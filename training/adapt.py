@@ -175,7 +175,7 @@ def adapt(
         np.concatenate([kermany_groups(base_train), site_groups]),
         validation.images, validation_sites, config.false_refusal_rate,
     )
-    site_entry = {**site.site_summary(site_name, site_images),
+    site_entry = {**site.site_summary(site_name, site_images, [site_train_loaded, site_val_loaded]),
                   "training_images": len(site_train.labels),
                   "validation_images": len(site_val.labels), "data": str(site_dir)}
     card: dict[str, Any] = {

@@ -198,10 +198,11 @@ def assess(spec: str, loaded: Loaded, models_dir: Path) -> Assessment:
     return Assessment(version, labels, all_p, all_s, reasons, loaded.ages, loaded.views)
 
 
-def site_summary(name: str, images: list[SiteImage]) -> dict[str, Any]:
-    """A site as the card's intended use names it: views and ages seen in its labels."""
-    ages = [i.age_years for i in images if i.age_years is not None]
-    views = sorted({i.view for i in images if i.view})
+def site_summary(name: str, images: list[SiteImage], loaded: list[Loaded]) -> dict[str, Any]:
+    """A site as the card's intended use names it: the views and ages of its images (labels.csv,
+    else the DICOM header); an age range only when every image's age is known."""
+    ages = [a for part in loaded for a in part.ages if a is not None]
+    views = sorted({v for part in loaded for v in part.views if v})
     return {
         "name": name,
         "population": f"site {name}: {len(images)} labelled images"

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ import keras
 import numpy as np
 
 from core import registry
-from training import data, metrics, models
+from training import data, metrics, models, ood
 from training.pipeline import fit_inputs
 from training.preprocess import preprocess_many
 
@@ -293,8 +294,15 @@ def train(
             "Kermany, Zhang, Goldbaum (2018), Mendeley Data v2, doi:10.17632/rscbjbr9sj.2, CC BY 4.0"
         ),
     }
+    # The pixel check: fitted on the training images, threshold on validation (training.scope).
+    from training.scope import fit_detector, kermany_groups, kermany_site, scope_card
+
+    detector, summary = fit_detector(model, train_split.images, kermany_groups(train_samples),
+                                     validation_split.images)
+    card["scope"] = scope_card(summary, [kermany_site(len(train_samples))])
     return register_evaluated(
-        config.model_name, model, card, validation_split, data_root, models_dir, report_test
+        config.model_name, model, card, validation_split, data_root, models_dir, report_test,
+        detector,
     )
 
 
@@ -319,10 +327,12 @@ def register_evaluated(
     data_root: Path,
     models_dir: Path,
     report_test: bool,
+    detector: Any = None,
 ) -> registry.ModelVersion:
     """Threshold and metrics on validation, the test split once if asked, then register.
 
     Shared by `train` and `ensemble`, so every version is scored and recorded the same way.
+    With `detector` (training.ood), its file is registered with the card's scope.
     """
     validation_probabilities = predict(model, validation.images)
     threshold = metrics.choose_threshold(validation.labels, validation_probabilities)
@@ -350,7 +360,10 @@ def register_evaluated(
         )
         card["data"]["test_fingerprint"] = data.fingerprint(test_split.samples, data_root)
         plots = metrics.save_plots(test_split.labels, test_probabilities, threshold, staging, "test")
-    model_version = registry.register(name, model, card, models_dir, plots)
+    with tempfile.TemporaryDirectory() as folder:
+        detector_file = ood.save(detector, Path(folder)) if detector is not None else None
+        model_version = registry.register(name, model, card, models_dir, plots,
+                                          detector_file=detector_file)
     for plot in plots:
         plot.unlink(missing_ok=True)
     log.info("registered %s in %s", model_version.label, model_version.path)
