@@ -46,8 +46,13 @@ def age_band(age_years: float | None) -> str:
 
 
 def reason_kind(reason: str) -> str:
-    """A refusal reason without its per-image details (scores in parentheses), for counting."""
-    return re.sub(r"\s*\([^)]*\)", "", reason).strip()[:160]
+    """A refusal reason without its per-image details (its first line, nothing in parentheses:
+    scores, codec names), for counting."""
+    kind = reason.strip().splitlines()[0] if reason.strip() else reason
+    previous = None
+    while previous != kind:  # nested parentheses, innermost first
+        previous, kind = kind, re.sub(r"\s*\([^()]*\)", "", kind)
+    return kind.strip().rstrip(":").strip()[:120]
 
 
 def _fast_auc(labels: np.ndarray, scores: np.ndarray) -> float:

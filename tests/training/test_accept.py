@@ -264,3 +264,16 @@ def _decoder():
     from worker.scope import decode_site_file
 
     return decode_site_file
+
+
+def test_refusals_are_counted_by_kind_and_ages_fall_in_bands() -> None:
+    corrupt = ("pixel data could not be decoded (JPEG 2000 Image Compression (Lossless Only)): "
+               "Unable to decode as exceptions were raised by all available plugins:\n  pylibjpeg: x")
+    assert accept.reason_kind(corrupt) == (
+        "pixel data could not be decoded: Unable to decode as exceptions were raised by all "
+        "available plugins")
+    assert accept.reason_kind(f"{PIXEL_KIND} (pixel check score 3416.0 > threshold 394.3)") == PIXEL_KIND
+    assert accept.reason_kind("not a frontal view: lateral view (ViewPosition LL)") == (
+        "not a frontal view: lateral view")
+    assert [accept.age_band(a) for a in (None, 0.4, 5.9, 6, 17.99, 18, 39, 40, 64.5, 65, 101)] == [
+        "unknown", "0-5", "0-5", "6-17", "6-17", "18-39", "18-39", "40-64", "40-64", "65+", "65+"]
