@@ -31,7 +31,8 @@ SPLIT_RULE = ("patients split in two halves, stratified by class (site.patient_h
               "0.5): the held half evaluates, the other calibrates")
 # Card fields that describe the parent's own threshold and results, not the weights.
 _NOT_INHERITED = {"name", "version", "model_file", "model_sha256", "preprocessing", "threshold",
-                  "threshold_rule", "metrics", "scope", "calibration", "parent", "registered"}
+                  "threshold_rule", "metrics", "scope", "calibration", "parent", "registered",
+                  "created"}
 
 
 class CalibrationError(registry.RegistryError):
@@ -103,13 +104,13 @@ def calibrate(
         "halves": {name: _half(halves[name][0], summaries[name]) for name in halves},
         "metrics": {name: _card_metrics(summaries[name]) for name in halves},
         "parent_threshold": parent.threshold,
-        "calibrated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_commit": code_commit(),
+        "code_commit": code_commit(),  # of this calibration; the card's own is the training's
     }
     inherited = {k: v for k, v in parent.card.items() if k not in _NOT_INHERITED}
     card = {
         **inherited,
         "parent": parent.label,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "threshold": threshold,
         "threshold_rule": RULE,
         "calibration": accept.clean(calibration_record),

@@ -56,6 +56,7 @@ def test_calibrate_registers_the_same_weights_with_the_calibration_halfs_thresho
     assert scope["intended_use"] == parent.scope["intended_use"]
     assert new.card["parent"] == parent.label and new.card["data"] == parent.card["data"]
     assert new.card["threshold_rule"] == calibrate.RULE
+    assert new.card["created"] > parent.card.get("created", "")  # its own, not the parent's
     assert registry.served_versions(models_dir) == {NAME: "base"}  # not served
 
     # The threshold, recomputed apart: the calibration half's images that the parent assesses,
