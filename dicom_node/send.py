@@ -77,7 +77,8 @@ def wrap_image(path: Path, study: Dataset | None = None) -> Dataset:
     dataset.Modality = "DX"
     dataset.Manufacturer = "Pneumo demo sender"
     dataset.BodyPartExamined = "CHEST"
-    dataset.ViewPosition = "PA"
+    # No ViewPosition: a JPEG does not say how it was taken, and the served version's scope
+    # checks a view that is given (a Kermany film claimed as PA would be refused for it).
     dataset.PresentationIntentType = "FOR PRESENTATION"
     dataset.ImageType = ["DERIVED", "PRIMARY"]
     dataset.PatientOrientation = ["L", "F"]

@@ -41,3 +41,5 @@ def decode_site_file(path: Path) -> Decoded:
         return Decoded(preprocess(grayscale_pixels(dataset)), None, age, view)
     except (DecodeError, ValueError) as error:
         return Decoded(None, str(error)[:500], age, view)
+    except Exception as error:  # a decoder's own failure: that file's reason, not the whole report
+        return Decoded(None, f"pixel data could not be decoded: {type(error).__name__}", age, view)
