@@ -67,7 +67,11 @@ def install() -> None:
     def scrubbed_record(*args, **kwargs) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
         if _foreign(record.name):
-            record.msg, record.args = scrub(record.getMessage()), None
+            try:
+                message = record.getMessage()
+            except Exception:  # arguments that do not fit the format: logging reports those later
+                message = f"{record.msg} {record.args}"
+            record.msg, record.args = scrub(message), None
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = scrub_traceback(logging.Formatter().formatException(record.exc_info))
         return record

@@ -24,6 +24,7 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom import config
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
@@ -75,12 +76,20 @@ def drop_invalid_values(dataset: Dataset) -> list[str]:
     patient/study attribute is kept empty, anything else removed. The values are never returned.
     """
     dropped = []
-    for element in list(dataset):
+    for tag in list(dataset.keys()):
+        if tag.group == 0x7FE0:  # pixel data: never loaded here
+            continue
+        try:
+            element = dataset[tag]  # a raw value is converted here, and may not convert at all
+        except Exception:
+            dropped.append(keyword_for_tag(tag) or str(tag))
+            del dataset[tag]
+            continue
         if element.VR == "SQ":
             for item in element.value or []:
                 dropped += drop_invalid_values(item)
             continue
-        if element.VR in _BINARY_VRS or element.tag.group == 0x7FE0:
+        if element.VR in _BINARY_VRS:
             continue
         value = element.value
         values = value if isinstance(value, MultiValue | list | tuple) else [value]
