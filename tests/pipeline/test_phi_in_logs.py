@@ -10,6 +10,7 @@ dashboard reading patient names from the stored headers. Then every log file is 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.request
@@ -143,3 +144,23 @@ def test_no_patient_value_in_any_log(pipeline_env: dict[str, str], pacs, tmp_pat
              for marker in MARKERS if marker in text.lower()}
     assert not found
     assert not [text for text in texts if text and any(marker in text.lower() for marker in MARKERS)]
+
+
+def test_mixed_real_files_short(tiny_registry: Path) -> None:
+    """benchmarks/mixed_real_run.py, CI-sized: 16 studies cycling through the real files, each with
+    its own patient name and ID, a malformed birth date in half of them. Every study terminal
+    with its reason, every SR delivered within the retry budget, no value in any log file."""
+    run = subprocess.run(
+        [sys.executable, "benchmarks/mixed_real_run.py", "--studies", "16", "--models-dir",
+         str(tiny_registry), "--timeout-s", "300", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert run.returncode == 0 and report["ok"], report
+    assert report["instances"] == {"classified": 12, "failed": 2, "ignored": 2}
+    assert report["reasons"] == {
+        "pixel data could not be decoded (JPEG 2000 Image Compression (Lossless Only))": 2,
+        "not a chest image": 2}
+    assert report["deliveries"] == {"delivered": 12} and report["srs_at_pacs"] == 12
+    assert not report["log_files_with_patient_values"]
+    assert {"node.log", "worker-delivery.log", "worker-inference.log"} <= set(report["log_files"])
