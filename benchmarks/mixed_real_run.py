@@ -18,8 +18,9 @@ Measured 2026-12-02 (2 shared CPU cores, served transfer model): 200 studies, al
 settled 196 s after sending: 150 classified and delivered (150 SRs at the PACS), 25 failed (the
 corrupt JPEG 2000, with its reason), 25 ignored (the hip: "not a chest image"), no delivery pending
 or retrying, none over the retry budget, no name, ID or birth date in any of the 6 log files or
-the run's output. Before issue 16's fixes the SRs of the malformed-birth-date studies never left
-(`pending`) and their birth dates and names were in worker-delivery.log.
+the run's output. On the code before issue 16's fixes (442f797) the 16-study variant ends with 6
+of 12 deliveries still `pending` (the malformed birth dates) and patient values in
+worker-delivery.log.
 
     .venv/bin/python benchmarks/mixed_real_run.py                       # 200 studies, served model
     .venv/bin/python benchmarks/mixed_real_run.py --studies 16 --models-dir DIR --json   # CI size
