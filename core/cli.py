@@ -25,6 +25,9 @@ DEFAULT_WEIGHTS = (
 
 
 def _logging(verbose: bool = False) -> None:
+    from core import phi
+
+    phi.install()  # library messages and tracebacks quote header values: scrubbed (core.phi)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import dimse_messages
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -37,15 +37,16 @@ from core.db import Instance, InstanceState, Series, Study, audit, utcnow
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-ELEMENTS_DISCARDED = 0xB006  # warning: stored, but what was sent was not all kept (see _duplicate)
 OUT_OF_RESOURCES = 0xA700  # sender should retry later
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
+CONFLICTING_DUPLICATE = 0xC211  # failure, "cannot understand" family: see _duplicate
+CONFLICT_COMMENT = "SOP Instance UID already stored with other content"  # Error Comment, LO
 DEFER_SIZE = 1 << 20  # larger values stay on disk while headers are read: memory bounded per store
 UNDEFINED_LENGTH = 0xFFFFFFFF
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+INVALID_UID = "not a valid UID (digits and dots, no leading zero in a component, at most 64 characters)"
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _spool_errors: dict[str, str] = {}  # spool path -> why it could not be written
 _spool_errors_lock = threading.Lock()
 
@@ -112,8 +113,10 @@ class StoreOutcome:
 
 
 def valid_uid(value: object) -> bool:
-    text = str(value or "")
-    return 0 < len(text) <= 64 and bool(_UID.match(text))
+    """PS3.5 9.1: digits and dots, no empty component, no leading zero in a component, at most 64
+    characters (pydicom's check). `999.999.01.23.45.6789` passed a looser check, was stored and
+    copied into an SR that dcmtk's dsrdump then rejected ("Invalid Value")."""
+    return bool(value) and UID(str(value)).is_valid
 
 
 def sha256_and_sync(path: Path) -> tuple[str, int]:
@@ -180,8 +183,7 @@ def store_instance(
             return StoreOutcome(CANNOT_UNDERSTAND, f"missing {name}")
         if not valid_uid(value):
             # The value itself is not logged: a malformed field may hold anything.
-            return StoreOutcome(CANNOT_UNDERSTAND,
-                                f"invalid {name}: not digits and dots of at most 64 characters")
+            return StoreOutcome(CANNOT_UNDERSTAND, f"invalid {name}: {INVALID_UID}")
     if str(sop_uid) != str(affected_sop_instance_uid) or str(sop_class) != str(affected_sop_class_uid):
         shown = sop_class if valid_uid(sop_class) else "invalid"
         return StoreOutcome(
@@ -235,20 +237,27 @@ def store_instance(
 
 
 def _duplicate(session: Session, existing: Instance, digest: str) -> StoreOutcome:
-    """A re-sent SOP Instance UID: acknowledged, never classified twice.
+    """A re-sent SOP Instance UID: never stored or classified twice.
 
-    Identical content is a plain success (PACS re-send). Different content keeps the first copy
-    (its result and SR already refer to it) and answers the warning 0xB006 "elements discarded":
-    the sender's log shows that this copy was not kept, yet it does not retry as it would after
-    a failure status (a conflict that no retry can resolve).
+    Identical content is a plain success (a PACS re-send). Different content is a conflict: the
+    first copy is kept (its result and SR refer to it), the new one refused with 0xC211 (failure,
+    "cannot understand" family) and the reason recorded and audited. Not 0xB006: PS3.4 defines that
+    warning as "elements discarded", which dcmtk shows the sender's operator, and a warning reads
+    as stored. A failure shows the operator that this copy was not kept (a corrected image sent
+    under the old UID, two devices issuing the same UID); a retry gets the same answer, and the fix
+    is at the sender: a new SOP Instance UID for changed content (PS3.3 C.12.1.1.1).
     """
     same = existing.sha256 == digest
     event_name = "duplicate_received" if same else "conflicting_duplicate"
-    detail = "identical content" if same else f"different content (sha256 {digest[:12]}), kept the first"
+    detail = ("identical content" if same else
+              f"different content (sha256 {digest[:12]}): refused, the first copy kept")
     audit(session, "instance", existing.id, event_name, detail)
     session.commit()
-    status = SUCCESS if same else ELEMENTS_DISCARDED
-    return StoreOutcome(status, f"duplicate: {detail}", existing.id, duplicate=True)
+    if same:
+        return StoreOutcome(SUCCESS, f"duplicate: {detail}", existing.id, duplicate=True)
+    return StoreOutcome(CONFLICTING_DUPLICATE, "conflicting duplicate: SOP Instance UID already stored "
+                        f"with other content (sha256 {existing.sha256[:12]}, this one {digest[:12]})",
+                        existing.id, duplicate=True)
 
 
 def inflates_past(path: Path, limit_bytes: int) -> bool:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +18,13 @@ from core import tls
 from core.monitoring import record_refusal
 from core.settings import Settings
 from dicom_node import contexts
-from dicom_node.receive import SUCCESS, enqueue_after_commit, store_instance
+from dicom_node.receive import (
+    CONFLICT_COMMENT,
+    CONFLICTING_DUPLICATE,
+    SUCCESS,
+    enqueue_after_commit,
+    store_instance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,7 @@ def handle_store(
     settings: Settings,
     sessions: sessionmaker[Session],
     enqueue: Callable[[int], None],
-) -> int:
+) -> int | Dataset:
     request = event.request
     calling = str(event.assoc.requestor.ae_title).strip()
     outcome = store_instance(
@@ -82,6 +89,10 @@ def handle_store(
         enqueue_after_commit(outcome.instance_id, sessions, enqueue)
     elif outcome.status != SUCCESS and not 0xB000 <= outcome.status <= 0xBFFF:
         record_refusal(sessions, calling, outcome.status, outcome.reason)
+    if outcome.status == CONFLICTING_DUPLICATE:  # the sender's operator reads what the status means
+        answer = Dataset()
+        answer.Status, answer.ErrorComment = outcome.status, CONFLICT_COMMENT
+        return answer
     return outcome.status
 
 

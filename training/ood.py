@@ -88,9 +88,9 @@ def fit(
     features = np.asarray(features, dtype=np.float64)
     groups = np.asarray(groups)
     names = sorted(set(groups.tolist()))
-    if len(features) < 10 or len(held_out) < 10:
+    if len(features) < 10 or len(held_out) < 5:
         raise ScopeError(f"too few images to fit a pixel check: {len(features)} training, "
-                         f"{len(held_out)} held-out (at least 10 each)")
+                         f"{len(held_out)} held-out (at least 10 and 5)")
     means = np.stack([features[groups == name].mean(axis=0) for name in names])
     residuals = np.concatenate([features[groups == name] - means[i] for i, name in enumerate(names)])
     precision = LedoitWolf().fit(residuals).precision_

@@ -12,6 +12,7 @@ import logging
 from celery import Celery
 from celery.signals import after_setup_logger
 
+from core import phi
 from core.settings import Settings
 
 QUEUES = ("inference-cpu", "inference-gpu", "delivery", "housekeeping")
@@ -66,5 +67,6 @@ def _quiet_task_trace(**_kwargs) -> None:
     logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
 
 
+phi.install()  # worker and beat processes: no header value in their logs (see core.phi)
 settings = Settings()
 app = make_app(settings)

@@ -27,10 +27,14 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
+from pydicom import config
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 MANUFACTURER = "Pneumo"
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
@@ -46,6 +50,7 @@ _PATIENT_STUDY_TYPE2 = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,57 @@ def sr_uids(study_instance_uid: str, model_name: str, model_version: str) -> tup
     )
 
 
+def drop_invalid_values(dataset: Dataset) -> list[str]:
+    """Remove values not valid for their VR, in place, nested items included; the keywords removed.
+
+    Why: highdicom copies the patient and study attributes into the SR and converts some (a birth
+    date of '01/02/1970' or a 56-character hash raised "Unable to convert ... to 'DA'", so the SR
+    was never built), and a value copied as it is would make the SR invalid DICOM. A type 2
+    patient/study attribute is kept empty, anything else removed. The values are never returned.
+    """
+    dropped = []
+    for tag in list(dataset.keys()):
+        if tag.group == 0x7FE0:  # pixel data: never loaded here
+            continue
+        try:
+            element = dataset[tag]  # a raw value is converted here, and may not convert at all
+        except Exception:
+            dropped.append(keyword_for_tag(tag) or str(tag))
+            del dataset[tag]
+            continue
+        if element.VR == "SQ":
+            for item in element.value or []:
+                dropped += drop_invalid_values(item)
+            continue
+        if element.VR in _BINARY_VRS:
+            continue
+        value = element.value
+        values = value if isinstance(value, MultiValue | list | tuple) else [value]
+        try:
+            for item in values:
+                # What pydicom could not convert stays text (a date, a number); names are
+                # checked as text too (component lengths, characters).
+                text = str(item) if element.VR == "PN" and item is not None else item
+                if isinstance(text, str) and text:
+                    validate_value(element.VR, text, config.RAISE)
+        except (ValueError, TypeError):
+            keyword = element.keyword or str(element.tag)
+            dropped.append(keyword)
+            if keyword in _PATIENT_STUDY_TYPE2:
+                element.value = None
+            else:
+                del dataset[element.tag]
+    return dropped
+
+
 def _evidence(source: Dataset) -> Dataset:
-    """The header highdicom references, with missing type 2 patient/study attributes added empty."""
+    """The header highdicom references: values invalid for their VR dropped (see
+    `drop_invalid_values`), missing type 2 patient/study attributes added empty."""
     evidence = Dataset()
     for element in source:
         if element.tag.group != 0x7FE0:
             evidence.add(element)
+    drop_invalid_values(evidence)
     for keyword in _PATIENT_STUDY_TYPE2:
         if keyword not in evidence:
             setattr(evidence, keyword, None)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from functools import cache
+from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
 from core import tls
-from core.db import DeliveryState, session_factory
+from core.db import session_factory
 from core.settings import PeerAddress
 from worker import pipeline
 from worker.celery_app import app, settings
@@ -49,24 +50,13 @@ def sweep() -> list[int]:
 @app.task(name="pneumo.deliver", bind=True, max_retries=None)
 def deliver(self, delivery_id: int) -> str:
     """Build and send one SR; exponential backoff, dead-letter after the last attempt."""
-    delivery = pipeline.start_delivery_attempt(sessions(), delivery_id)
-    if delivery is None:
-        return "nothing to do"
-    path = pipeline.write_sr(sessions(), delivery_id, settings.home_dir / "sr")
-    if delivery.destination == pipeline.LOCAL_DESTINATION:
-        pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DELIVERED, None)
-        return "stored locally"
-    try:
-        # Built per try: a TLS file fixed after a failure is picked up without a restart.
-        send_sr(path, PeerAddress(delivery.destination), settings.ae_title, settings.network_timeout_s,
-                tls.pacs_context(settings))
-    except (DeliveryError, OSError, tls.TLSConfigError) as error:
-        if delivery.attempts >= settings.delivery_max_attempts:
-            pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DEAD, str(error))
-            log.error("delivery %s dead after %d attempts: %s", delivery_id, delivery.attempts, error)
-            return "dead"
-        pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.RETRYING, str(error))
-        countdown = settings.delivery_backoff_s * 2 ** (delivery.attempts - 1)
-        raise self.retry(countdown=countdown, exc=error) from error
-    pipeline.mark_delivery(sessions(), delivery_id, DeliveryState.DELIVERED, None)
-    return "delivered"
+    outcome = pipeline.attempt_delivery(sessions(), delivery_id, settings, _send)
+    if outcome.retry_in_s is not None:
+        raise self.retry(countdown=outcome.retry_in_s, exc=DeliveryError(outcome.error))
+    return outcome.state
+
+
+def _send(path: Path, destination: str) -> None:
+    # Built per try: a TLS file fixed after a failure is picked up without a restart.
+    send_sr(path, PeerAddress(destination), settings.ae_title, settings.network_timeout_s,
+            tls.pacs_context(settings))

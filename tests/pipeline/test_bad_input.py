@@ -46,14 +46,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import AuditEvent, Instance, InstanceState, session_factory
+from core import phi
+from core.db import AuditEvent, Delivery, Instance, InstanceState, RefusedStore, Study, session_factory
 from core.migrate import upgrade
 from core.settings import Settings
 from dicom_node import receive, scp
 from dicom_node.receive import (
     CANNOT_UNDERSTAND,
+    CONFLICTING_DUPLICATE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    ELEMENTS_DISCARDED,
     OUT_OF_RESOURCES,
     SUCCESS,
 )
@@ -475,6 +476,15 @@ def letters_in_study_uid(folder: Path) -> Path:
     return part10(folder, encoded(dataset), dataset.SOPClassUID, dataset.SOPInstanceUID)
 
 
+def with_uid(keyword: str, uid: str) -> Callable[[Path], Path]:
+    """The data set's `keyword` set to `uid`; for the SOP Instance UID the request's too."""
+    def build(folder: Path) -> Path:
+        dataset = chest()
+        setattr(dataset, keyword, uid)
+        return part10(folder, encoded(dataset), dataset.SOPClassUID, dataset.SOPInstanceUID)
+    return build
+
+
 def class_differs_from_context(folder: Path) -> Path:
     """Negotiated and requested as DX; the data set inside says CT."""
     dataset = set_class(chest(), CTImageStorage)
@@ -496,6 +506,7 @@ def deflate_bomb(folder: Path) -> Path:
                   DeflatedExplicitVRLittleEndian)
 
 
+INVALID_UID = "not a valid UID (digits and dots, no leading zero in a component, at most 64 characters)"
 REFUSED = {
     "not DICOM": (not_dicom, CANNOT_UNDERSTAND, "not a DICOM dataset: no SOP Class, SOP Instance"),
     "truncated in pixel data": (truncated_in_pixel_data, CANNOT_UNDERSTAND,
@@ -506,8 +517,20 @@ REFUSED = {
     "no StudyInstanceUID": (without("StudyInstanceUID"), CANNOT_UNDERSTAND, "missing StudyInstanceUID"),
     "no SeriesInstanceUID": (without("SeriesInstanceUID"), CANNOT_UNDERSTAND, "missing SeriesInstanceUID"),
     "no SOPInstanceUID": (without("SOPInstanceUID"), CANNOT_UNDERSTAND, "missing SOPInstanceUID"),
-    "letters in a UID": (letters_in_study_uid, CANNOT_UNDERSTAND,
-                         "invalid StudyInstanceUID: not digits and dots of at most 64 characters"),
+    "letters in a UID": (letters_in_study_uid, CANNOT_UNDERSTAND, f"invalid StudyInstanceUID: {INVALID_UID}"),
+    # Seen in a real run: stored, then copied into an SR that dcmtk's dsrdump rejects.
+    "leading zero in a SOP Instance UID component": (
+        with_uid("SOPInstanceUID", "999.999.01.23.45.6789"), CANNOT_UNDERSTAND,
+        f"invalid SOPInstanceUID: {INVALID_UID}"),
+    "Series Instance UID of 65 characters": (
+        with_uid("SeriesInstanceUID", "1.2." + "3" * 61), CANNOT_UNDERSTAND,
+        f"invalid SeriesInstanceUID: {INVALID_UID}"),
+    "empty component in a Study Instance UID": (
+        with_uid("StudyInstanceUID", "1.2..840.5"), CANNOT_UNDERSTAND,
+        f"invalid StudyInstanceUID: {INVALID_UID}"),
+    "space in a Study Instance UID": (
+        with_uid("StudyInstanceUID", "1.2.840 .5"), CANNOT_UNDERSTAND,
+        f"invalid StudyInstanceUID: {INVALID_UID}"),
     "deflated data set inflating past the limit": (deflate_bomb, CANNOT_UNDERSTAND,
                                                    "deflated data set too large: inflates past 512 MiB"),
     "SOP class differs from the context": (class_differs_from_context, DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -527,9 +550,74 @@ def test_refused_at_the_node_and_nothing_stored(
 
     assert send_all(node, [before, bad, after]) == [SUCCESS, status, SUCCESS]
     assert logged(caplog, f"0x{status:04X} {reason}")
+    with node.sessions() as session:  # for the dashboard and /metrics
+        refused = session.execute(select(RefusedStore.status, RefusedStore.reason)).one()
+    assert refused.status == status and refused.reason.startswith(reason)
     assert set(instances(node)) == {before.SOPInstanceUID, after.SOPInstanceUID}
     assert len(stored_files(node)) == 2 and not spool_files(node)
     assert_goods_classified(classify_queued(node, classifier), [before, after])
+
+
+# --- kinds the SR must survive: header values copied into it ----------------------------------
+
+# (attribute, value, dropped): every value carries "secret" (no log line may show it). `dropped`:
+# not valid for its VR, so left out of the SR (kept empty) and audited; else copied as it is.
+# The valid names are single-component ones: highdicom warns, quoting them.
+SR_HEADER_KINDS = {
+    "birth date 01/02/1970": ("PatientBirthDate", "01/02/1970 secret", True),
+    "birth date, a 56-character hash (966_fixed)": (
+        "PatientBirthDate", "secret" + "26eae465a3069d7d94e44c519d9c7aae430455e0ae7ac52d7d76", True),
+    "birth date 1970-01-02": ("PatientBirthDate", "secret1970-01-02", True),
+    "single-component patient name": ("PatientName", "SECRETONE", False),
+    "patient name component over 64 characters": ("PatientName", "Secret" * 11 + "^Doe", True),
+    "patient ID over 64 characters": ("PatientID", "PID-SECRET-" * 6, True),
+    "accession number over 16 characters": ("AccessionNumber", "ACC-SECRET-12345678", True),
+    "single-component referring physician": ("ReferringPhysicianName", "DRSECRET", False),
+    "study date with dashes": ("StudyDate", "2024-01-02", True),
+    "study time 25 o'clock": ("StudyTime", "256100", True),
+    "patient sex in lower case": ("PatientSex", "secret", True),
+}
+
+
+@pytest.mark.parametrize("kind", list(SR_HEADER_KINDS))
+def test_sr_built_whatever_the_header_values(
+    kind: str, node: Node, classifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stored and classified as usual; the SR is built and valid DICOM (dcmtk's dsrdump reads
+    it), with the invalid value left out and the attribute named in the audit, never the value.
+    A birth date of '01/02/1970' or a hash made highdicom raise "Unable to convert ... to 'DA'"
+    and the delivery stayed pending forever; highdicom's person-name warning and pydicom's
+    invalid-value warnings quoted the values into the worker's log."""
+    phi.install()  # as every worker and node process does at start
+    keyword, value, dropped = SR_HEADER_KINDS[kind]
+    before, bad, after = chest(IMAGES[0]), chest(), chest(IMAGES[1])
+    setattr(bad, keyword, value)
+    assert send_all(node, [before, bad, after]) == [SUCCESS, SUCCESS, SUCCESS]
+    assert_goods_classified(classify_queued(node, classifier), [before, bad, after])
+
+    node.settings.quiet_seconds = 0
+    deliveries: list[int] = []
+    pipeline.finalise_stable_studies(node.sessions, node.settings, deliveries.append)
+    assert len(deliveries) == 3
+    for delivery_id in deliveries:
+        outcome = pipeline.attempt_delivery(node.sessions, delivery_id, node.settings, None)
+        assert outcome.state == "stored locally"
+    with node.sessions() as session:
+        delivery = session.scalar(select(Delivery).join(Study).where(
+            Study.study_instance_uid == bad.StudyInstanceUID))
+        events = session.execute(select(AuditEvent.event, AuditEvent.detail).where(
+            AuditEvent.entity == "delivery", AuditEvent.entity_id == delivery.id)).all()
+    report = dcmread(delivery.sr_path)
+    dump = subprocess.run([dcmtk("dsrdump"), delivery.sr_path], capture_output=True, text=True)
+    assert dump.returncode == 0 and not dump.stderr, dump.stderr
+    audited = [detail for event, detail in events if event == "sr_values_dropped"]
+    if dropped:
+        assert not report.get(keyword)
+        assert audited == [f"not valid for their VR, left out of the SR: {keyword} (1 image(s))"]
+    else:
+        assert str(report.get(keyword)) == value and not audited
+    lines = [logging.Formatter().format(record) for record in caplog.records]
+    assert not [line for line in lines if value.lower() in line.lower()]
 
 
 # --- association level ----------------------------------------------------------------------------
@@ -581,13 +669,15 @@ def test_peer_not_in_the_allow_list_is_rejected(
 def test_same_sop_instance_uid_with_different_content(
     node: Node, classifier, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Decision: the first copy is kept and classified once; a different copy is answered with the
-    warning 0xB006 (elements discarded) and audited as `conflicting_duplicate`.
+    """Decision: the first copy is kept and classified once; a different copy under the same SOP
+    Instance UID is refused with 0xC211 (failure, "cannot understand" family) and the Error
+    Comment "SOP Instance UID already stored with other content", recorded as a refusal and
+    audited as `conflicting_duplicate`. An identical re-send stays a plain success.
 
-    Why a warning and not success: the sender's log then shows that what it sent was not kept
-    (say, a re-send after a demographics correction), where a silent success hides it. Why not a
-    failure (0xA9xx/0xCxxx): senders retry failures and may hold back their queue behind them, and
-    no retry can resolve this conflict. An identical re-send stays a plain success.
+    Why a failure: the sender's operator must see that this copy was not kept (a corrected image
+    under the old UID, two devices issuing one UID). It answered the warning 0xB006 before, which
+    PS3.4 defines as "elements discarded", and dcmtk shows it as exactly that. A retry gets the same
+    answer; the fix is at the sender (new content, new SOP Instance UID).
     """
     first = chest(IMAGES[0])
     second = chest(IMAGES[1])
@@ -595,15 +685,23 @@ def test_same_sop_instance_uid_with_different_content(
         setattr(second, keyword, first.get(keyword))
     second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
 
-    assert send_all(node, [first, first, second]) == [SUCCESS, SUCCESS, ELEMENTS_DISCARDED]
-    assert logged(caplog, "0xB006 duplicate: different content")
+    assoc = associate(node, contexts=[context_of(first)])
+    answers = [assoc.send_c_store(item) for item in (first, first, second)]
+    assoc.release()
+    assert [a.Status for a in answers] == [SUCCESS, SUCCESS, CONFLICTING_DUPLICATE]
+    assert answers[2].ErrorComment == "SOP Instance UID already stored with other content"
+    assert logged(caplog, "0xC211 conflicting duplicate: SOP Instance UID already stored with other content")
     (instance,) = instances(node).values()
     assert dcmread(instance.path).PixelData == first.PixelData
     with node.sessions() as session:
         events = session.execute(select(AuditEvent.event, AuditEvent.detail)
                                  .where(AuditEvent.entity_id == instance.id).order_by(AuditEvent.id)).all()
+        refused = session.execute(select(RefusedStore.status, RefusedStore.reason)).one()
     assert [e for e, _ in events] == ["received", "duplicate_received", "conflicting_duplicate"]
-    assert "kept the first" in events[-1].detail
+    assert "refused, the first copy kept" in events[-1].detail
+    assert refused.status == CONFLICTING_DUPLICATE
+    assert refused.reason.startswith(
+        "conflicting duplicate: SOP Instance UID already stored with other content")
     assert len(node.queued) == 1
     assert classify_queued(node, classifier) == {first.SOPInstanceUID: InstanceState.CLASSIFIED}
 
