@@ -190,10 +190,15 @@ def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) ->
         members = " ".join(m["label"].split("@")[1] for m in row.card.get("members", []))
         typer.echo(
             f"{row.name:<22} {row.version:<18} {mark:<7} {row.card.get('threshold', 0):>9.4f} "
-            f"{validation.get('roc_auc', float('nan')):>8.4f} "
-            f"{test.get('accuracy', float('nan')):>8.4f} {test.get('roc_auc', float('nan')):>8.4f}"
+            f"{_figure(validation.get('roc_auc'), missing='-')} "
+            f"{_figure(test.get('accuracy'))} {_figure(test.get('roc_auc'))}"
             f"  {members}".rstrip()
         )
+
+
+def _figure(value: float | None, missing: str = "not read") -> str:
+    """A metric in an 8-wide column; a test split never read is said so, not printed as `nan`."""
+    return f"{value:>8.4f}" if value is not None else f"{missing:>8}"
 
 
 @models_app.command("serve")
@@ -337,9 +342,13 @@ def send(
 @app.command()
 def status(last: int = typer.Option(10, help="How many recent studies to list")) -> None:
     """Queue depths, counts by state and the last studies with label, model and delivery."""
-    from core.status import render
+    from core.status import DatabaseNotFound, render
 
-    typer.echo(render(_settings(), last))
+    try:
+        typer.echo(render(_settings(), last))
+    except DatabaseNotFound as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -347,9 +356,14 @@ def resend(
     study_instance_uid: str = typer.Argument(..., help="Study whose SR is sent again"),
 ) -> None:
     """Send a study's SR again (e.g. after a dead-lettered delivery)."""
+    from core.status import DatabaseNotFound
     from core.status import resend as resend_study
 
-    count = resend_study(_settings(), study_instance_uid)
+    try:
+        count = resend_study(_settings(), study_instance_uid)
+    except DatabaseNotFound as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     if not count:
         typer.echo(f"no SR delivery recorded for study {study_instance_uid}", err=True)
         raise typer.Exit(1)
