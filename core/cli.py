@@ -311,8 +311,13 @@ def send(
     tls_ca: Path = typer.Option(None, help="TLS: PEM CA bundle that verifies the node (implies TLS)"),
     tls_cert: Path = typer.Option(None, help="TLS: our PEM client certificate (mutual TLS)"),
     tls_key: Path = typer.Option(None, help="TLS: the unencrypted PEM key of --tls-cert"),
+    timeout: float = typer.Option(60, help="Seconds to wait for the connection and each answer"),
 ) -> None:
-    """Send files to a DICOM node over one association; prints one status line per file."""
+    """Send files to a DICOM node over one association; prints one status line per file.
+
+    A file that cannot be read is named with its reason and the others are still sent; the exit
+    status is 1 if any file was not stored, 2 if no association could be made.
+    """
     from core import tls
     from core.settings import PeerAddress
     from dicom_node.send import collect
@@ -326,10 +331,14 @@ def send(
             ssl_context = tls.client_context(tls_ca, tls_cert, tls_key,
                                              names=("--tls-ca", "--tls-cert", "--tls-key"))
         for index, result in enumerate(
-            send_files(paths, PeerAddress(to), calling_ae, group, ssl_context=ssl_context), start=1
+            send_files(paths, PeerAddress(to), calling_ae, group, timeout_s=timeout,
+                       ssl_context=ssl_context), start=1
         ):
-            status = "no response" if result.status is None else f"0x{result.status:04X}"
             failures += result.status is None or not (result.status == 0 or 0xB000 <= result.status <= 0xBFFF)
+            if result.error is not None:
+                typer.echo(f"[{index}/{total}] {result.path}: not sent: {result.error}", err=True)
+                continue
+            status = "no response" if result.status is None else f"0x{result.status:04X}"
             typer.echo(f"[{index}/{total}] {result.path.name}: {status} "
                        f"study {result.study_instance_uid} sop {result.sop_instance_uid}")
     except (ConnectionError, ValueError, tls.TLSConfigError) as error:
