@@ -264,8 +264,9 @@ def run(
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
+    from core.supervisor import EXIT_CANNOT_START
     from core.tls import TLSConfigError
-    from dicom_node.scp import start
+    from dicom_node.scp import CannotListen, start
     from worker.tasks import classify
 
     _logging()
@@ -276,6 +277,9 @@ def node() -> None:
     except TLSConfigError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+    except CannotListen as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_CANNOT_START) from None
 
 
 @app.command()
@@ -382,10 +386,15 @@ def resend(
 @app.command()
 def dashboard() -> None:
     """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
-    from core.dashboard import serve
+    from core.dashboard import CannotListen, serve
+    from core.supervisor import EXIT_CANNOT_START
 
     _logging()
-    serve(_settings())
+    try:
+        serve(_settings())
+    except CannotListen as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_CANNOT_START) from None
 
 
 @app.command()
