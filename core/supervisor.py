@@ -164,7 +164,11 @@ def _supervise(settings: Settings, inference_concurrency: int, environment: dict
         for child in children:
             _start(child, environment, settings.home_dir, ready=child.waits_ready)
         failed = _wait_ready(children, environment, settings.home_dir, lambda: stopping)
-        if failed is None and not stopping:
+        late = [child.name for child in children if child.ready_fd is not None]
+        if late and failed is None and not stopping:
+            print(f"pneumo: started, but {' and '.join(late)} not listening yet after "
+                  f"{STARTUP_WAIT_S:.0f} s (see {settings.home_dir}/*.log); Ctrl-C stops", flush=True)
+        elif failed is None and not stopping:
             print(
                 f"pneumo: DICOM node {settings.ae_title} listening on {settings.host}:{settings.port}; "
                 f"home {settings.home_dir}; SRs to "
