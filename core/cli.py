@@ -268,10 +268,15 @@ def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) ->
         members = " ".join(m["label"].split("@")[1] for m in row.card.get("members", []))
         typer.echo(
             f"{row.name:<22} {row.version:<18} {mark:<7} {row.card.get('threshold', 0):>9.4f} "
-            f"{validation.get('roc_auc', float('nan')):>8.4f} "
-            f"{test.get('accuracy', float('nan')):>8.4f} {test.get('roc_auc', float('nan')):>8.4f}"
+            f"{_figure(validation.get('roc_auc'), missing='-')} "
+            f"{_figure(test.get('accuracy'))} {_figure(test.get('roc_auc'))}"
             f"  {members}".rstrip()
         )
+
+
+def _figure(value: float | None, missing: str = "not read") -> str:
+    """A metric in an 8-wide column; a test split never read is said so, not printed as `nan`."""
+    return f"{value:>8.4f}" if value is not None else f"{missing:>8}"
 
 
 @models_app.command("serve")
@@ -404,8 +409,9 @@ def run(
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
+    from core.supervisor import EXIT_CANNOT_START
     from core.tls import TLSConfigError
-    from dicom_node.scp import start
+    from dicom_node.scp import CannotListen, start
     from worker.tasks import classify
 
     _logging()
@@ -416,6 +422,9 @@ def node() -> None:
     except TLSConfigError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
+    except CannotListen as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_CANNOT_START) from None
 
 
 @app.command()
@@ -451,8 +460,13 @@ def send(
     tls_ca: Path = typer.Option(None, help="TLS: PEM CA bundle that verifies the node (implies TLS)"),
     tls_cert: Path = typer.Option(None, help="TLS: our PEM client certificate (mutual TLS)"),
     tls_key: Path = typer.Option(None, help="TLS: the unencrypted PEM key of --tls-cert"),
+    timeout: float = typer.Option(60, help="Seconds to wait for the connection and each answer"),
 ) -> None:
-    """Send files to a DICOM node over one association; prints one status line per file."""
+    """Send files to a DICOM node over one association; prints one status line per file.
+
+    A file that cannot be read is named with its reason and the others are still sent; the exit
+    status is 1 if any file was not stored, 2 if no association could be made.
+    """
     from core import tls
     from core.settings import PeerAddress
     from dicom_node.send import collect
@@ -466,10 +480,14 @@ def send(
             ssl_context = tls.client_context(tls_ca, tls_cert, tls_key,
                                              names=("--tls-ca", "--tls-cert", "--tls-key"))
         for index, result in enumerate(
-            send_files(paths, PeerAddress(to), calling_ae, group, ssl_context=ssl_context), start=1
+            send_files(paths, PeerAddress(to), calling_ae, group, timeout_s=timeout,
+                       ssl_context=ssl_context), start=1
         ):
-            status = "no response" if result.status is None else f"0x{result.status:04X}"
             failures += result.status is None or not (result.status == 0 or 0xB000 <= result.status <= 0xBFFF)
+            if result.error is not None:
+                typer.echo(f"[{index}/{total}] {result.path}: not sent: {result.error}", err=True)
+                continue
+            status = "no response" if result.status is None else f"0x{result.status:04X}"
             typer.echo(f"[{index}/{total}] {result.path.name}: {status} "
                        f"study {result.study_instance_uid} sop {result.sop_instance_uid}")
     except (ConnectionError, ValueError, tls.TLSConfigError) as error:
@@ -482,9 +500,13 @@ def send(
 @app.command()
 def status(last: int = typer.Option(10, help="How many recent studies to list")) -> None:
     """Queue depths, counts by state and the last studies with label, model and delivery."""
-    from core.status import render
+    from core.status import DatabaseNotFound, render
 
-    typer.echo(render(_settings(), last))
+    try:
+        typer.echo(render(_settings(), last))
+    except DatabaseNotFound as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -492,9 +514,14 @@ def resend(
     study_instance_uid: str = typer.Argument(..., help="Study whose SR is sent again"),
 ) -> None:
     """Send a study's SR again (e.g. after a dead-lettered delivery)."""
+    from core.status import DatabaseNotFound
     from core.status import resend as resend_study
 
-    count = resend_study(_settings(), study_instance_uid)
+    try:
+        count = resend_study(_settings(), study_instance_uid)
+    except DatabaseNotFound as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     if not count:
         typer.echo(f"no SR delivery recorded for study {study_instance_uid}", err=True)
         raise typer.Exit(1)
@@ -504,10 +531,15 @@ def resend(
 @app.command()
 def dashboard() -> None:
     """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
-    from core.dashboard import serve
+    from core.dashboard import CannotListen, serve
+    from core.supervisor import EXIT_CANNOT_START
 
     _logging()
-    serve(_settings())
+    try:
+        serve(_settings())
+    except CannotListen as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_CANNOT_START) from None
 
 
 @app.command()

@@ -141,10 +141,29 @@ def _add_patient_names(session, studies: list[monitoring.StudyRow]) -> None:
             row.patient_name = "?"
 
 
+class CannotListen(RuntimeError):
+    """The dashboard's port cannot be bound: restarting will not help."""
+
+
 def serve(settings: Settings) -> None:
+    """Bind first (a port in use raises CannotListen, not uvicorn's exit), then say so, then serve."""
+    import socket
+
     import uvicorn
 
-    log.info("dashboard on http://%s:%d/ (metrics at /metrics)", settings.dashboard_host,
-             settings.dashboard_port)
-    uvicorn.run(create_app(settings), host=settings.dashboard_host, port=settings.dashboard_port,
-                log_level="warning", access_log=False)
+    host, port = settings.dashboard_host, settings.dashboard_port
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as error:
+        raise CannotListen(f"cannot listen on {host}:{port} (PNEUMO_DASHBOARD_HOST/PNEUMO_DASHBOARD_PORT): "
+                           f"{error.strerror or error}") from None
+    log.info("dashboard on http://%s:%d/ (metrics at /metrics)", host, port)
+    from core.supervisor import notify_ready
+
+    notify_ready()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    server.run(sockets=[sock])

@@ -82,7 +82,12 @@ class SnapshotCollector:
         yield _gauge("model_score_psi_24h", "PSI of production scores vs the card's validation scores",
                      [((d.model_name, d.model_version), d.psi) for d in window if not math.isnan(d.psi)],
                      labels)
-        yield _gauge("model_drift_alert", "1 when the 24 h PSI exceeds PNEUMO_DRIFT_PSI_ALERT",
+        yield _gauge("model_score_psi_threshold_24h",
+                     "PSI the last 24 h must exceed to alert: its noise level at that many results "
+                     "(PNEUMO_DRIFT_FALSE_ALARM_RATE), at least PNEUMO_DRIFT_PSI_ALERT",
+                     [((d.model_name, d.model_version), d.threshold) for d in window
+                      if not math.isnan(d.threshold)], labels)
+        yield _gauge("model_drift_alert", "1 when the 24 h PSI exceeds its threshold (over >= 20 results)",
                      [((d.model_name, d.model_version), float(d.alert)) for d in window], labels)
 
 

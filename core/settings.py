@@ -119,7 +119,12 @@ class Settings(BaseSettings):
     dashboard_token: str = Field("", description="Token for the dashboard's state-changing actions")
     dashboard_token_file: Path | None = Field(None, description="File holding the token instead")
     show_patient_names: bool = Field(False, description="Show patient names on the dashboard")
-    drift_psi_alert: float = Field(0.25, description="PSI of production scores vs validation to alert")
+    drift_psi_alert: float = Field(
+        0.1, ge=0, description="Smallest PSI (production scores vs the card's validation scores) worth "
+        "an alert; a window alerts only above both this and its noise level at its size")
+    drift_false_alarm_rate: float = Field(
+        0.001, gt=0, lt=0.5, description="Chance that one drift window alerts although its scores come "
+        "from the validation population (sets the noise level; 8 windows per model: <1% per model)")
 
     def redacted(self) -> dict[str, object]:
         """Every setting, safe to log or print: URL passwords and tokens masked."""

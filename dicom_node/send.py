@@ -7,6 +7,7 @@ grouped into one study. One association carries all files.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, Association
 
 from core.settings import PeerAddress
 from core.tls import handshake_failure
@@ -32,7 +34,12 @@ class SendResult:
     path: Path
     sop_instance_uid: str
     study_instance_uid: str
-    status: int | None  # None: no response (association lost)
+    status: int | None  # None: not sent (see `error`) or no response (association lost)
+    error: str | None = None  # why this file was not sent: missing, not DICOM, unreadable image
+
+
+class AssociationFailed(ConnectionError):
+    """No association: connection refused, timed out, or rejected by the peer (with its reason)."""
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -94,63 +101,170 @@ def wrap_image(path: Path, study: Dataset | None = None) -> Dataset:
     return dataset
 
 
-def datasets(paths: list[Path], group: bool) -> Iterator[tuple[Path, Dataset]]:
+def _unreadable(error: Exception) -> str:
+    """A one-line reason for a file we could not read (read errors name no header values)."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError | PermissionError):
+        return error.strerror or type(error).__name__
+    if isinstance(error, InvalidDicomError):
+        return "not a DICOM file (no DICOM preamble or File Meta Information)"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"unreadable: {type(error).__name__}{': ' + text[:200] if text else ''}"
+
+
+def _header(path: Path) -> tuple[str, str]:
+    """(SOP Class UID, transfer syntax) of a file to send, read without its pixels."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        return DX_PRESENTATION, ExplicitVRLittleEndian
+    header = dcmread(path, stop_before_pixels=True)
+    try:
+        return str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)
+    except AttributeError:
+        raise InvalidDicomError("no SOP Class UID or transfer syntax in the header") from None
+
+
+def check(paths: list[Path]) -> tuple[dict[Path, tuple[str, str]], dict[Path, str]]:
+    """Each file's (SOP class, transfer syntax), and for the files that cannot be sent, why.
+
+    Any error while reading one file (pydicom, Pillow and the OS raise many kinds) makes that
+    file fail alone, with its reason: one bad file must not stop the others.
+    """
+    headers, errors = {}, {}
+    for path in collect(paths):
+        try:
+            headers[path] = _header(path)
+        except Exception as error:
+            errors[path] = _unreadable(error)
+    return headers, errors
+
+
+def datasets(
+    paths: list[Path], group: bool, errors: dict[Path, str] | None = None
+) -> Iterator[tuple[Path, Dataset | str]]:
+    """Each file as a dataset to send, or the reason it cannot be sent, in the order given
+    (`errors`: check()'s, when the caller has them already)."""
+    if errors is None:
+        errors = check(paths)[1]
     study = None
     for path in collect(paths):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            dataset = wrap_image(path, study)
-            if group and study is None:
-                study = dataset
-            yield path, dataset
-        else:
-            yield path, dcmread(path)
+        if path in errors:
+            yield path, errors[path]
+            continue
+        try:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                dataset = wrap_image(path, study)
+                if group and study is None:
+                    study = dataset
+            else:
+                dataset = dcmread(path)
+        except Exception as error:  # as in check(): this file fails alone
+            yield path, _unreadable(error)
+            continue
+        yield path, dataset
 
 
-def requested_contexts(paths: list[Path]) -> list[tuple[str, list[str]]]:
+def requested_contexts(
+    paths: list[Path], headers: dict[Path, tuple[str, str]] | None = None
+) -> list[tuple[str, list[str]]]:
     """Contexts for every (SOP class, transfer syntax) present, each file sent as it is.
 
     A compressed syntax gets a context of its own: the acceptor picks one syntax per context, so
     offering JPEG 2000 beside Explicit VR in one context leaves the JPEG 2000 file nothing to go on.
+    Files that cannot be read are left out (they are reported, not sent).
     """
     native = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     contexts: dict[tuple[str, tuple[str, ...]], None] = {}
-    for path in collect(paths):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            sop_class, syntax = DX_PRESENTATION, ExplicitVRLittleEndian
-        else:
-            header = dcmread(path, stop_before_pixels=True)
-            sop_class, syntax = header.SOPClassUID, header.file_meta.TransferSyntaxUID
+    for sop_class, syntax in (check(paths)[0] if headers is None else headers).values():
         syntaxes = tuple(native) if syntax in native else (str(syntax),)
         contexts[(str(sop_class), syntaxes)] = None
     return [(sop_class, list(syntaxes)) for sop_class, syntaxes in contexts]
+
+
+class _Records(logging.Handler):
+    """pynetdicom's own account of an association attempt (it logs, it does not raise)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def association_failure(assoc: Association, messages: list[str], timeout_s: float) -> str:
+    """Why an association was not established, as the operator needs it: refused, timed out, or
+    rejected by the peer with the reason and source of its A-ASSOCIATE-RJ."""
+    answer = assoc.acceptor.primitive
+    if assoc.is_rejected and answer is not None:
+        return (f"rejected by the peer ({answer.result_str}): reason {answer.reason_str!r}, "
+                f"source {answer.source_str}")
+    for message in messages:
+        if message.startswith("TCP Initialisation Error"):
+            cause = message.split(":", 1)[-1].strip()
+            if "refused" in cause.lower():
+                return "connection refused (nothing listens there, or a firewall refuses)"
+            if "timed out" in cause.lower():
+                return f"connection timed out after {timeout_s:g} s (host down or a firewall drops it)"
+            return f"cannot connect: {cause}"
+    if any("ACSE timeout" in message for message in messages):
+        return (f"timed out: the peer took the connection but did not answer the association "
+                f"request within {timeout_s:g} s")
+    if any("No accepted presentation contexts" in message for message in messages):
+        return "the peer accepted none of the proposed SOP class / transfer syntax pairs"
+    if assoc.is_aborted:
+        return "aborted by the peer"
+    return "failed"
 
 
 def send(
     paths: list[Path], destination: PeerAddress, calling_ae_title: str = "PNEUMO-SEND",
     group: bool = False, timeout_s: float = 60, ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[SendResult]:
-    """Send everything over one association (re-opened if the peer drops it); TLS with a context."""
+    """Send everything over one association (re-opened if the peer drops it); TLS with a context.
+
+    A file that cannot be read is yielded with its `error` and the others are still sent; an
+    association that cannot be made raises AssociationFailed saying why.
+    """
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    for sop_class, syntaxes in requested_contexts(paths):
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
+    headers, errors = check(paths)
+    for sop_class, syntaxes in requested_contexts(paths, headers):
         ae.add_requested_context(sop_class, syntaxes)
     tls_args = None if ssl_context is None else (ssl_context, destination.host)
     assoc = None
     try:
-        for path, dataset in datasets(paths, group):
+        for path, dataset in datasets(paths, group, errors):
+            if isinstance(dataset, str):
+                yield SendResult(path, "", "", None, error=dataset)
+                continue
             if assoc is None or not assoc.is_established:
-                assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                     tls_args=tls_args)
-                if not assoc.is_established:
-                    reason = None
-                    if ssl_context is not None:
-                        reason = handshake_failure(destination.host, destination.port, ssl_context,
-                                                   timeout_s)
-                    raise ConnectionError(f"association with {destination!r} was rejected or failed"
-                                          + (f": {reason}" if reason else ""))
+                assoc = _associate(ae, destination, tls_args, timeout_s)
             response = assoc.send_c_store(dataset)
             yield SendResult(path, str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID),
                              getattr(response, "Status", None))
     finally:
         if assoc is not None and assoc.is_established:
             assoc.release()
+
+
+def _associate(
+    ae: AE, destination: PeerAddress, tls_args: tuple[ssl.SSLContext, str] | None, timeout_s: float
+) -> Association:
+    records = _Records()
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    pynetdicom_log.addHandler(records)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=tls_args)
+    finally:
+        pynetdicom_log.removeHandler(records)
+    if assoc.is_established:
+        return assoc
+    reason = None
+    if tls_args is not None and not assoc.is_rejected:
+        reason = handshake_failure(destination.host, destination.port, tls_args[0], timeout_s)
+    raise AssociationFailed(f"association with {destination!r}: "
+                            f"{reason or association_failure(assoc, records.messages, timeout_s)}")
