@@ -19,7 +19,11 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def requirement_name(requirement: str) -> str:
-    """`tensorflow-cpu>=2.18,<3; marker` -> `tensorflow-cpu` (PEP 503 normalised)."""
+    """`tensorflow-cpu>=2.18,<3; marker` -> `tensorflow-cpu` (PEP 503 normalised).
+
+    Hand-written rather than `packaging.requirements`: this script runs in the image build before
+    any dependency is installed, where only the standard library is there.
+    """
     name = re.match(r"[A-Za-z0-9._-]+", requirement.strip())
     if name is None:
         raise ValueError(f"not a requirement: {requirement!r}")

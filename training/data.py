@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label index 0, 1
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -65,7 +67,8 @@ def read_split(root: Path, split: str) -> list[Sample]:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def drop_duplicates(samples: list[Sample]) -> tuple[list[Sample], int]:
@@ -130,9 +133,14 @@ def fingerprint(samples: list[Sample], root: Path) -> str:
 
 
 def class_weights(samples: list[Sample]) -> dict[int, float]:
-    """Balanced class weights, n / (k * n_class), as scikit-learn's 'balanced' gives."""
-    counts = [sum(1 for s in samples if s.label == label) for label in range(len(CLASS_NAMES))]
-    if min(counts) == 0:
+    """Balanced class weights, n / (k * n_class): scikit-learn's `compute_class_weight`."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([s.label for s in samples])
+    classes = np.arange(len(CLASS_NAMES))
+    missing = [int(c) for c in classes if not (labels == c).any()]
+    if missing:
+        counts = [int((labels == c).sum()) for c in classes]
         raise ValueError(f"a class has no training images: counts {counts}")
-    total = sum(counts)
-    return {label: total / (len(counts) * count) for label, count in enumerate(counts)}
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights, strict=True)}

@@ -23,15 +23,20 @@ def choose_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
-    """Weighted mean |observed rate - mean probability| over equal-width probability bins."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        in_bin = index == b
-        if in_bin.any():
-            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
-    return float(error)
+    """Weighted mean |observed rate - mean probability| over equal-width probability bins.
+
+    The per-bin rates are scikit-learn's `calibration_curve`; it drops empty bins and does not
+    return the bins' sizes, so those are counted with the same binning (`np.searchsorted` on the
+    inner edges, as scikit-learn bins).
+    """
+    from sklearn.calibration import calibration_curve
+
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
+    observed, predicted = calibration_curve(labels, probabilities, n_bins=bins, strategy="uniform")
+    inner_edges = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    sizes = np.bincount(np.searchsorted(inner_edges, probabilities), minlength=bins)
+    weights = sizes[sizes > 0] / len(probabilities)
+    return float(np.sum(weights * np.abs(observed - predicted)))
 
 
 def _ratio(numerator: int, denominator: int) -> float:
