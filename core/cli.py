@@ -25,10 +25,14 @@ DEFAULT_WEIGHTS = (
 
 
 def _logging(verbose: bool = False) -> None:
+    from core import logsafe
+
+    logsafe.private_files()  # every command that logs may write stored images, SRs or a database
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logsafe.install()
 
 
 @app.command()
@@ -402,7 +406,10 @@ def require_keras_backend() -> None:
 
 
 def main() -> None:
+    from core import logsafe
+
     require_keras_backend()
+    logsafe.private_files()
     app()
 
 

@@ -9,7 +9,9 @@ Patient names are not shown unless PNEUMO_SHOW_PATIENT_NAMES is set.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -114,10 +116,12 @@ def create_app(settings: Settings) -> Starlette:
     async def healthz(_request: Request) -> Response:
         snap = monitoring.snapshot(settings, sessions)
         healthy = snap.database_ok and snap.broker_ok
+        node = node_health(settings)
         return JSONResponse({
             "database": "ok" if snap.database_ok else snap.database_error,
             "broker": "ok" if snap.broker_ok else "unreachable",
-            "accepting_images": not snap.refusing_images,
+            "accepting_images": not snap.refusing_images and node.get("accepting", True),
+            "node": node,
         }, status_code=200 if healthy else 503)
 
     return Starlette(routes=[
@@ -129,6 +133,25 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics),
         Route("/healthz", healthz),
     ])
+
+
+def node_health(settings: Settings, stale_s: float = 15.0) -> dict:
+    """The node's own account of its association slots (it writes the file every 2 s).
+
+    Without it the dashboard said "accepting" while every association was refused. No file: no
+    node has run with this home (another host, or not started), so nothing is claimed; a file
+    not rewritten for `stale_s`: the node is not running, so it is not accepting.
+    """
+    try:
+        health = json.loads(settings.node_health_path.read_text())
+    except FileNotFoundError:
+        return {"status": "unknown: no node has written its health under PNEUMO_HOME"}
+    except (OSError, ValueError) as error:
+        return {"status": f"unreadable: {type(error).__name__}"}
+    age = time.time() - float(health.get("updated_at", 0))
+    if age > stale_s:
+        return {**health, "accepting": False, "status": f"not running: no update for {age:.0f} s"}
+    return {**health, "status": "running" if health.get("accepting") else "all association slots in use"}
 
 
 def _add_patient_names(session, studies: list[monitoring.StudyRow]) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.logsafe import PRIVATE_UMASK
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def start_embedded_redis(settings: Settings) -> subprocess.Popen:
          "--unixsocketperm", "700", "--dir", str(settings.home_dir), "--appendonly", "yes",
          "--save", "", "--logfile", str(settings.home_dir / "redis.log")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        umask=PRIVATE_UMASK,  # its append-only file holds queued jobs: private, as all in home
     )
     for _ in range(100):
         if socket_path.exists():
@@ -157,10 +159,13 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
 
 def _start(child: Child, environment: dict[str, str], home: Path) -> None:
     log_path = home / f"{child.name}.log"
-    handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    # 0600: a log line may name a study; the children create stored images, SRs and databases.
+    descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(descriptor, 0o600)  # a log from before this version
+    handle = os.fdopen(descriptor, "ab")
     child.process = subprocess.Popen(
         child.command, env=environment, stdout=handle, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True, umask=PRIVATE_UMASK,
     )
     child.started_at = time.monotonic()
     log.info("started %s (pid %d), log %s", child.name, child.process.pid, log_path)

@@ -66,5 +66,14 @@ def _quiet_task_trace(**_kwargs) -> None:
     logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
 
 
+@after_setup_logger.connect
+def _safe_logs(logger: logging.Logger, **_kwargs) -> None:
+    """Workers and beat: control characters escaped in log lines, files created private."""
+    from core import logsafe
+
+    logsafe.private_files()
+    logsafe.install(logger.handlers)
+
+
 settings = Settings()
 app = make_app(settings)
