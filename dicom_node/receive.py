@@ -163,7 +163,7 @@ def store_instance(
                                 f"deflated data set too large: inflates past {max_inflated_mb} MiB")
         # Pixel data and large private elements are deferred (left on disk), never loaded here.
         dataset = dcmread(spool_path, defer_size=DEFER_SIZE)
-        problem = dataset_problem(dataset, spool_path.stat().st_size)
+        problem = dataset_problem(dataset, spool_path.stat().st_size) or nul_problem(dataset)
         if problem is not None:
             return StoreOutcome(CANNOT_UNDERSTAND, problem)
         study_uid, series_uid, sop_uid = (dataset.get(keyword) for keyword in UID_KEYWORDS)
@@ -295,6 +295,27 @@ def dataset_problem(dataset: Dataset, size: int) -> str | None:
         return f"dataset truncated: element {tag} declares {length} bytes, {size - value_tell} received"
     if end < size:
         return f"dataset truncated: {size - end} bytes of an incomplete element after {tag}"
+    return None
+
+
+TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+
+
+def nul_problem(dataset: Dataset) -> str | None:
+    """Why a text value cannot be kept: a NUL inside it (trailing NULs are padding), or None.
+
+    PostgreSQL refuses NUL in text, so a NUL in a value the node stores (Accession Number,
+    Modality) answered 0xA700 "database unavailable" on every retry, and one the worker stores
+    (Body Part Examined in a reason) left the image in `processing`. No DICOM text VR allows it.
+    Private elements are not read by pneumo and not checked.
+    """
+    for element in dataset.iterall():
+        if element.tag.is_private or element.VR not in TEXT_VRS or element.value is None:
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        if any("\x00" in str(value).rstrip("\x00 ") for value in values):
+            return f"invalid value: NUL character in {element.keyword or element.tag}"
     return None
 
 

@@ -250,3 +250,44 @@ def test_the_log_filter_escapes_what_libraries_log() -> None:
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "calling AE A\\r\\n2026-01-01 INFO forged\\x00\n"
+
+
+@pytest.mark.parametrize("keyword", ["AccessionNumber", "Modality", "BodyPartExamined", "PatientID"])
+def test_a_nul_character_in_a_text_value_is_refused_with_its_reason(
+    keyword: str, sessions, tmp_path: Path
+) -> None:
+    """On PostgreSQL a NUL answered 0xA700 "database unavailable" for ever (Accession, Modality)
+    or left the image in `processing` (Body Part); refused once, with the reason, on both."""
+    import warnings
+
+    from sqlalchemy import func, select
+
+    from core.db import Instance
+    from dicom_node.receive import CANNOT_UNDERSTAND, store_instance
+
+    dataset = wrap_image(IMAGE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the character, and writes it
+        setattr(dataset, keyword, "AB\x00CD")
+        spool = tmp_path / "spool.dcm"
+        dataset.save_as(spool, enforce_file_format=True)
+    (tmp_path / "storage").mkdir()
+    outcome = store_instance(spool, dataset.SOPClassUID, dataset.SOPInstanceUID, "SENDER",
+                             tmp_path / "storage", sessions)
+    assert (outcome.status, outcome.reason) == (CANNOT_UNDERSTAND,
+                                                f"invalid value: NUL character in {keyword}")
+    with sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 0
+
+
+def test_trailing_nul_padding_is_accepted(sessions, tmp_path: Path) -> None:
+    from dicom_node.receive import store_instance
+
+    dataset = wrap_image(IMAGE)
+    dataset.AccessionNumber = "ACC1\x00"
+    spool = tmp_path / "spool.dcm"
+    dataset.save_as(spool, enforce_file_format=True)
+    (tmp_path / "storage").mkdir()
+    outcome = store_instance(spool, dataset.SOPClassUID, dataset.SOPInstanceUID, "SENDER",
+                             tmp_path / "storage", sessions)
+    assert outcome.status == SUCCESS, outcome.reason
