@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -182,16 +183,15 @@ class GuardedServer(ThreadedAssociationServer):
         threading.Thread(target=self._watch, daemon=True, name="association-watchdog").start()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """As pynetdicom's, plus a timeout on every read: accepted sockets block for ever."""
         client, address = self.socket.accept()
-        # Bounds a stalled TLS handshake (done here, in the accepting thread) and every read.
-        client.settimeout(self.settings.association_request_timeout_s)
-        if self.ssl_context:
+        client.settimeout(self.settings.network_timeout_s)
+        if self.ssl_context:  # the handshake is deferred to the association's thread (core.tls)
             try:
                 client = self.ssl_context.wrap_socket(client, server_side=True)
             except OSError:
                 client.close()
                 raise
-        client.settimeout(self.settings.network_timeout_s)
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -207,9 +207,12 @@ class GuardedServer(ThreadedAssociationServer):
                 return True
             self._refusals.append(time.monotonic())
         log.warning("connection from %s refused: %s", host, why)
-        with contextlib.suppress(OSError):
-            request.settimeout(1.0)
-            request.sendall(LOCAL_LIMIT_EXCEEDED_RJ)
+        if not isinstance(request, ssl.SSLSocket):
+            # Over TLS no PDU can go before the handshake, which must not run in this thread
+            # (see core.tls): the peer sees the connection close.
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(LOCAL_LIMIT_EXCEEDED_RJ)
         return False  # socketserver closes the connection
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -241,10 +244,12 @@ class GuardedServer(ThreadedAssociationServer):
                     raw = getattr(assoc.dul.socket, "socket", None)
                     if assoc.is_established:
                         del self._open[assoc]  # from now on pynetdicom's idle timer applies
-                    elif raw is None or raw.fileno() == -1:
-                        # Closed before an association: pynetdicom's thread still waits out
-                        # its ACSE timeout, but the connection no longer holds a slot.
+                    elif (raw is None or raw.fileno() == -1
+                          or (getattr(assoc, "_started_dul", False) and not assoc.dul.is_alive())):
+                        # Over before an association (closed, junk, aborted): pynetdicom's
+                        # thread still waits out its ACSE timeout, holding no slot meanwhile.
                         del self._open[assoc]
+                        _shutdown(raw)
                         self._release(request)
                     elif now - since > deadline:
                         log.warning("connection from %s closed: no association within %.0f s",

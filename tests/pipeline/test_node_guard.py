@@ -149,6 +149,35 @@ def test_one_host_cannot_take_every_slot(start_node) -> None:
     wait_for(lambda: echo_status(settings) == SUCCESS, 10, "the released slots to be free")
 
 
+def test_a_junk_pdu_does_not_hold_a_slot_after_close(start_node) -> None:
+    """The connection is gone, but pynetdicom's thread waits out its ACSE timeout (60 s): the
+    slot was held all that time."""
+    settings = start_node(max_associations_per_host=1, association_request_timeout_s=30)
+    sock = connect(settings)
+    sock.sendall(b"\x09\x00\x00\x00\x00\x04junk")
+    time.sleep(0.5)  # read by the node: it waits for the peer to close (Sta13)
+    sock.close()
+    started = time.monotonic()
+    wait_for(lambda: echo_status(settings) == SUCCESS, 10, "the slot to be free")
+    assert time.monotonic() - started < 3
+
+
+def test_200_idle_connections_from_one_host_do_not_lock_others_out(start_node) -> None:
+    settings = start_node(max_associations=10, association_request_timeout_s=30)
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(connect(settings))
+        started = time.monotonic()
+        assert echo_status(settings, source="127.0.0.2") == SUCCESS
+        assert time.monotonic() - started < 3
+        assert health(settings)["max_associations_per_host"] == 8
+        wait_for(lambda: health(settings)["active_associations"] == 8, 5, "the health file")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_healthz_reflects_full_slots_and_refusals(start_node, tmp_path: Path) -> None:
     """The dashboard said "accepting" while every association was refused."""
     from starlette.testclient import TestClient
@@ -174,17 +203,21 @@ def test_healthz_reflects_full_slots_and_refusals(start_node, tmp_path: Path) ->
     assert client.get("/healthz").json()["accepting_images"] is True
 
 
-def test_a_stopped_node_is_not_accepting(start_node, tmp_path: Path) -> None:
+def test_a_stopped_node_is_not_accepting(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
     from core.dashboard import create_app
 
-    settings = start_node()
-    path = settings.node_health_path
-    path.write_text(json.dumps({**health(settings), "updated_at": time.time() - 3600}))
-    client = TestClient(create_app(Settings(
-        home=tmp_path / "home", database_url=settings.database_url, broker_url=f"{REDIS_TEST_URL}/8")))
-    assert client.get("/healthz").json()["accepting_images"] is False
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+    settings = Settings(home=tmp_path / "home", database_url=url, broker_url=f"{REDIS_TEST_URL}/8")
+    client = TestClient(create_app(settings))
+    assert client.get("/healthz").json()["accepting_images"] is True  # no node has run here
+    settings.node_health_path.write_text(json.dumps({
+        "updated_at": time.time() - 3600, "active_associations": 0, "max_associations": 10,
+        "accepting": True}))
+    body = client.get("/healthz").json()
+    assert body["accepting_images"] is False and body["node"]["status"].startswith("not running")
 
 
 @pytest.fixture
