@@ -152,11 +152,14 @@ def test_one_host_cannot_take_every_slot(start_node) -> None:
 def test_a_junk_pdu_does_not_hold_a_slot_after_close(start_node) -> None:
     """The connection is gone, but pynetdicom's thread waits out its ACSE timeout (60 s): the
     slot was held all that time."""
-    settings = start_node(max_associations_per_host=1, association_request_timeout_s=30)
-    sock = connect(settings)
-    sock.sendall(b"\x09\x00\x00\x00\x00\x04junk")
+    settings = start_node(max_associations=3, max_associations_per_host=3,
+                          association_request_timeout_s=30)
+    junk = [connect(settings) for _ in range(3)]
+    for sock in junk:
+        sock.sendall(b"\x09\x00\x00\x00\x00\x04junk")
     time.sleep(0.5)  # read by the node: it waits for the peer to close (Sta13)
-    sock.close()
+    for sock in junk:
+        sock.close()
     started = time.monotonic()
     wait_for(lambda: echo_status(settings) == SUCCESS, 10, "the slot to be free")
     assert time.monotonic() - started < 3
