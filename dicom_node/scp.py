@@ -45,6 +45,7 @@ MAX_REQUEST_PDU_BYTES = 1 << 20
 MAX_PDU_BYTES = 16 << 20
 HEALTH_INTERVAL_S = 2.0
 REFUSAL_WINDOW_S = 60.0  # /healthz reports refusals for capacity this long
+LINGER_S, MAX_LINGERING = 2.0, 256  # a refused connection is read until the peer closes, this long
 
 
 def peer_allowed(allowed: list[tuple[str, str | None]], ae_title: str, address: str) -> bool:
@@ -178,6 +179,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._slots: dict[Any, str] = {}  # connection -> host, while it holds a slot
         self._open: dict[Any, tuple[float, Any]] = {}  # association not yet established -> since
         self._refusals: deque[float] = deque(maxlen=1000)
+        self._lingering: dict[Any, float] = {}  # refused connection -> close by (monotonic)
         self._stopped = threading.Event()
         super().__init__(*args, **kwargs)
         threading.Thread(target=self._watch, daemon=True, name="association-watchdog").start()
@@ -207,13 +209,40 @@ class GuardedServer(ThreadedAssociationServer):
                 return True
             self._refusals.append(time.monotonic())
         log.warning("connection from %s refused: %s", host, why)
-        if not isinstance(request, ssl.SSLSocket):
+        if not isinstance(request, ssl.SSLSocket) and len(self._lingering) < MAX_LINGERING:
             # Over TLS no PDU can go before the handshake, which must not run in this thread
             # (see core.tls): the peer sees the connection close.
             with contextlib.suppress(OSError):
                 request.settimeout(1.0)
                 request.sendall(LOCAL_LIMIT_EXCEEDED_RJ)
-        return False  # socketserver closes the connection
+                request.shutdown(socket.SHUT_WR)
+                request.setblocking(False)
+                # Closed at once, the peer's A-ASSOCIATE-RQ arriving after would make the kernel
+                # reset the connection, and the peer may see the reset before the A-ASSOCIATE-RJ.
+                with self._lock:
+                    self._lingering[request] = time.monotonic() + LINGER_S
+        return False  # socketserver closes the connection (shutdown_request)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            if request in self._lingering:
+                return  # the watchdog reads what the peer still sends, then closes it
+        super().shutdown_request(request)
+
+    def _close_lingering(self, now: float) -> None:
+        with self._lock:
+            for request, deadline in list(self._lingering.items()):
+                try:
+                    while chunk := request.recv(4096):
+                        del chunk
+                    done = True  # end of stream: the peer has read the A-ASSOCIATE-RJ and closed
+                except BlockingIOError:
+                    done = now > deadline
+                except OSError:
+                    done = True
+                if done:
+                    del self._lingering[request]
+                    request.close()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -255,6 +284,7 @@ class GuardedServer(ThreadedAssociationServer):
                         log.warning("connection from %s closed: no association within %.0f s",
                                     assoc.requestor.address, deadline)
                         _shutdown(raw)
+            self._close_lingering(now)
             if now - last_health >= HEALTH_INTERVAL_S:
                 last_health = now
                 self.write_health()
