@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.tag import BaseTag
 from pynetdicom import dimse_messages
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -308,15 +310,33 @@ def nul_problem(dataset: Dataset) -> str | None:
     PostgreSQL refuses NUL in text, so a NUL in a value the node stores (Accession Number,
     Modality) answered 0xA700 "database unavailable" on every retry, and one the worker stores
     (Body Part Examined in a reason) left the image in `processing`. No DICOM text VR allows it.
-    Private elements are not read by pneumo and not checked.
+    Only text elements are converted (a deferred pixel or private value is never read); private
+    elements are not read by pneumo and not checked.
     """
-    for element in dataset.iterall():
-        if element.tag.is_private or element.VR not in TEXT_VRS or element.value is None:
+    for tag in sorted(dataset.keys()):
+        raw = dataset.get_item(tag, keep_deferred=True)  # not `elements()`: it reads deferred values
+        if raw.tag.is_private:
             continue
+        vr = raw.VR or _dictionary_vr(raw.tag)
+        if vr == "SQ":
+            for item in dataset[raw.tag].value or []:
+                if (problem := nul_problem(item)) is not None:
+                    return problem
+            continue
+        if vr not in TEXT_VRS:
+            continue
+        element = dataset[raw.tag]
         values = element.value if element.VM > 1 else [element.value]
-        if any("\x00" in str(value).rstrip("\x00 ") for value in values):
+        if any("\x00" in str(value).rstrip("\x00 ") for value in values if value is not None):
             return f"invalid value: NUL character in {element.keyword or element.tag}"
     return None
+
+
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _record_retrying(sessions: sessionmaker[Session], *args: Any) -> int:

@@ -179,7 +179,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._slots: dict[Any, str] = {}  # connection -> host, while it holds a slot
         self._open: dict[Any, tuple[float, Any]] = {}  # association not yet established -> since
         self._refusals: deque[float] = deque(maxlen=1000)
-        self._lingering: dict[Any, float] = {}  # refused connection -> close by (monotonic)
+        self._lingering: dict[Any, list] = {}  # refused connection -> [close by, answered]
         self._stopped = threading.Event()
         super().__init__(*args, **kwargs)
         threading.Thread(target=self._watch, daemon=True, name="association-watchdog").start()
@@ -210,17 +210,14 @@ class GuardedServer(ThreadedAssociationServer):
             self._refusals.append(time.monotonic())
         log.warning("connection from %s refused: %s", host, why)
         if not isinstance(request, ssl.SSLSocket) and len(self._lingering) < MAX_LINGERING:
+            # Answered by the watchdog once the peer's A-ASSOCIATE-RQ has arrived: sent before,
+            # a peer may read the A-ASSOCIATE-RJ before it has sent its request and see an abort.
             # Over TLS no PDU can go before the handshake, which must not run in this thread
-            # (see core.tls): the peer sees the connection close.
+            # (see core.tls): that peer sees the connection close.
             with contextlib.suppress(OSError):
-                request.settimeout(1.0)
-                request.sendall(LOCAL_LIMIT_EXCEEDED_RJ)
-                request.shutdown(socket.SHUT_WR)
                 request.setblocking(False)
-                # Closed at once, the peer's A-ASSOCIATE-RQ arriving after would make the kernel
-                # reset the connection, and the peer may see the reset before the A-ASSOCIATE-RJ.
                 with self._lock:
-                    self._lingering[request] = time.monotonic() + LINGER_S
+                    self._lingering[request] = [time.monotonic() + LINGER_S, False]
         return False  # socketserver closes the connection (shutdown_request)
 
     def shutdown_request(self, request: Any) -> None:
@@ -230,14 +227,22 @@ class GuardedServer(ThreadedAssociationServer):
         super().shutdown_request(request)
 
     def _close_lingering(self, now: float) -> None:
+        """Refused connections: answer the request with A-ASSOCIATE-RJ, then read until the peer
+        closes (closed at once, data arriving after makes the kernel reset the connection before
+        the peer has read the answer), or until the deadline."""
         with self._lock:
-            for request, deadline in list(self._lingering.items()):
+            for request, state in list(self._lingering.items()):
+                deadline, answered = state
+                done = now > deadline
                 try:
-                    while chunk := request.recv(4096):
-                        del chunk
-                    done = True  # end of stream: the peer has read the A-ASSOCIATE-RJ and closed
+                    while request.recv(4096):
+                        if not answered:
+                            request.send(LOCAL_LIMIT_EXCEEDED_RJ)
+                            request.shutdown(socket.SHUT_WR)
+                            state[1] = answered = True
+                    done = True  # end of stream
                 except BlockingIOError:
-                    done = now > deadline
+                    pass
                 except OSError:
                     done = True
                 if done:
