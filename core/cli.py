@@ -27,7 +27,6 @@ DEFAULT_WEIGHTS = (
 def _logging(verbose: bool = False) -> None:
     from core import logsafe
 
-    logsafe.private_files()  # every command that logs may write stored images, SRs or a database
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -219,9 +218,13 @@ app.add_typer(db_app, name="db")
 
 
 def _settings():
+    """The settings of a command that handles patient data: its files are created private."""
     from pydantic import ValidationError
 
+    from core import logsafe
     from core.settings import Settings
+
+    logsafe.private_files()  # stored images, SRs, the database, logs (not models: `train` keeps 022)
 
     try:
         return Settings()
@@ -406,10 +409,7 @@ def require_keras_backend() -> None:
 
 
 def main() -> None:
-    from core import logsafe
-
     require_keras_backend()
-    logsafe.private_files()
     app()
 
 
