@@ -25,13 +25,14 @@ DEFAULT_WEIGHTS = (
 
 
 def _logging(verbose: bool = False) -> None:
-    from core import phi
+    from core import logsafe, phi
 
     phi.install()  # library messages and tracebacks quote header values: scrubbed (core.phi)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logsafe.install()
 
 
 @app.command()
@@ -365,9 +366,13 @@ app.add_typer(db_app, name="db")
 
 
 def _settings():
+    """The settings of a command that handles patient data: its files are created private."""
     from pydantic import ValidationError
 
+    from core import logsafe
     from core.settings import Settings
+
+    logsafe.private_files()  # stored images, SRs, the database, logs (not models: `train` keeps 022)
 
     try:
         return Settings()

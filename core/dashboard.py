@@ -1,21 +1,31 @@
 """`pneumo dashboard`: the page radiology IT keeps open, `/metrics` for Prometheus, `/healthz`.
 
 Server-rendered (Starlette + Jinja2, no JavaScript). Reading is open; re-send and re-run change
-state and need the operator token (PNEUMO_DASHBOARD_TOKEN or _FILE), given once on the page and
-kept in an HttpOnly, SameSite=Strict cookie. With no token configured the actions are disabled.
+state and need the operator token (PNEUMO_DASHBOARD_TOKEN or _FILE), given once on the page; the
+browser then holds a signed session (HttpOnly, SameSite=Strict), never the token itself. Wrong
+tokens are throttled per client (429). With no token configured the actions are disabled.
 Patient names are not shown unless PNEUMO_SHOW_PATIENT_NAMES is set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import logging
+import secrets
+import threading
+import time
+from collections import deque
 from pathlib import Path
 from urllib.parse import quote
 
 from pydicom import dcmread
 from sqlalchemy import select
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -23,12 +33,71 @@ from starlette.templating import Jinja2Templates
 
 from core import monitoring, status
 from core.db import Instance, session_factory
+from core.logsafe import printable
 from core.metrics import exposition
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
-COOKIE = "pneumo_token"
+SESSION_COOKIE = "pneumo_session"
+SESSION_MAX_AGE_S = 8 * 3600  # one shift
+SECURITY_HEADERS = {
+    # The page has one inline <style> and no script; nothing may frame it (clickjacking of the
+    # re-send and re-run buttons) and forms post only to the dashboard itself.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",  # study lists (and names, when shown) stay out of caches
+}
+
+
+class LoginThrottle:
+    """At most `attempts` wrong tokens per client in `window_s`; then 429 until the oldest ages out.
+
+    Without it the operator token could be guessed at the speed of the network.
+    """
+
+    def __init__(self, attempts: int = 5, window_s: float = 300.0) -> None:
+        self.attempts, self.window_s = attempts, window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> int:
+        """Seconds this client must wait before trying again; 0 if it may try now."""
+        now = time.monotonic()
+        with self._lock:
+            failures = self._failures.get(client)
+            while failures and now - failures[0] > self.window_s:
+                failures.popleft()
+            if not failures:
+                self._failures.pop(client, None)
+                return 0
+            if len(failures) < self.attempts:
+                return 0
+            return max(1, int(self.window_s - (now - failures[0])) + 1)
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:  # a flood of addresses must not grow this for ever
+                self._failures.clear()
+            self._failures.setdefault(client, deque(maxlen=self.attempts)).append(time.monotonic())
+
+
+def session_secret(token: str) -> str:
+    """Sessions are signed with a key derived from the token: changing the token signs everyone
+    out, and a restart keeps sessions. With no token a random key (nothing to sign in to)."""
+    if not token:
+        return secrets.token_hex(32)
+    return hmac.new(token.encode(), b"pneumo dashboard session", hashlib.sha256).hexdigest()
+
+
+async def _security_headers(request: Request, call_next) -> Response:
+    response = await call_next(request)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 def operator_token(settings: Settings) -> str:
@@ -44,10 +113,37 @@ def create_app(settings: Settings) -> Starlette:
     send_delivery = status.task_sender(settings, "pneumo.deliver")
     send_classify = status.task_sender(settings, "pneumo.classify")
 
-    def authorised(request: Request) -> bool:
-        given = request.cookies.get(COOKIE) or request.headers.get("authorization", "").removeprefix(
-            "Bearer ")
+    throttle = LoginThrottle()
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def token_matches(given: str) -> bool:
         return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+    def signed_in(request: Request) -> bool:
+        return bool(token) and request.session.get("operator") is True
+
+    def refusal(request: Request) -> Response | None:
+        """None if the request may change state: a signed-in session, or the token as a Bearer
+        header (scripts). Wrong Bearer tokens count against the client as wrong sign-ins do."""
+        if signed_in(request):
+            return None
+        header = request.headers.get("authorization", "")
+        if header.startswith("Bearer "):
+            if (too_many := throttled(request)) is not None:
+                return too_many
+            if token_matches(header.removeprefix("Bearer ")):
+                return None
+            throttle.failed(client_of(request))
+        return refuse(request)
+
+    def throttled(request: Request) -> Response | None:
+        wait = throttle.retry_after(client_of(request))
+        if not wait:
+            return None
+        text = f"Too many wrong operator tokens from this address; try again in {wait} s"
+        return PlainTextResponse(text, status_code=429, headers={"Retry-After": str(wait)})
 
     def back(message: str) -> RedirectResponse:
         return RedirectResponse(f"/?msg={quote(message)}", status_code=303)
@@ -65,22 +161,25 @@ def create_app(settings: Settings) -> Starlette:
         return TEMPLATES.TemplateResponse(request, "dashboard.html", {
             "snap": snap, "studies": studies, "failures": failures, "deliveries": deliveries,
             "settings": settings, "message": request.query_params.get("msg", ""),
-            "signed_in": authorised(request), "token_configured": bool(token),
+            "signed_in": signed_in(request), "token_configured": bool(token),
         })
 
     async def login(request: Request) -> Response:
+        if (refusal := throttled(request)) is not None:
+            log.warning("dashboard sign-in from %s throttled", printable(client_of(request)))
+            return refusal
         given = str((await request.form()).get("token", ""))
-        if not token or not hmac.compare_digest(given.encode(), token.encode()):
-            log.warning("dashboard sign-in refused from %s", request.client.host if request.client else "?")
+        if not token_matches(given):
+            throttle.failed(client_of(request))
+            log.warning("dashboard sign-in refused from %s", printable(client_of(request)))
             return back("Sign-in refused: wrong operator token")
-        response = back("Signed in")
-        response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
-        return response
+        request.session.clear()
+        request.session["operator"] = True
+        return back("Signed in")
 
     async def logout(request: Request) -> Response:
-        response = back("Signed out")
-        response.delete_cookie(COOKIE)
-        return response
+        request.session.clear()
+        return back("Signed out")
 
     def refuse(request: Request) -> Response:
         text = ("Refused: no operator token is configured (set PNEUMO_DASHBOARD_TOKEN)" if not token
@@ -90,8 +189,8 @@ def create_app(settings: Settings) -> Starlette:
         return PlainTextResponse(text, status_code=401)
 
     async def resend(request: Request) -> Response:
-        if not authorised(request):
-            return refuse(request)
+        if (refused := refusal(request)) is not None:
+            return refused
         delivery_id = int(request.path_params["delivery_id"])
         if not status.resend_delivery(sessions, delivery_id, send_delivery, by="dashboard"):
             return back(f"Delivery {delivery_id} not found")
@@ -99,8 +198,8 @@ def create_app(settings: Settings) -> Starlette:
         return back(f"Delivery {delivery_id} queued again")
 
     async def rerun(request: Request) -> Response:
-        if not authorised(request):
-            return refuse(request)
+        if (refused := refusal(request)) is not None:
+            return refused
         instance_id = int(request.path_params["instance_id"])
         if not status.rerun_instance(sessions, instance_id, send_classify, by="dashboard"):
             return back(f"Instance {instance_id} is not a failed instance")
@@ -114,10 +213,12 @@ def create_app(settings: Settings) -> Starlette:
     async def healthz(_request: Request) -> Response:
         snap = monitoring.snapshot(settings, sessions)
         healthy = snap.database_ok and snap.broker_ok
+        node = node_health(settings)
         return JSONResponse({
             "database": "ok" if snap.database_ok else snap.database_error,
             "broker": "ok" if snap.broker_ok else "unreachable",
-            "accepting_images": not snap.refusing_images,
+            "accepting_images": not snap.refusing_images and node.get("accepting", True),
+            "node": node,
         }, status_code=200 if healthy else 503)
 
     return Starlette(routes=[
@@ -128,7 +229,30 @@ def create_app(settings: Settings) -> Starlette:
         Route("/instances/{instance_id:int}/rerun", rerun, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/healthz", healthz),
+    ], middleware=[
+        Middleware(BaseHTTPMiddleware, dispatch=_security_headers),
+        Middleware(SessionMiddleware, secret_key=session_secret(token), session_cookie=SESSION_COOKIE,
+                   max_age=SESSION_MAX_AGE_S, same_site="strict"),
     ])
+
+
+def node_health(settings: Settings, stale_s: float = 15.0) -> dict:
+    """The node's own account of its association slots (it writes the file every 2 s).
+
+    Without it the dashboard said "accepting" while every association was refused. No file: no
+    node has run with this home (another host, or not started), so nothing is claimed; a file
+    not rewritten for `stale_s`: the node is not running, so it is not accepting.
+    """
+    try:
+        health = json.loads(settings.node_health_path.read_text())
+    except FileNotFoundError:
+        return {"status": "unknown: no node has written its health under PNEUMO_HOME"}
+    except (OSError, ValueError) as error:
+        return {"status": f"unreadable: {type(error).__name__}"}
+    age = time.time() - float(health.get("updated_at", 0))
+    if age > stale_s:
+        return {**health, "accepting": False, "status": f"not running: no update for {age:.0f} s"}
+    return {**health, "status": "running" if health.get("accepting") else "all association slots in use"}
 
 
 def _add_patient_names(session, studies: list[monitoring.StudyRow]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import registry, scope
 from core.db import (
+    TERMINAL_STATES,
     AuditEvent,
     Delivery,
     DeliveryState,
@@ -38,6 +39,7 @@ SCORE_BINS = 20  # equal-width bins on [0, 1], as training writes `validation_sc
 LATENCY_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 WAITING_INSTANCE_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED)
 WAITING_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
+LOCAL_DESTINATION = "local"  # as worker.pipeline names it (not imported here: it loads model code)
 
 
 # --- model score drift ---------------------------------------------------------------------------
@@ -348,23 +350,50 @@ class StudyRow:
     classified_s: float | None  # first received -> last image classified
     delivered_s: float | None  # first received -> SR delivered
     patient_name: str | None = None
+    reasons: str = ""  # why images were not classified (ignored, failed), with counts
+    sr: str = ""  # what became of the SR, in words (see sr_status)
+
+
+def study_reasons(states_and_reasons: list[tuple[str, str | None]]) -> str:
+    """`ignored: <reason>; failed: <reason> (2 images)`: why a study's images were not classified.
+
+    An ignored study showed a blank reason; the reason is what tells IT whether to act
+    (a modality sending the wrong series) or not (a lateral view, by design).
+    """
+    counts = Counter((state, reason or "no reason recorded") for state, reason in states_and_reasons
+                     if state in TERMINAL_STATES and state != InstanceState.CLASSIFIED)
+    return "; ".join(f"{state}: {reason}" + (f" ({n} images)" if n > 1 else "")
+                     for (state, reason), n in sorted(counts.items()))
+
+
+def sr_status(delivery_state: str | None, destination: str | None, states: list[str]) -> str:
+    """The SR column in words. A study whose every image ended without a result never gets an SR,
+    and said "no SR yet" for ever; an SR only written to the folder is not "delivered"."""
+    if delivery_state is not None:
+        if delivery_state == DeliveryState.DELIVERED and destination == LOCAL_DESTINATION:
+            return "SR written to folder"
+        return f"SR {delivery_state}"
+    if states and InstanceState.CLASSIFIED not in states and all(s in TERMINAL_STATES for s in states):
+        return "no SR will be sent: no image was classified"
+    return "no SR yet"
 
 
 def recent_studies(session: Session, limit: int = 20) -> list[StudyRow]:
     rows = []
     for study in session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)):
         instances = session.execute(
-            select(Instance.state, Instance.finished_at).where(Instance.study_id == study.id)).all()
+            select(Instance.state, Instance.finished_at, Instance.reason)
+            .where(Instance.study_id == study.id)).all()
         top = session.execute(
             select(Result.label, Result.probability, Result.model_name, Result.model_version)
             .join(Instance).where(Instance.study_id == study.id)
             .order_by(Result.probability.desc()).limit(1)).first()
         delivery = session.scalar(
             select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id.desc()).limit(1))
-        finished = [f for s, f in instances if s in (InstanceState.CLASSIFIED,) and f is not None]
+        finished = [f for s, f, _ in instances if s in (InstanceState.CLASSIFIED,) and f is not None]
         rows.append(StudyRow(
             study.id, study.study_instance_uid, study.accession_number, len(instances),
-            ", ".join(sorted({s for s, _ in instances})),
+            ", ".join(sorted({s for s, _, _ in instances})),
             top.label if top else None, top.probability if top else None,
             f"{top.model_name}@{top.model_version}" if top else None,
             delivery.id if delivery else None, delivery.state if delivery else None,
@@ -372,6 +401,9 @@ def recent_studies(session: Session, limit: int = 20) -> list[StudyRow]:
             (max(finished) - study.first_received_at).total_seconds() if finished else None,
             (delivery.delivered_at - study.first_received_at).total_seconds()
             if delivery is not None and delivery.delivered_at else None,
+            reasons=study_reasons([(s, r) for s, _, r in instances]),
+            sr=sr_status(delivery.state if delivery else None,
+                         delivery.destination if delivery else None, [s for s, _, _ in instances]),
         ))
     return rows
 

@@ -6,6 +6,7 @@ as Docker/Kubernetes secrets are mounted. Log `redacted()`, never the raw URLs o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from functools import cached_property
@@ -74,7 +75,15 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite file in home")
     broker_url: str = Field("", description="Celery broker URL; empty: embedded Redis socket in home")
     quiet_seconds: float = Field(5.0, description="A study is stable this long after its last image")
-    max_associations: int = Field(10)
+    max_associations: int = Field(10, description="Connections the node serves at once")
+    max_associations_per_host: int = Field(
+        0, ge=0, description="Connections one peer host may hold at once (0: max_associations - 2, "
+        "at least 1), so one host cannot take every slot"
+    )
+    association_request_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must complete its A-ASSOCIATE-RQ within this (and a "
+        "rejected or aborted one is closed after it); a stalled one is closed"
+    )
     network_timeout_s: float = Field(60.0, description="DIMSE/ACSE/network timeouts")
     min_free_disk_mb: int = Field(500, description="Below this free space, C-STORE answers 0xA700")
     max_inflated_mb: int = Field(
@@ -166,6 +175,10 @@ class Settings(BaseSettings):
         return [(ae, host or None) for ae, _, host in (e.partition("@") for e in entries)]
 
     @property
+    def associations_per_host(self) -> int:
+        return self.max_associations_per_host or max(1, self.max_associations - 2)
+
+    @property
     def home_dir(self) -> Path:
         return self.home.absolute()
 
@@ -176,6 +189,11 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.home_dir / "spool"
+
+    @property
+    def node_health_path(self) -> Path:
+        """Written by the node every few seconds: its association slots and recent refusals."""
+        return self.home_dir / "node-health.json"
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -189,6 +207,16 @@ class Settings(BaseSettings):
     def celery_broker_url(self) -> str:
         return self.broker_url or f"redis+socket://{self.redis_socket}"
 
+    @property
+    def sr_dir(self) -> Path:
+        return self.home_dir / "sr"
+
     def ensure_dirs(self) -> None:
-        for folder in (self.home_dir, self.storage_dir, self.spool_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        """Home, storage, spool and SR folders, 0700: they hold patient data (images, SRs, the
+        SQLite database, the broker's files, logs). An existing home is tightened too."""
+        for folder in (self.home_dir, self.storage_dir, self.spool_dir, self.sr_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_mode & 0o077:
+                # Not ours (a mounted volume): its owner decides.
+                with contextlib.suppress(PermissionError):
+                    folder.chmod(0o700)

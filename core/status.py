@@ -21,7 +21,7 @@ from core.db import (
     session_factory,
     utcnow,
 )
-from core.monitoring import not_classified_by_reason
+from core.monitoring import not_classified_by_reason, sr_status, study_reasons
 from core.settings import Settings
 
 
@@ -101,15 +101,21 @@ def render(settings: Settings, last: int = 10) -> str:
                 select(Result.label, Result.probability, Result.model_name, Result.model_version)
                 .join(Instance).where(Instance.study_id == study.id).order_by(Result.probability.desc())
             ).all()
-            states = session.scalars(select(Instance.state).where(Instance.study_id == study.id)).all()
-            delivery = session.scalar(select(Delivery).where(Delivery.study_id == study.id))
+            instances = session.execute(
+                select(Instance.state, Instance.reason).where(Instance.study_id == study.id)).all()
+            states = [state for state, _ in instances]
+            delivery = session.scalar(select(Delivery).where(Delivery.study_id == study.id)
+                                      .order_by(Delivery.id.desc()).limit(1))
             finding = (
                 f"{results[0].label} p={results[0].probability:.3f} "
                 f"{results[0].model_name}@{results[0].model_version}"
                 if results else ", ".join(sorted(set(states)))
             )
-            sent = f"SR {delivery.state}" if delivery else "no SR yet"
-            lines.append(f"  {study.study_instance_uid}  {len(states)} image(s)  {finding}  {sent}")
+            sent = sr_status(delivery.state if delivery else None,
+                             delivery.destination if delivery else None, states)
+            reasons = study_reasons(list(instances))
+            lines.append(f"  {study.study_instance_uid}  {len(states)} image(s)  {finding}  {sent}"
+                         + (f"  ({reasons})" if reasons else ""))
     return "\n".join(lines)
 
 

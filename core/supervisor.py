@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.logsafe import PRIVATE_UMASK
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def start_embedded_redis(settings: Settings) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         # Its own session: the terminal's Ctrl-C goes to `pneumo run`, which stops Redis last.
         start_new_session=True,
+        umask=PRIVATE_UMASK,  # its append-only file holds queued jobs: private, as all in home
     )
     for _ in range(100):
         if socket_path.exists():
@@ -280,7 +282,10 @@ def _start(child: Child, environment: dict[str, str], home: Path, ready: bool = 
     """Start (or restart) a child, its output appended to its log; with `ready`, a pipe on which
     it says when it listens (notify_ready)."""
     log_path = home / f"{child.name}.log"
-    handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    # 0600: a log line may name a study; the children create stored images, SRs and databases.
+    descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(descriptor, 0o600)  # a log from before this version
+    handle = os.fdopen(descriptor, "ab")
     child.log_offset = handle.tell()
     env, pass_fds = environment, ()
     if ready:
@@ -289,7 +294,7 @@ def _start(child: Child, environment: dict[str, str], home: Path, ready: bool = 
     try:
         child.process = subprocess.Popen(
             child.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True, pass_fds=pass_fds,
+            start_new_session=True, pass_fds=pass_fds, umask=PRIVATE_UMASK,
         )
     finally:
         handle.close()

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom import dimse_messages
 from sqlalchemy import select, update
@@ -166,7 +168,7 @@ def store_instance(
                                 f"deflated data set too large: inflates past {max_inflated_mb} MiB")
         # Pixel data and large private elements are deferred (left on disk), never loaded here.
         dataset = dcmread(spool_path, defer_size=DEFER_SIZE)
-        problem = dataset_problem(dataset, spool_path.stat().st_size)
+        problem = dataset_problem(dataset, spool_path.stat().st_size) or nul_problem(dataset)
         if problem is not None:
             return StoreOutcome(CANNOT_UNDERSTAND, problem)
         study_uid, series_uid, sop_uid = (dataset.get(keyword) for keyword in UID_KEYWORDS)
@@ -305,6 +307,45 @@ def dataset_problem(dataset: Dataset, size: int) -> str | None:
     if end < size:
         return f"dataset truncated: {size - end} bytes of an incomplete element after {tag}"
     return None
+
+
+TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+
+
+def nul_problem(dataset: Dataset) -> str | None:
+    """Why a text value cannot be kept: a NUL inside it (trailing NULs are padding), or None.
+
+    PostgreSQL refuses NUL in text, so a NUL in a value the node stores (Accession Number,
+    Modality) answered 0xA700 "database unavailable" on every retry, and one the worker stores
+    (Body Part Examined in a reason) left the image in `processing`. No DICOM text VR allows it.
+    Only text elements are converted (a deferred pixel or private value is never read); private
+    elements are not read by pneumo and not checked.
+    """
+    for tag in sorted(dataset.keys()):
+        raw = dataset.get_item(tag, keep_deferred=True)  # not `elements()`: it reads deferred values
+        if raw.tag.is_private:
+            continue
+        vr = raw.VR or _dictionary_vr(raw.tag)
+        if vr == "SQ":
+            for item in dataset[raw.tag].value or []:
+                if (problem := nul_problem(item)) is not None:
+                    return problem
+            continue
+        if vr not in TEXT_VRS:
+            continue
+        element = dataset[raw.tag]
+        values = element.value if element.VM > 1 else [element.value]
+        if any("\x00" in str(value).rstrip("\x00 ") for value in values if value is not None):
+            return f"invalid value: NUL character in {element.keyword or element.tag}"
+    return None
+
+
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _record_retrying(sessions: sessionmaker[Session], *args: Any) -> int:

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
+import ssl
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
+from core.logsafe import printable
 from core.monitoring import record_refusal
 from core.settings import Settings
 from core.supervisor import notify_ready
@@ -36,6 +44,16 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_REQUEST_IDENTIFIERS = False
 
 REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+# A-ASSOCIATE-RJ PDU: rejected-transient, service-provider (presentation), local-limit-exceeded.
+LOCAL_LIMIT_EXCEEDED_RJ = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02])
+# Largest PDU read before the association is accepted (an A-ASSOCIATE-RQ is a few KiB; user
+# identity items may add up to 64 KiB each) and after it (peers must keep to our maximum PDU
+# length; the margin is for lax ones). The length field allows 4 GiB, which pynetdicom buffers.
+MAX_REQUEST_PDU_BYTES = 1 << 20
+MAX_PDU_BYTES = 16 << 20
+HEALTH_INTERVAL_S = 2.0
+REFUSAL_WINDOW_S = 60.0  # /healthz reports refusals for capacity this long
+LINGER_S, MAX_LINGERING = 2.0, 256  # a refused connection is read until the peer closes, this long
 
 
 class CannotListen(RuntimeError):
@@ -54,8 +72,8 @@ def handle_requested(event: evt.Event, settings: Settings) -> None:
     # At EVT_REQUESTED only the A-ASSOCIATE primitive carries the calling AE title.
     ae_title = str(requestor.primitive.calling_ae_title).strip()
     if not peer_allowed(settings.allowed, ae_title, requestor.address):
-        log.warning("association rejected: calling AE %r from %s is not in the allow-list",
-                    ae_title, requestor.address)
+        log.warning("association rejected: calling AE %s from %s is not in the allow-list",
+                    printable(repr(ae_title)), requestor.address)
         # As pynetdicom's own AE-title check does: send the A-ASSOCIATE-RJ, then stop the
         # association cleanly so the PDU is flushed before the socket closes.
         event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
@@ -69,7 +87,7 @@ def handle_echo(event: evt.Event) -> int:
 def handle_accepted(event: evt.Event) -> None:
     """Say which proposed contexts we refused: a sender whose only context is refused sees an
     association with nothing to send on, and IT needs this line to find out why."""
-    ae_title = str(event.assoc.requestor.ae_title).strip()
+    ae_title = printable(str(event.assoc.requestor.ae_title).strip())
     for context in event.assoc.rejected_contexts:
         log.warning("presentation context refused for %s: %s with %s", ae_title,
                     context.abstract_syntax, ", ".join(map(str, context.transfer_syntax)))
@@ -88,8 +106,8 @@ def handle_store(
         str(request.AffectedSOPInstanceUID), calling, settings.storage_dir, sessions,
         settings.min_free_disk_mb, settings.max_inflated_mb,
     )
-    log.info("C-STORE %s from %s: 0x%04X %s", request.AffectedSOPInstanceUID, calling,
-             outcome.status, outcome.reason)
+    log.info("C-STORE %s from %s: 0x%04X %s", printable(request.AffectedSOPInstanceUID),
+             printable(calling), outcome.status, printable(outcome.reason))
     if outcome.status == SUCCESS and not outcome.duplicate and outcome.instance_id is not None:
         enqueue_after_commit(outcome.instance_id, sessions, enqueue)
     elif outcome.status != SUCCESS and not 0xB000 <= outcome.status <= 0xBFFF:
@@ -125,11 +143,217 @@ def _spool_janitor(settings: Settings) -> None:
         clean_spool(settings.spool_dir, older_than_s)
 
 
+# --- connection guard: deadlines, PDU size cap, slots per host, health ---------------------------
+
+class GuardedSocket(AssociationSocket):
+    """pynetdicom's socket, refusing to buffer a PDU longer than the cap (the header's 4-byte
+    length is read first, the body then buffered whole: 4 GiB from one unlisted peer)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        limit = MAX_PDU_BYTES if self.assoc.is_established else MAX_REQUEST_PDU_BYTES
+        if nr_bytes <= limit:
+            return super().recv(nr_bytes)
+        log.warning("connection from %s closed: PDU of %d bytes is over the %d-byte limit%s",
+                    self.assoc.requestor.address, nr_bytes, limit,
+                    "" if self.assoc.is_established else " before association")
+        _shutdown(self.socket)
+        return bytearray()  # pynetdicom reads a short PDU as the connection closing
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Runs one association in the connection's own thread, so the server sees when it ends."""
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        assoc.dul.socket.__class__ = GuardedSocket  # created by pynetdicom with its events queued
+        server: GuardedServer = self.server  # type: ignore[assignment]
+        server.track(assoc, self.request)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the limits a hostile or broken peer needs.
+
+    - every connection counts against max_associations and its host's share from the moment it
+      is accepted (pynetdicom counts at the A-ASSOCIATE-RQ, after reading it without a timeout);
+      over either, the peer gets an A-ASSOCIATE-RJ "local limit exceeded" and is closed;
+    - a connection that has not completed its association within association_request_timeout_s
+      is closed (a stalled or dripping A-ASSOCIATE-RQ held a slot for ever);
+    - reads block at most network_timeout_s;
+    - the node's capacity and recent refusals go to `node-health.json` for /healthz.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._per_host: dict[str, int] = {}
+        self._slots: dict[Any, str] = {}  # connection -> host, while it holds a slot
+        self._open: dict[Any, tuple[float, Any]] = {}  # association not yet established -> since
+        self._refusals: deque[float] = deque(maxlen=1000)
+        self._lingering: dict[Any, list] = {}  # refused connection -> [close by, answered]
+        self._stopped = threading.Event()
+        super().__init__(*args, **kwargs)
+        threading.Thread(target=self._watch, daemon=True, name="association-watchdog").start()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """As pynetdicom's, plus a timeout on every read: accepted sockets block for ever."""
+        client, address = self.socket.accept()
+        client.settimeout(self.settings.network_timeout_s)
+        if self.ssl_context:  # the handshake is deferred to the association's thread (core.tls)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except OSError:
+                client.close()
+                raise
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._lock:
+            if len(self._slots) >= self.settings.max_associations:
+                why = f"all {self.settings.max_associations} association slots in use"
+            elif self._per_host.get(host, 0) >= self.settings.associations_per_host:
+                why = f"{host} holds its {self.settings.associations_per_host} association slots"
+            else:
+                self._slots[request] = host
+                self._per_host[host] = self._per_host.get(host, 0) + 1
+                return True
+            self._refusals.append(time.monotonic())
+        log.warning("connection from %s refused: %s", host, why)
+        if not isinstance(request, ssl.SSLSocket) and len(self._lingering) < MAX_LINGERING:
+            # Answered by the watchdog once the peer's A-ASSOCIATE-RQ has arrived: sent before,
+            # a peer may read the A-ASSOCIATE-RJ before it has sent its request and see an abort.
+            # Over TLS no PDU can go before the handshake, which must not run in this thread
+            # (see core.tls): that peer sees the connection close.
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                with self._lock:
+                    self._lingering[request] = [time.monotonic() + LINGER_S, False]
+        return False  # socketserver closes the connection (shutdown_request)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            if request in self._lingering:
+                return  # the watchdog reads what the peer still sends, then closes it
+        super().shutdown_request(request)
+
+    def _close_lingering(self, now: float) -> None:
+        """Refused connections: answer the request with A-ASSOCIATE-RJ, then read until the peer
+        closes (closed at once, data arriving after makes the kernel reset the connection before
+        the peer has read the answer), or until the deadline."""
+        with self._lock:
+            for request, state in list(self._lingering.items()):
+                deadline, answered = state
+                done = now > deadline
+                try:
+                    while request.recv(4096):
+                        if not answered:
+                            request.send(LOCAL_LIMIT_EXCEEDED_RJ)
+                            request.shutdown(socket.SHUT_WR)
+                            state[1] = answered = True
+                    done = True  # end of stream
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    done = True
+                if done:
+                    del self._lingering[request]
+                    request.close()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request: Any) -> None:
+        with self._lock:
+            host = self._slots.pop(request, None)
+            if host is not None:
+                self._per_host[host] -= 1
+                if not self._per_host[host]:
+                    del self._per_host[host]
+
+    def track(self, assoc: Any, request: Any) -> None:
+        with self._lock:
+            self._open[assoc] = (time.monotonic(), request)
+
+    def _watch(self) -> None:
+        """Close connections past their association deadline; write the health file."""
+        last_health = 0.0
+        while not self._stopped.wait(0.25):
+            now = time.monotonic()
+            deadline = self.settings.association_request_timeout_s
+            with self._lock:
+                for assoc, (since, request) in list(self._open.items()):
+                    raw = getattr(assoc.dul.socket, "socket", None)
+                    if assoc.is_established:
+                        del self._open[assoc]  # from now on pynetdicom's idle timer applies
+                    elif (raw is None or raw.fileno() == -1
+                          or (getattr(assoc, "_started_dul", False) and not assoc.dul.is_alive())):
+                        # Over before an association (closed, junk, aborted): pynetdicom's
+                        # thread still waits out its ACSE timeout, holding no slot meanwhile.
+                        del self._open[assoc]
+                        _shutdown(raw)
+                        self._release(request)
+                    elif now - since > deadline:
+                        log.warning("connection from %s closed: no association within %.0f s",
+                                    assoc.requestor.address, deadline)
+                        _shutdown(raw)
+            self._close_lingering(now)
+            if now - last_health >= HEALTH_INTERVAL_S:
+                last_health = now
+                self.write_health()
+
+    def health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            active = len(self._slots)
+            refused = sum(1 for at in self._refusals if now - at <= REFUSAL_WINDOW_S)
+        return {
+            "updated_at": time.time(), "active_associations": active,
+            "max_associations": self.settings.max_associations,
+            "max_associations_per_host": self.settings.associations_per_host,
+            f"refused_last_{REFUSAL_WINDOW_S:.0f}_s": refused,
+            "accepting": active < self.settings.max_associations,
+        }
+
+    def write_health(self) -> None:
+        """Atomically, for the dashboard (another process, maybe another container)."""
+        path = self.settings.node_health_path
+        try:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.health()))
+            os.replace(temporary, path)
+        except OSError as error:
+            log.warning("could not write %s: %s", path, error.strerror)
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        super().shutdown()
+
+
+def _shutdown(raw: socket.socket | None) -> None:
+    """Unblock a thread reading `raw` (it sees the connection close) and end the connection."""
+    if raw is not None:
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+
+
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = True
-    ae.maximum_associations = settings.max_associations
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.network_timeout_s
+    # The server counts connections against max_associations from accept on (GuardedServer);
+    # pynetdicom's own count, later, would include threads of closed connections still winding down.
+    ae.maximum_associations = 4 * settings.max_associations
+    ae.dimse_timeout = ae.network_timeout = settings.network_timeout_s
+    # The ARTIM timer: how long a rejected or aborted connection lingers before it is closed.
+    ae.acse_timeout = settings.association_request_timeout_s
     ae.add_supported_context(contexts.VERIFICATION_SOP_CLASS)
     for sop_class in contexts.STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, contexts.ACCEPTED_TRANSFER_SYNTAXES)
@@ -141,7 +365,7 @@ def start(
     sessions: sessionmaker[Session],
     enqueue: Callable[[int], None],
     block: bool = False,
-) -> ThreadedAssociationServer | None:
+) -> GuardedServer | None:
     """Start listening; spool files go under the storage folder's filesystem for atomic renames.
 
     With a certificate configured the port speaks TLS only; a bad TLS file raises TLSConfigError
@@ -162,22 +386,25 @@ def start(
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"
     address = (settings.host, settings.port)
     try:  # bind first: "listening" is said only once it is true
-        if block:
-            server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context)
-        else:
-            server = ae.start_server(address, block=False, evt_handlers=handlers,
-                                     ssl_context=ssl_context)
+        server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
+                                server_class=GuardedServer, request_handler=GuardedRequestHandler,
+                                settings=settings)
     except OSError as error:
         raise CannotListen(f"cannot listen on {settings.host}:{settings.port} (PNEUMO_HOST/PNEUMO_PORT): "
                            f"{error.strerror or error}") from None
     threading.Thread(target=_spool_janitor, args=(settings,), daemon=True).start()
     log.info("DICOM node %s listening on %s:%d (%s)", settings.ae_title, settings.host, settings.port,
              transport)
+    server.write_health()
+    ae._servers.append(server)  # as AE.start_server does: ae.shutdown() stops it too
     notify_ready()
-    if not block:
-        return server
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.shutdown()
-    return None
+    if block:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
+        return None
+    threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+    return server

@@ -68,5 +68,16 @@ def _quiet_task_trace(**_kwargs) -> None:
 
 
 phi.install()  # worker and beat processes: no header value in their logs (see core.phi)
+
+
+@after_setup_logger.connect
+def _safe_logs(logger: logging.Logger, **_kwargs) -> None:
+    """Workers and beat: control characters escaped in log lines, files created private."""
+    from core import logsafe
+
+    logsafe.private_files()
+    logsafe.install(logger.handlers)
+
+
 settings = Settings()
 app = make_app(settings)

@@ -105,3 +105,63 @@ def test_resend_a_dead_letter_from_the_dashboard(
     finally:
         pacs.terminate()
         pacs.wait(timeout=10)
+
+
+def test_recent_studies_fit_a_1400_px_screen(browser, tmp_path: Path) -> None:
+    """64-character UIDs made the studies table wider than the screen (issue 16): they are cut
+    with an ellipsis and kept whole in the tooltip."""
+    from datetime import timedelta
+
+    from starlette.testclient import TestClient
+
+    from core.dashboard import create_app
+    from core.db import Delivery, Instance, InstanceState, Series, Study, utcnow
+    from core.migrate import upgrade
+    from core.settings import Settings
+    from tests.conftest import REDIS_TEST_URL
+
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+    sessions = session_factory(url)
+    now = utcnow()
+    uids = [f"1.2.826.0.1.3680043.8.498.{n}" + "1" * (64 - 28) for n in range(10, 15)]
+    with sessions() as session, session.begin():
+        for n, uid in enumerate(uids):
+            study = Study(study_instance_uid=uid, accession_number=f"A{n:015d}",
+                          first_received_at=now - timedelta(seconds=60), last_received_at=now)
+            session.add(study)
+            session.flush()
+            series = Series(study_id=study.id, series_instance_uid=uid[:-1] + "2", modality="DX")
+            session.add(series)
+            session.flush()
+            session.add(Instance(
+                study_id=study.id, series_id=series.id, sop_instance_uid=uid[:-1] + "3",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="/nonexistent", size_bytes=1, sha256="0" * 64, calling_ae_title="MODALITY1",
+                state=InstanceState.FAILED, reason="cannot decode pixel data: corrupt JPEG 2000 stream",
+                attempts=1, received_at=now - timedelta(seconds=60), finished_at=now))
+            classified = Instance(
+                study_id=study.id, series_id=series.id, sop_instance_uid=uid[:-1] + "4",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="/nonexistent", size_bytes=1, sha256="0" * 64, calling_ae_title="MODALITY1",
+                state=InstanceState.CLASSIFIED, attempts=1, received_at=now - timedelta(seconds=60),
+                finished_at=now)
+            session.add(classified)
+            session.flush()
+            session.add(Result(instance_id=classified.id, model_name="pneumonia-transfer",
+                               model_version="20261126T171331Z", probability=0.91, threshold=0.5,
+                               label="PNEUMONIA", decode_ms=1.0, inference_ms=1.0))
+            session.add(Delivery(study_id=study.id, model_name="pneumonia-transfer",
+                                 model_version="20261126T171331Z", destination="PACS@10.0.0.1:104",
+                                 sr_sop_instance_uid=uid[:-1] + "9", attempts=6, state=DeliveryState.DEAD,
+                                 last_error="association with PACS failed: connection refused"))
+    settings = Settings(home=tmp_path / "home", database_url=url, broker_url=f"{REDIS_TEST_URL}/8",
+                        models_dir=tmp_path / "models")
+    page = tmp_path / "dashboard.html"
+    page.write_text(TestClient(create_app(settings)).get("/").text)
+    browser.get(page.as_uri())
+    for table in ("studies", "attention", "failures"):
+        right = browser.execute_script(
+            f"return document.getElementById('{table}').getBoundingClientRect().right")
+        assert right <= browser.execute_script("return window.innerWidth"), table
+    assert f'title="{uids[0]}"' in browser.page_source
