@@ -334,6 +334,8 @@ def adapt(
                                         "and the JPEG/PNG/DICOM images it names"),
     epochs: int = typer.Option(10, help="Fine-tuning epochs at most (early stopping on validation)"),
     site_validation_fraction: float = typer.Option(0.25, help="Site patients held for validation"),
+    learning_rate: float = typer.Option(1e-4, help="Fine-tuning learning rate"),
+    seed: int = typer.Option(1337, help="Weights, augmentation and batch order (not the split)"),
     max_base_images: int = typer.Option(None, hidden=True),
     models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
 ) -> None:
@@ -348,7 +350,7 @@ def adapt(
     from worker.scope import decode_site_file
 
     config = AdaptConfig(epochs=epochs, site_validation_fraction=site_validation_fraction,
-                         max_base_images=max_base_images)
+                         learning_rate=learning_rate, seed=seed, max_base_images=max_base_images)
     try:
         version = run_adapt(model, site, data, models_dir, config, decode_site_file)
     except (registry.RegistryError, SiteDataError, FileNotFoundError) as error:
