@@ -28,8 +28,9 @@ from core.db import AuditEvent, Delivery, DeliveryState, Instance, Study, utcnow
 from core.settings import Settings
 from dicom_node.receive import SUCCESS, store_instance
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, free_port
-from tests.pipeline.conftest import REPO, wait_for
+from tests.conftest import DATA
+from tests.helpers import free_port, wait_for
+from tests.pipeline.conftest import REPO
 from worker import pipeline
 
 pytestmark = pytest.mark.slow

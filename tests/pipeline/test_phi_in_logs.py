@@ -32,8 +32,9 @@ from core.db import (
     session_factory,
 )
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, REAL_DICOM, dcmtk
-from tests.pipeline.conftest import REPO, database_url, sr_files, stop_pneumo_run, wait_for
+from tests.conftest import DATA, REAL_DICOM
+from tests.helpers import echo, wait_for
+from tests.pipeline.conftest import REPO, database_url, sr_files, stop_pneumo_run
 
 pytestmark = pytest.mark.slow
 IMAGES = sorted((DATA / "test" / "PNEUMONIA").iterdir())[:6]
@@ -103,11 +104,7 @@ def test_no_patient_value_in_any_log(pipeline_env: dict[str, str], pacs, tmp_pat
     process = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def echo() -> bool:
-            return subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1",
-                                   port], capture_output=True).returncode == 0
-
-        wait_for(echo, 90, "the node to answer C-ECHO")
+        wait_for(lambda: echo(port), 90, "the node to answer C-ECHO")
         statuses = send(int(port), [*files, outgoing / "conflicting.dcm", outgoing / "bad_uid.dcm"])
         assert statuses == [0] * len(files) + [0xC211, 0xC210]
         wait_for(lambda: len(sr_files(pacs["folder"])) >= CLASSIFIED_STUDIES, 180,
