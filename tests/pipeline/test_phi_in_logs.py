@@ -144,11 +144,11 @@ def test_no_patient_value_in_any_log(pipeline_env: dict[str, str], pacs, tmp_pat
 
 
 def test_mixed_real_files_short(tiny_registry: Path) -> None:
-    """benchmarks/mixed_real_run.py, CI-sized: 16 studies cycling through the real files, each with
+    """tests/drills/mixed_real_run.py, CI-sized: 16 studies cycling through the real files, each with
     its own patient name and ID, a malformed birth date in half of them. Every study terminal
     with its reason, every SR delivered within the retry budget, no value in any log file."""
     run = subprocess.run(
-        [sys.executable, "benchmarks/mixed_real_run.py", "--studies", "16", "--models-dir",
+        [sys.executable, "tests/drills/mixed_real_run.py", "--studies", "16", "--models-dir",
          str(tiny_registry), "--timeout-s", "300", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
