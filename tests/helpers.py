@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,6 +63,18 @@ def echo(port: int | str, called: str = "PNEUMO", calling: str | None = "STORESC
     calling_ae = ["-aet", calling] if calling else []
     command = [dcmtk("echoscu"), *calling_ae, "-aec", called, "127.0.0.1", str(port)]
     return subprocess.run(command, capture_output=True).returncode == 0
+
+
+def interrupt(process: subprocess.Popen, timeout_s: float = 60) -> str:
+    """Ctrl-C (SIGINT), as an operator would stop `pneumo run`; killed if it has not exited within
+    `timeout_s`. Its captured output."""
+    process.send_signal(signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
 
 
 def requires_program(program: str, package: str) -> pytest.MarkDecorator:

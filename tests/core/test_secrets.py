@@ -7,7 +7,6 @@ or log is searched for them.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -17,7 +16,7 @@ import pytest
 
 from core.settings import Settings, redact_url
 from tests.conftest import DATA
-from tests.helpers import echo, free_port, wait_for
+from tests.helpers import echo, free_port, interrupt, wait_for
 from tests.pipeline.conftest import REPO
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
@@ -120,12 +119,7 @@ def test_pneumo_run_never_prints_the_secrets(
         outputs += [status.stdout, status.stderr]
         assert "unreachable" not in status.stdout
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = interrupt(process)
     printed = _everything_printed(home, output, *outputs)
     assert "pneumo: stopped" in output
     assert "ready" in printed  # the workers' logs were read, not empty

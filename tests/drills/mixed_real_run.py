@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from tests.helpers import dcmtk, echo, free_port  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
+from tests.helpers import dcmtk, echo, free_port, interrupt  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
 
 SHARED = Path(os.environ.get("PNEUMO_SHARED", REPO.parent / "shared"))
 REAL = SHARED / "dicom" / "real"
@@ -175,12 +174,7 @@ def run(studies: int, models_dir: Path, timeout_s: float, work: Path) -> dict:
             states = session.execute(select(Instance.state, Instance.reason)).all()
             deliveries = session.execute(select(Delivery.state, Delivery.attempts, Delivery.last_error)).all()
     finally:
-        product.send_signal(signal.SIGINT)
-        try:
-            output, _ = product.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            product.kill()
-            output, _ = product.communicate()
+        output = interrupt(product, 90)
         pacs.terminate()
         pacs.wait(timeout=10)
     report["instances"] = dict(Counter(state for state, _ in states))

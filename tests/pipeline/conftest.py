@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_TEST_URL
-from tests.helpers import dcmtk, echo, free_port, wait_for
+from tests.helpers import dcmtk, echo, free_port, interrupt, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,12 +94,7 @@ def running(pipeline_env: dict[str, str]):
 
 def stop_pneumo_run(process: subprocess.Popen, home: Path) -> str:
     """Ctrl-C, as an operator would; print the children's logs for a failing test; its output."""
-    process.send_signal(2)
-    try:
-        output, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
+    output = interrupt(process)
     for log in sorted(home.glob("*.log")):
         print(f"--- {log.name}\n{log.read_text()[-3000:]}")
     print(f"--- pneumo run\n{output[-2000:]}")
