@@ -6,6 +6,7 @@ Benchmarks run on shared machines, so every table carries the load averages it w
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import statistics
@@ -29,7 +30,19 @@ BENCH_REDIS_DB = 13  # a database number nothing else on the machine uses; flush
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.conftest import dcmtk  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
+
+@functools.cache
+def dcmtk(tool: str) -> str:
+    """dcmtk's `tool` by absolute path, not pynetdicom's Python app of the same name in the venv.
+
+    Kept apart from tests/helpers.py's twin on purpose: benchmarks import nothing from tests."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = Path(folder or ".") / tool
+        if path.is_file() and os.access(path, os.X_OK):
+            with path.open("rb") as head:
+                if b"python" not in head.readline(200):
+                    return str(path)
+    raise FileNotFoundError(f"dcmtk's {tool} is not on PATH: install dcmtk")
 
 
 def load_average() -> str:
@@ -204,6 +217,21 @@ def flush_bench_redis() -> None:
     import redis
 
     redis.Redis.from_url(bench_redis_url()).flushdb()
+
+
+def codestream_claiming(name: str, marker: bytes, offset: int, fmt: str, side: int):
+    """A real compressed file of ../shared/dicom/real whose codestream header claims `side` x `side`
+    pixels while its DICOM header keeps its own size: a decompression bomb."""
+    import struct
+
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate, generate_frames
+
+    dataset = dcmread(SHARED / "dicom" / "real" / name)
+    frame = bytearray(next(generate_frames(dataset.PixelData, number_of_frames=1)))
+    struct.pack_into(fmt, frame, frame.find(marker) + offset, side, side)
+    dataset.PixelData = encapsulate([bytes(frame)])
+    return dataset
 
 
 def percentile(values: Sequence[float], q: float) -> float:

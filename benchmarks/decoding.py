@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHARED, load_average, print_table  # also puts the repo on sys.path
+from common import SHARED, codestream_claiming, load_average, print_table  # also puts the repo on sys.path
 
 CHESTS = ["fuji_cr_chest_mono1_explicit.dcm", "nih_cxr14_dx_implicit.dcm", "konica_cr_mono1_jpeg.dcm",
           "nema_rg1_cr_chest_j2k_lossy.dcm", "dx_16bit_j2k_flipped.dcm"]
@@ -81,12 +81,12 @@ def largest_images(folder: Path) -> list[Path]:
 
 def bombs(folder: Path) -> list[tuple[str, Path, Path]]:
     """(name, the bomb as sent, the same with its header made to agree)."""
-    from tests.pipeline.test_bad_input import j2k_bomb, jpeg_bomb
-
     made = []
-    for name, build, side in (("JPEG 2000 claiming 40000x40000", j2k_bomb, 40000),
-                              ("JPEG claiming 60000x60000", jpeg_bomb, 60000)):
-        dataset = build()
+    for name, source, marker, offset, fmt, side in (  # JPEG 2000 SIZ: Xsiz, Ysiz; JPEG SOF0: height, width
+        ("JPEG 2000 claiming 40000x40000", "nema_rg1_cr_chest_j2k_lossy.dcm", b"\xff\x51", 6, ">II", 40000),
+        ("JPEG claiming 60000x60000", "konica_cr_mono1_jpeg.dcm", b"\xff\xc0", 5, ">HH", 60000),
+    ):
+        dataset = codestream_claiming(source, marker, offset, fmt, side)
         sent, agreeing = folder / f"{name} (as sent)", folder / f"{name} (header agrees)"
         dataset.save_as(sent)
         dataset.Rows = dataset.Columns = side

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -49,30 +48,6 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "PNEUMO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_TEST_URL = os.environ.get("PNEUMO_TEST_REDIS", "redis://127.0.0.1:6379")
-
-
-@functools.cache
-def dcmtk(tool: str) -> str:
-    """dcmtk's `tool` by absolute path, the first on PATH that is not a Python script.
-
-    pynetdicom installs apps of the same names (storescu, storescp, echoscu) into the venv; with
-    the venv activated they come first on PATH, take other options and fail in confusing ways.
-    """
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        path = Path(folder or ".") / tool
-        if path.is_file() and os.access(path, os.X_OK):
-            with path.open("rb") as head:
-                if not (line := head.readline(200)).startswith(b"#!") or b"python" not in line:
-                    return str(path)
-    raise FileNotFoundError(f"dcmtk's {tool} is not on PATH: install dcmtk (.ci/run does)")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

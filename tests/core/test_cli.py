@@ -44,7 +44,7 @@ def test_status_without_a_database_says_where_it_looked_and_which_setting_to_use
 
 
 def test_status_on_an_unreachable_database_names_it_without_its_password(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     url = f"postgresql+psycopg://pneumo:hunter2secret@127.0.0.1:{free_port()}/pneumo"
     result = pneumo("status", env={"PNEUMO_HOME": str(tmp_path), "PNEUMO_DATABASE_URL": url})

@@ -7,7 +7,6 @@ or log is searched for them.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -16,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings, redact_url
-from tests.conftest import DATA, dcmtk, free_port
-from tests.pipeline.conftest import REPO, wait_for
+from tests.conftest import DATA
+from tests.helpers import echo, free_port, interrupt, wait_for
+from tests.pipeline.conftest import REPO
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
 
@@ -108,11 +108,7 @@ def test_pneumo_run_never_prints_the_secrets(
                                stderr=subprocess.STDOUT, text=True)
     outputs = []
     try:
-        def echo() -> bool:
-            return subprocess.run([dcmtk("echoscu"), "-aec", "PNEUMO", "127.0.0.1", port],
-                                  capture_output=True).returncode == 0
-
-        wait_for(echo, 90, "the node to answer C-ECHO")
+        wait_for(lambda: echo(port, calling=None), 90, "the node to answer C-ECHO")
         sent = subprocess.run([*cli, "send", str(IMAGE), "--to", f"PNEUMO@127.0.0.1:{port}"], env=env,
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert sent.returncode == 0, sent.stderr
@@ -123,12 +119,7 @@ def test_pneumo_run_never_prints_the_secrets(
         outputs += [status.stdout, status.stderr]
         assert "unreachable" not in status.stdout
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
+        output = interrupt(process)
     printed = _everything_printed(home, output, *outputs)
     assert "pneumo: stopped" in output
     assert "ready" in printed  # the workers' logs were read, not empty

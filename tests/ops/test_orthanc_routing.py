@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -28,8 +27,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from core.db import Instance, session_factory
-from tests.conftest import REAL_DICOM, REDIS_TEST_URL, dcmtk, free_port
-from tests.pipeline.conftest import stop_pneumo_run, wait_for
+from tests.conftest import REAL_DICOM, REDIS_TEST_URL
+from tests.helpers import dcmtk, echo, free_port, requires_program, wait_for
+from tests.pipeline.conftest import stop_pneumo_run
 from worker.report import sr_uids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ HIP = REAL_DICOM / "cr_hip_jpeg_lossless.dcm"  # CR, HIP: stays in Orthanc
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc missing: .ci/run installs it"),
+    requires_program("Orthanc", "orthanc"),
 ]
 
 
@@ -163,12 +163,9 @@ def pneumo_run(env: dict[str, str]) -> Iterator[None]:
     process = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def echo() -> bool:
-        return subprocess.run([dcmtk("echoscu"), "-aet", ORTHANC_AET, "-aec", NODE_AET, "127.0.0.1",
-                               env["PNEUMO_PORT"]], capture_output=True).returncode == 0
-
     try:
-        wait_for(lambda: process.poll() is not None or echo(), 90, "the node to answer C-ECHO")
+        wait_for(lambda: process.poll() is not None or echo(env["PNEUMO_PORT"], NODE_AET, ORTHANC_AET),
+                 90, "the node to answer C-ECHO")
         assert process.poll() is None, "pneumo run exited"
         yield
     finally:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
+from tests.helpers import free_port
 
 
 def run_env(tmp_path: Path, models: Path, **extra: str) -> dict[str, str]:

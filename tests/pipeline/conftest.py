@@ -5,24 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REDIS_TEST_URL, dcmtk, free_port
+from tests.conftest import REDIS_TEST_URL
+from tests.helpers import dcmtk, echo, free_port, interrupt, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def start_storescp(folder: Path, port: int) -> subprocess.Popen:
@@ -94,16 +84,8 @@ def running(pipeline_env: dict[str, str]):
         [sys.executable, "-m", "core.cli", "run"], env=pipeline_env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    port = pipeline_env["PNEUMO_PORT"]
-
-    def echo() -> bool:
-        return subprocess.run(
-            [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", port],
-            capture_output=True,
-        ).returncode == 0
-
     try:
-        wait_for(echo, 90, "the node to answer C-ECHO")
+        wait_for(lambda: echo(pipeline_env["PNEUMO_PORT"]), 90, "the node to answer C-ECHO")
         yield pipeline_env
     finally:
         output = stop_pneumo_run(process, Path(pipeline_env["PNEUMO_HOME"]))
@@ -112,12 +94,7 @@ def running(pipeline_env: dict[str, str]):
 
 def stop_pneumo_run(process: subprocess.Popen, home: Path) -> str:
     """Ctrl-C, as an operator would; print the children's logs for a failing test; its output."""
-    process.send_signal(2)
-    try:
-        output, _ = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
+    output = interrupt(process)
     for log in sorted(home.glob("*.log")):
         print(f"--- {log.name}\n{log.read_text()[-3000:]}")
     print(f"--- pneumo run\n{output[-2000:]}")

@@ -59,8 +59,8 @@ from dicom_node.receive import (
     SUCCESS,
 )
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, REAL_DICOM, dcmtk, free_port
-from tests.pipeline.conftest import wait_for
+from tests.conftest import DATA, REAL_DICOM
+from tests.helpers import dcmtk, free_port, wait_for
 from training.preprocess import preprocess
 from worker import pipeline
 from worker.decode import grayscale_pixels

@@ -21,10 +21,12 @@ from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, Result, session_factory
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, dcmtk
-from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp, wait_for
+from tests.conftest import DATA
+from tests.helpers import dcmtk, requires_program, wait_for
+from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, requires_program("chromium", "chromium"),
+              requires_program("chromedriver", "chromium-driver")]
 TOKEN = "browser-test-token-91c2"
 ARTIFACTS = Path(os.environ.get("PNEUMO_ARTIFACTS", REPO / "artifacts"))
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -32,8 +34,6 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.fail("Debian's chromium and chromium-driver are required (.ci/run installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):

@@ -21,8 +21,9 @@ from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, Instance, Result, session_factory
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, dcmtk, link_subset
-from tests.pipeline.conftest import REPO, database_url, sr_files, wait_for
+from tests.conftest import DATA, link_subset
+from tests.helpers import dcmtk, wait_for
+from tests.pipeline.conftest import REPO, database_url, sr_files
 
 pytestmark = pytest.mark.slow
 

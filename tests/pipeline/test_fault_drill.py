@@ -1,6 +1,6 @@
 """The fault drill, CI-sized, and the product bugs it found.
 
-The drill (benchmarks/fault_drill.py) runs the product as separate processes on PostgreSQL and its
+The drill (tests/drills/fault_drill.py) runs the product as separate processes on PostgreSQL and its
 own Redis, sends 40 instances over 4 associations and meanwhile SIGKILLs the node and the worker's
 pool process, restarts Redis and takes the PACS down for 5 s; then it checks every acknowledged
 instance is recorded and terminal and each study has exactly one SR at the PACS.
@@ -28,8 +28,9 @@ from core.db import AuditEvent, Delivery, DeliveryState, Instance, Study, utcnow
 from core.settings import Settings
 from dicom_node.receive import SUCCESS, store_instance
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, free_port
-from tests.pipeline.conftest import REPO, wait_for
+from tests.conftest import DATA
+from tests.helpers import free_port, wait_for
+from tests.pipeline.conftest import REPO
 from worker import pipeline
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.slow
 def test_fault_drill_short(tiny_registry: Path) -> None:
     started = time.monotonic()
     run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "fault_drill.py"), "--instances", "40",
+        [sys.executable, str(REPO / "tests" / "drills" / "fault_drill.py"), "--instances", "40",
          "--associations", "4", "--pacs-down-s", "5", "--model-dir", str(tiny_registry),
          "--workers", "1", "--kill-worker", "pool", "--kill-at", "0", "--pacs-down-at", "0",
          "--redis-during", "sending", "--redis-down-s", "5", "--quiet-s", "1",

@@ -32,8 +32,9 @@ from core.db import (
     session_factory,
 )
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, REAL_DICOM, dcmtk
-from tests.pipeline.conftest import REPO, database_url, sr_files, stop_pneumo_run, wait_for
+from tests.conftest import DATA, REAL_DICOM
+from tests.helpers import echo, wait_for
+from tests.pipeline.conftest import REPO, database_url, sr_files, stop_pneumo_run
 
 pytestmark = pytest.mark.slow
 IMAGES = sorted((DATA / "test" / "PNEUMONIA").iterdir())[:6]
@@ -103,11 +104,7 @@ def test_no_patient_value_in_any_log(pipeline_env: dict[str, str], pacs, tmp_pat
     process = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def echo() -> bool:
-            return subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1",
-                                   port], capture_output=True).returncode == 0
-
-        wait_for(echo, 90, "the node to answer C-ECHO")
+        wait_for(lambda: echo(port), 90, "the node to answer C-ECHO")
         statuses = send(int(port), [*files, outgoing / "conflicting.dcm", outgoing / "bad_uid.dcm"])
         assert statuses == [0] * len(files) + [0xC211, 0xC210]
         wait_for(lambda: len(sr_files(pacs["folder"])) >= CLASSIFIED_STUDIES, 180,
@@ -147,11 +144,11 @@ def test_no_patient_value_in_any_log(pipeline_env: dict[str, str], pacs, tmp_pat
 
 
 def test_mixed_real_files_short(tiny_registry: Path) -> None:
-    """benchmarks/mixed_real_run.py, CI-sized: 16 studies cycling through the real files, each with
+    """tests/drills/mixed_real_run.py, CI-sized: 16 studies cycling through the real files, each with
     its own patient name and ID, a malformed birth date in half of them. Every study terminal
     with its reason, every SR delivered within the retry budget, no value in any log file."""
     run = subprocess.run(
-        [sys.executable, "benchmarks/mixed_real_run.py", "--studies", "16", "--models-dir",
+        [sys.executable, "tests/drills/mixed_real_run.py", "--studies", "16", "--models-dir",
          str(tiny_registry), "--timeout-s", "300", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )

@@ -13,7 +13,8 @@ from core.settings import Settings
 from dicom_node import scp
 from dicom_node.receive import OUT_OF_RESOURCES, SUCCESS
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, REAL_DICOM, free_port
+from tests.conftest import DATA, REAL_DICOM
+from tests.helpers import free_port
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
 

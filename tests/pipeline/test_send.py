@@ -13,8 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from core.settings import PeerAddress
 from dicom_node.send import AssociationFailed, send
-from tests.conftest import DATA, REAL_DICOM, REPO, dcmtk, free_port
-from tests.pipeline.conftest import wait_for
+from tests.conftest import DATA, REAL_DICOM, REPO
+from tests.helpers import dcmtk, free_port, wait_for
 from worker.filters import DX_PRESENTATION
 
 

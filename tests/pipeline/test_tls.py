@@ -33,8 +33,9 @@ from core.settings import PeerAddress, Settings
 from dicom_node import scp
 from dicom_node.receive import SUCCESS
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, dcmtk, free_port
-from tests.pipeline.conftest import REPO, wait_for
+from tests.conftest import DATA
+from tests.helpers import dcmtk, free_port, wait_for
+from tests.pipeline.conftest import REPO
 from worker.delivery import DeliveryError, send_sr
 from worker.report import ImageFinding, build_sr
 

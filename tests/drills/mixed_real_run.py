@@ -22,8 +22,8 @@ the run's output. On the code before issue 16's fixes (442f797) the 16-study var
 of 12 deliveries still `pending` (the malformed birth dates) and patient values in
 worker-delivery.log.
 
-    .venv/bin/python benchmarks/mixed_real_run.py                       # 200 studies, served model
-    .venv/bin/python benchmarks/mixed_real_run.py --studies 16 --models-dir DIR --json   # CI size
+    .venv/bin/python tests/drills/mixed_real_run.py                       # 200 studies, served model
+    .venv/bin/python tests/drills/mixed_real_run.py --studies 16 --models-dir DIR --json   # CI size
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,9 +39,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+
+from tests.helpers import dcmtk, echo, free_port, interrupt  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
 
 SHARED = Path(os.environ.get("PNEUMO_SHARED", REPO.parent / "shared"))
 REAL = SHARED / "dicom" / "real"
@@ -62,23 +62,6 @@ def patient(index: int) -> tuple[str, str, str]:
     """(name, ID, birth date); every third name has a single component (highdicom warns)."""
     name = f"QZXSOLO{index:04d}" if index % 3 == 0 else f"Qzxmix{index:04d}^Pat"
     return name, f"QZXPID{index:04d}", birth_date(index)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def dcmtk(tool: str) -> str:
-    """dcmtk's tool, not pynetdicom's Python app of the same name in the venv."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        path = Path(folder or ".") / tool
-        if path.is_file() and os.access(path, os.X_OK):
-            with path.open("rb") as head:
-                if b"python" not in head.readline(200):
-                    return str(path)
-    raise FileNotFoundError(f"dcmtk's {tool} is not on PATH")
 
 
 def write_studies(count: int, folder: Path) -> list[tuple[Path, tuple[str, str, str]]]:
@@ -165,8 +148,7 @@ def run(studies: int, models_dir: Path, timeout_s: float, work: Path) -> dict:
     started = time.monotonic()
     report: dict = {"studies": studies}
     try:
-        echo = [dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(port)]
-        if not wait(lambda: subprocess.run(echo, capture_output=True).returncode == 0, 120):
+        if not wait(lambda: echo(port), 120):
             raise RuntimeError("the node never answered C-ECHO")
         sent_at = time.monotonic()
         report["statuses"] = dict(send(port, [path for path, _ in written]))
@@ -192,12 +174,7 @@ def run(studies: int, models_dir: Path, timeout_s: float, work: Path) -> dict:
             states = session.execute(select(Instance.state, Instance.reason)).all()
             deliveries = session.execute(select(Delivery.state, Delivery.attempts, Delivery.last_error)).all()
     finally:
-        product.send_signal(signal.SIGINT)
-        try:
-            output, _ = product.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            product.kill()
-            output, _ = product.communicate()
+        output = interrupt(product, 90)
         pacs.terminate()
         pacs.wait(timeout=10)
     report["instances"] = dict(Counter(state for state, _ in states))

@@ -26,8 +26,8 @@ lost, or the study gained an image and the report was refreshed) replaces the fi
 are reported as "same-UID re-sends" and do not fail the drill. A *duplicate SR* is a second,
 different SOP Instance UID for the same (study, model version): that fails it, as does a missing SR.
 
-    .venv/bin/python benchmarks/fault_drill.py                      # 1,000 instances, served model
-    .venv/bin/python benchmarks/fault_drill.py --instances 40 --associations 4 --pacs-down-s 5 \
+    .venv/bin/python tests/drills/fault_drill.py                      # 1,000 instances, served model
+    .venv/bin/python tests/drills/fault_drill.py --instances 40 --associations 4 --pacs-down-s 5 \
         --model-dir /path/to/tiny/registry --workers 1 --kill-worker pool --kill-at 0 --pacs-down-at 0 \
         --redis-during sending --redis-down-s 5 --quiet-s 1 --delivery-backoff-s 1 --json   # the CI variant
 """
@@ -55,11 +55,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from tests.conftest import dcmtk  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
+from tests.helpers import dcmtk, free_port  # noqa: E402 (dcmtk's tools by path, not pynetdicom's namesakes)
 
 DATA = Path(os.environ.get("PNEUMO_SHARED", REPO.parent / "shared")) / "data" / "chest_xray"
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -159,12 +159,6 @@ class DrillReport:
 
 
 # --- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
