@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from dicom_node.send import wrap_image
-from tests.conftest import DATA, dcmtk
-from tests.pipeline.conftest import sr_files, wait_for
+from tests.conftest import DATA
+from tests.helpers import dcmtk, wait_for
+from tests.pipeline.conftest import sr_files
 
 pytestmark = pytest.mark.slow
 
