@@ -99,7 +99,7 @@ def start_node(env: dict[str, str], log_path: Path, nodelay: bool) -> subprocess
     command = (
         [sys.executable, str(Path(__file__).resolve()), "_node"]
         if nodelay
-        else [sys.executable, "-m", "core.cli", "node"]
+        else [sys.executable, "-m", "ops.cli", "node"]
     )
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
@@ -119,7 +119,7 @@ def serve_node_with_nodelay() -> None:
         return client, address
 
     ThreadedAssociationServer.get_request = get_request
-    from core.cli import node
+    from ops.cli import node
 
     node()
 

@@ -15,9 +15,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
-from core.monitoring import record_refusal
 from core.settings import Settings
-from core.supervisor import notify_ready
 from dicom_node import contexts
 from dicom_node.receive import (
     CONFLICT_COMMENT,
@@ -26,6 +24,8 @@ from dicom_node.receive import (
     enqueue_after_commit,
     store_instance,
 )
+from ops.monitoring import record_refusal
+from ops.supervisor import notify_ready
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, Result, session_factory
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, dcmtk
 from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp, wait_for
 

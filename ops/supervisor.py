@@ -99,14 +99,14 @@ def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[C
     memory_bound = (["--max-memory-per-child", str(settings.delivery_worker_max_memory_mb * 1024)]
                     if settings.delivery_worker_max_memory_mb else [])
     return [
-        Child("node", [python, "-m", "core.cli", "node"], waits_ready=True),
+        Child("node", [python, "-m", "ops.cli", "node"], waits_ready=True),
         Child("worker-inference", [*celery, "worker", "-Q", settings.inference_queue, *pool,
                                    "-n", "inference@%h", "--loglevel", "INFO"]),
         Child("worker-delivery", [*celery, "worker", "-Q", "delivery,housekeeping", "-c", "2",
                                   "-n", "delivery@%h", "--loglevel", "INFO", *memory_bound]),
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",
                             "-s", str(settings.home_dir / "celerybeat-schedule")]),
-        Child("dashboard", [python, "-m", "core.cli", "dashboard"], waits_ready=True),
+        Child("dashboard", [python, "-m", "ops.cli", "dashboard"], waits_ready=True),
     ]
 
 

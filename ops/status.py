@@ -21,8 +21,8 @@ from core.db import (
     session_factory,
     utcnow,
 )
-from core.monitoring import not_classified_by_reason
 from core.settings import Settings
+from ops.monitoring import not_classified_by_reason
 
 
 def queue_depths(settings: Settings) -> dict[str, int | str]:

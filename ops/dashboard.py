@@ -21,10 +21,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from core import monitoring, status
 from core.db import Instance, session_factory
-from core.metrics import exposition
 from core.settings import Settings
+from ops import monitoring, status
+from ops.metrics import exposition
 
 log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -162,7 +162,7 @@ def serve(settings: Settings) -> None:
         raise CannotListen(f"cannot listen on {host}:{port} (PNEUMO_DASHBOARD_HOST/PNEUMO_DASHBOARD_PORT): "
                            f"{error.strerror or error}") from None
     log.info("dashboard on http://%s:%d/ (metrics at /metrics)", host, port)
-    from core.supervisor import notify_ready
+    from ops.supervisor import notify_ready
 
     notify_ready()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))

@@ -234,7 +234,7 @@ def not_classified_by_reason(session: Session) -> dict[tuple[str, str], int]:
 
 
 def snapshot(settings: Settings, sessions: sessionmaker[Session], queue_depths=None) -> Snapshot:
-    from core.status import queue_depths as read_queue_depths
+    from ops.status import queue_depths as read_queue_depths
 
     snap = Snapshot(min_free_disk_mb=settings.min_free_disk_mb)
     settings.ensure_dirs()

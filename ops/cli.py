@@ -394,7 +394,7 @@ def run(
     ),
 ) -> None:
     """The embedded default: node, workers and scheduler in one supervised process group."""
-    from core.supervisor import run as run_all
+    from ops.supervisor import run as run_all
 
     _logging()
     try:
@@ -409,9 +409,9 @@ def run(
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
-    from core.supervisor import EXIT_CANNOT_START
     from core.tls import TLSConfigError
     from dicom_node.scp import CannotListen, start
+    from ops.supervisor import EXIT_CANNOT_START
     from worker.tasks import classify
 
     _logging()
@@ -469,8 +469,8 @@ def send(
     """
     from core import tls
     from core.settings import PeerAddress
-    from dicom_node.send import collect
-    from dicom_node.send import send as send_files
+    from ops.send import collect
+    from ops.send import send as send_files
 
     total = len(collect(paths))
     failures = 0
@@ -500,7 +500,7 @@ def send(
 @app.command()
 def status(last: int = typer.Option(10, help="How many recent studies to list")) -> None:
     """Queue depths, counts by state and the last studies with label, model and delivery."""
-    from core.status import DatabaseNotFound, render
+    from ops.status import DatabaseNotFound, render
 
     try:
         typer.echo(render(_settings(), last))
@@ -514,8 +514,8 @@ def resend(
     study_instance_uid: str = typer.Argument(..., help="Study whose SR is sent again"),
 ) -> None:
     """Send a study's SR again (e.g. after a dead-lettered delivery)."""
-    from core.status import DatabaseNotFound
-    from core.status import resend as resend_study
+    from ops.status import DatabaseNotFound
+    from ops.status import resend as resend_study
 
     try:
         count = resend_study(_settings(), study_instance_uid)
@@ -531,8 +531,8 @@ def resend(
 @app.command()
 def dashboard() -> None:
     """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
-    from core.dashboard import CannotListen, serve
-    from core.supervisor import EXIT_CANNOT_START
+    from ops.dashboard import CannotListen, serve
+    from ops.supervisor import EXIT_CANNOT_START
 
     _logging()
     try:
@@ -548,8 +548,8 @@ def retention(
     apply: bool = typer.Option(False, "--apply", help="Delete; without it, only list (dry run)"),
 ) -> None:
     """Remove stored images of finished studies (rows, results and SRs stay). Dry run first."""
-    from core import retention as policy
     from core.db import session_factory
+    from ops import retention as policy
 
     _logging()
     settings = _settings()
