@@ -166,9 +166,12 @@ def profile(args: argparse.Namespace) -> None:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )  # as `pneumo node`
         from core.db import session_factory
+        from core.queue import CLASSIFY, task_sender
+        from core.settings import load_settings
         from dicom_node import receive, scp
-        from worker.celery_app import settings
-        from worker.tasks import classify
+
+        settings = load_settings()
+        classify = task_sender(settings, CLASSIFY)  # as `pneumo node` queues
 
         flush_bench_redis()
         timer = StageTimer()
@@ -180,7 +183,7 @@ def profile(args: argparse.Namespace) -> None:
         sessions = session_factory(url)
         sessions_timed = timer.wrap("sessionmaker() (open a session)", sessions)
         enqueue = timer.wrap(
-            "classify.delay (broker publish)", lambda instance_id: classify.delay(instance_id)
+            "send_task pneumo.classify (broker publish)", classify
         )
         server = scp.start(settings, sessions_timed, enqueue, block=False)
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
+from core.lifecycle import notify_ready
 from core.settings import Settings
 from dicom_node import contexts
 from dicom_node.receive import (
@@ -22,18 +22,12 @@ from dicom_node.receive import (
     CONFLICTING_DUPLICATE,
     SUCCESS,
     enqueue_after_commit,
+    record_refusal,
+    spool_into,
     store_instance,
 )
-from ops.monitoring import record_refusal
-from ops.supervisor import notify_ready
 
 log = logging.getLogger(__name__)
-
-# Receive each dataset straight into a spool file instead of memory (see receive.py).
-_config.STORE_RECV_CHUNKED_DATASET = True
-# Peers' UIDs are fine in logs; nothing else from the dataset is logged.
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.LOG_REQUEST_IDENTIFIERS = False
 
 REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
 
@@ -149,7 +143,9 @@ def start(
     """
     ssl_context = tls.server_context(settings)
     settings.ensure_dirs()
-    tempfile.tempdir = str(settings.spool_dir)
+    # Peers' UIDs are fine in logs; nothing else from the dataset is logged.
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_REQUEST_IDENTIFIERS = False
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_ACCEPTED, handle_accepted),
@@ -157,6 +153,7 @@ def start(
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]
     ae = build_ae(settings)
+    spool_into(ae, settings.spool_dir)  # each data set straight into a spool file (receive.py)
     transport = "plain TCP"
     if ssl_context is not None:
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"

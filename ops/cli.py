@@ -65,6 +65,7 @@ def train(
     ),
 ) -> None:
     """Train a model, choose its threshold on validation and register a new version."""
+    require_keras_backend()
     from training.train import TrainConfig
     from training.train import train as run_training
 
@@ -95,6 +96,7 @@ def ensemble(
     ),
 ) -> None:
     """Average registered versions into a new version; threshold chosen on validation."""
+    require_keras_backend()
     from training.ensemble import build_ensemble
 
     _logging()
@@ -119,6 +121,7 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a registered model on a split at its card's threshold."""
+    require_keras_backend()
     from training.evaluate import evaluate as run_evaluation
     from training.evaluate import format_table, record_test
 
@@ -151,6 +154,7 @@ def compare(
 ) -> None:
     """Two versions' validation ROC AUC, the difference and its paired-bootstrap SE, and how firm
     each one's threshold is on the same resamples (no test)."""
+    require_keras_backend()
     from training.compare import compare as run_compare
 
     try:
@@ -365,15 +369,15 @@ app.add_typer(db_app, name="db")
 
 
 def _settings():
-    from pydantic import ValidationError
-
-    from core.settings import Settings
+    """The settings, loaded once here at the start of a command and passed down; invalid ones are
+    one line on stderr and exit status 2, the same for every command (no traceback)."""
+    from core.settings import SettingsError, load_settings
 
     try:
-        return Settings()
-    except ValidationError as error:
-        typer.echo(f"error: invalid settings:\n{error}", err=True)
-        raise typer.Exit(2) from error
+        return load_settings()
+    except SettingsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @db_app.command("upgrade")
@@ -397,8 +401,9 @@ def run(
     from ops.supervisor import run as run_all
 
     _logging()
+    settings = _settings()  # outside the try: typer's Exit is a RuntimeError too
     try:
-        code = run_all(_settings(), inference_concurrency)
+        code = run_all(settings, inference_concurrency)
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
@@ -409,16 +414,17 @@ def run(
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
+    from core.lifecycle import EXIT_CANNOT_START
+    from core.queue import CLASSIFY, task_sender
     from core.tls import TLSConfigError
     from dicom_node.scp import CannotListen, start
-    from ops.supervisor import EXIT_CANNOT_START
-    from worker.tasks import classify
 
     _logging()
     settings = _settings()
     try:
-        start(settings, session_factory(settings.sqlalchemy_url),
-              lambda instance_id: classify.delay(instance_id), block=True)
+        # By task name on the workers' queue: the node imports no worker or model code.
+        start(settings, session_factory(settings.sqlalchemy_url), task_sender(settings, CLASSIFY),
+              block=True)
     except TLSConfigError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
@@ -436,9 +442,11 @@ def worker(
     ),
 ) -> None:
     """A Celery worker (use `-Q inference-gpu` on a GPU host)."""
-    from worker.celery_app import app as celery_app
+    settings = _settings()
+    require_keras_backend()  # it serves the model
+    from worker.celery_app import make_worker_app
 
-    celery_app.worker_main(
+    make_worker_app(settings).worker_main(
         ["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--loglevel", "INFO"]
     )
 
@@ -446,9 +454,12 @@ def worker(
 @app.command()
 def scheduler() -> None:
     """Celery beat: finalises stable studies and sweeps unqueued instances."""
-    from worker.celery_app import app as celery_app
+    from core import phi
+    from core.queue import make_app
 
-    celery_app.start(["beat", "--loglevel", "INFO"])
+    settings = _settings()
+    phi.install()  # as in the workers: no header value in its log
+    make_app(settings).start(["beat", "--loglevel", "INFO"])  # sends by name: no tasks, no Keras
 
 
 @app.command()
@@ -531,8 +542,8 @@ def resend(
 @app.command()
 def dashboard() -> None:
     """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
+    from core.lifecycle import EXIT_CANNOT_START
     from ops.dashboard import CannotListen, serve
-    from ops.supervisor import EXIT_CANNOT_START
 
     _logging()
     try:
@@ -579,7 +590,8 @@ def require_keras_backend() -> None:
 
 
 def main() -> None:
-    require_keras_backend()
+    """Commands that load a model check the Keras backend themselves; the others (node, run,
+    status, send, dashboard, db, resend, retention) start on a host without TensorFlow."""
     app()
 
 

@@ -318,18 +318,6 @@ def stage_latencies(session: Session) -> dict[str, list[float]]:
             "received_to_delivered": total}
 
 
-def record_refusal(
-    sessions: sessionmaker[Session], calling_ae_title: str, status: int, reason: str
-) -> None:
-    """Best effort: a refusal because the database is down cannot be recorded (it is logged)."""
-    try:
-        with sessions() as session, session.begin():
-            session.add(RefusedStore(calling_ae_title=calling_ae_title[:16], status=status,
-                                     reason=reason[:500]))
-    except SQLAlchemyError as error:
-        log.warning("could not record a refused C-STORE: %s", type(error).__name__)
-
-
 # --- lists for the dashboard ----------------------------------------------------------------------
 
 @dataclass

@@ -22,30 +22,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.lifecycle import EXIT_CANNOT_START, PERMANENT_EXIT_CODES, READY_ENV
 from core.settings import Settings
+
+__all__ = ["EXIT_CANNOT_START", "PERMANENT_EXIT_CODES", "child_commands", "run"]
 
 log = logging.getLogger(__name__)
 
-# A child exits with one of these when restarting it cannot help: 2 is a usage error or invalid
-# settings (typer, `pneumo` commands), 78 (EX_CONFIG) a port it cannot listen on.
-EXIT_CANNOT_START = 78
-PERMANENT_EXIT_CODES = frozenset({2, EXIT_CANNOT_START})
-READY_ENV = "PNEUMO_READY_FD"
 STARTUP_WAIT_S = 180.0  # for the node and dashboard to bind (imports take a while on a busy host)
 # Stop order: nothing new comes in, then the workers finish their tasks while the broker is still
 # up, then the scheduler; the broker (stopped by the caller) goes last.
 STOP_ORDER = (("node", "dashboard"), ("worker-inference", "worker-delivery"), ("scheduler",))
-
-
-def notify_ready() -> None:
-    """Tell `pneumo run` this child is listening (no-op when not started by it)."""
-    descriptor = os.environ.pop(READY_ENV, None)
-    if descriptor:
-        try:
-            os.write(int(descriptor), b"ready\n")
-            os.close(int(descriptor))
-        except OSError:
-            pass
 
 
 def redis_executable() -> str:

@@ -26,8 +26,9 @@ from core.db import (
     utcnow,
 )
 from core.settings import Settings
+from dicom_node.receive import record_refusal
 from ops.dashboard import create_app
-from ops.monitoring import psi, record_refusal, score_histogram
+from ops.monitoring import psi, score_histogram
 from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL
 
