@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from functools import cache
 
 from celery import Celery
-from celery.signals import after_setup_logger
+from celery.signals import after_setup_logger, import_modules
 
 from core import phi
 from core.queue import QUEUES, make_app
@@ -21,14 +22,26 @@ from core.settings import Settings, SettingsError, load_settings
 __all__ = ["QUEUES", "make_worker_app"]
 
 
-def make_worker_app(settings: Settings) -> Celery:
-    """The app a worker or the beat scheduler runs, its tasks registered with these settings."""
-    from worker import tasks
+_settings_of: weakref.WeakKeyDictionary[Celery, Settings] = weakref.WeakKeyDictionary()
 
+
+def make_worker_app(settings: Settings) -> Celery:
+    """The app a worker or the beat scheduler runs; its tasks are registered with these settings
+    when a worker boots (`_register_tasks`), so `celery inspect` and Flower load no model code."""
     phi.install()  # worker and beat processes: no header value in their logs (see core.phi)
     app = make_app(settings)
-    tasks.register(app, settings)
+    _settings_of[app] = settings
     return app
+
+
+@import_modules.connect
+def _register_tasks(sender: Celery, **_kwargs) -> None:
+    """Sent when a worker or beat imports its task modules (Celery's loader, at boot)."""
+    settings = _settings_of.pop(sender, None)
+    if settings is not None:
+        from worker import tasks
+
+        tasks.register(sender, settings)
 
 
 @cache
