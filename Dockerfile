@@ -17,6 +17,7 @@ RUN python deploy/requirements.py ops > /tmp/requirements.txt \
 
 COPY alembic.ini ./
 COPY core core
+COPY ops ops
 COPY dicom_node dicom_node
 COPY worker worker
 COPY training training

@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from core import registry
+from training import models
 from training.preprocess import preprocess_many
 
 
@@ -50,7 +50,7 @@ def tiny_training(images: list[Path], weights: Path) -> dict:
                          fine_tune_layers=10)
     started = time.perf_counter()
     version = train(config, root, models_dir, verbose=0)
-    model, _ = registry.load(f"pneumonia-transfer@{version.version}", models_dir)
+    model, _ = models.load_version(f"pneumonia-transfer@{version.version}", models_dir)
     reloaded = model.predict(preprocess_many(images[:8]), verbose=0).reshape(-1)
     return {"seconds": time.perf_counter() - started, "backend": version.card["backend"],
             "val_auc": version.card["metrics"]["validation"]["roc_auc"],
@@ -75,7 +75,7 @@ def main() -> None:
     images = sorted(args.images.glob("*.jpeg"))
     tensors = preprocess_many(images)
     for spec, expected in reference.items():
-        model, version = registry.load(spec)
+        model, version = models.load_version(spec)
         probabilities = model.predict(tensors, batch_size=32, verbose=0).reshape(-1)
         difference = float(np.max(np.abs(probabilities - np.array(expected))))
         print(f"{version.label}: max |p_{backend} - p_tf_cpu| over {len(images)} images = {difference:.2e}")

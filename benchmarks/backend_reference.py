@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from core import registry
+from training import models
 from training.preprocess import preprocess_many
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -27,7 +28,7 @@ def main(out: Path, count: int = 64) -> None:
     tensors = preprocess_many(images)
     reference = {}
     for name in registry.served_versions():
-        model, version = registry.load(name)
+        model, version = models.load_version(name)
         reference[version.label] = model.predict(tensors, batch_size=32, verbose=0).reshape(-1).tolist()
     (out / "reference.json").write_text(json.dumps(reference))
     shutil.copy(SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5",

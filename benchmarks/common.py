@@ -87,7 +87,7 @@ def write_payload(kind: str, count: int, folder: Path, images: Sequence[Path] | 
     from pydicom import dcmread
     from pydicom.uid import generate_uid
 
-    from dicom_node.send import wrap_image
+    from ops.send import wrap_image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

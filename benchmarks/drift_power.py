@@ -4,7 +4,7 @@
 
 For each served model, production windows of n scores are drawn from its card's validation score
 histogram (uniform within each 0.05-wide bin), then shifted, and scored by the alert the dashboard
-uses (`core.monitoring.drift_alert`, default settings). Printed per model and n:
+uses (`ops.monitoring.drift_alert`, default settings). Printed per model and n:
 - false alarms: share of unshifted windows that alert (wanted: under 1%);
 - logit shift: the smallest shift of every score's log-odds, up (more confident pneumonia) and down,
   found in at least `--power` of the windows, with the positive rate at the card's threshold it
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, load_average, print_table  # also puts the repo on sys.path
 
 from core import registry
-from core.monitoring import SCORE_BINS, drift_threshold, psi_many
 from core.settings import Settings
+from ops.monitoring import SCORE_BINS, drift_threshold, psi_many
 
 WINDOW_SIZES = (50, 200, 1000)
 LOGIT_GRID = np.arange(0.25, 4.01, 0.25)

@@ -99,7 +99,7 @@ def start_node(env: dict[str, str], log_path: Path, nodelay: bool) -> subprocess
     command = (
         [sys.executable, str(Path(__file__).resolve()), "_node"]
         if nodelay
-        else [sys.executable, "-m", "core.cli", "node"]
+        else [sys.executable, "-m", "ops.cli", "node"]
     )
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
@@ -119,7 +119,7 @@ def serve_node_with_nodelay() -> None:
         return client, address
 
     ThreadedAssociationServer.get_request = get_request
-    from core.cli import node
+    from ops.cli import node
 
     node()
 
@@ -166,9 +166,12 @@ def profile(args: argparse.Namespace) -> None:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )  # as `pneumo node`
         from core.db import session_factory
+        from core.queue import CLASSIFY, task_sender
+        from core.settings import load_settings
         from dicom_node import receive, scp
-        from worker.celery_app import settings
-        from worker.tasks import classify
+
+        settings = load_settings()
+        classify = task_sender(settings, CLASSIFY)  # as `pneumo node` queues
 
         flush_bench_redis()
         timer = StageTimer()
@@ -180,7 +183,7 @@ def profile(args: argparse.Namespace) -> None:
         sessions = session_factory(url)
         sessions_timed = timer.wrap("sessionmaker() (open a session)", sessions)
         enqueue = timer.wrap(
-            "classify.delay (broker publish)", lambda instance_id: classify.delay(instance_id)
+            "send_task pneumo.classify (broker publish)", classify
         )
         server = scp.start(settings, sessions_timed, enqueue, block=False)
         try:

@@ -153,7 +153,7 @@ def time_finalise(url: str, env: dict[str, str]) -> float:
 def start_pneumo_run(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     process = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT
     )
     wait_for(lambda: echo(int(env["PNEUMO_PORT"])), 120, "the node to answer C-ECHO", 0.2)
     return process

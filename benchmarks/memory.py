@@ -52,17 +52,17 @@ def role_of(process) -> str:
     command = " ".join(process.cmdline())
     if "redis-server" in command:
         return "redis"
-    if "core.cli node" in command:
+    if "ops.cli node" in command:
         return "node"
     if "inference-cpu" in command or "inference-gpu" in command:
         return "inference child" if "celery" in " ".join(process.parent().cmdline()) else "inference worker"
     if "-Q delivery" in command:
         return "delivery worker"  # its pool children too: they build and send the SRs
-    if "core.cli dashboard" in command:
+    if "ops.cli dashboard" in command:
         return "dashboard"
     if " beat " in command:
         return "scheduler"
-    if "core.cli run" in command:
+    if "ops.cli run" in command:
         return "supervisor"
     return "other"
 

@@ -1,1 +1,4 @@
-"""Small shared core: settings, the model contract and registry, the CLI."""
+"""The ground: settings, database, model contract and registry, TLS, scope, PHI scrubbing, queue names.
+
+Imports nothing of ours above it (ops, dicom_node, worker, training) and never Keras.
+"""

@@ -6,6 +6,11 @@ another contract, so a model never sees tensors shaped or scaled differently fro
 
 from __future__ import annotations
 
+from pathlib import Path
+
+# The registry folder of this checkout: the settings' default and the registry's (both read it here).
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
 INPUT_HEIGHT = 224
 INPUT_WIDTH = 224
 INPUT_CHANNELS = 1

@@ -26,7 +26,7 @@ CARD_FILE = "card.json"
 SERVED_FILE = "served.json"
 TEST_REPORT_FILE = "test_report.json"
 SCOPE_FILE = "scope.json"  # the scope of a version registered before pixel checks existed
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_MODELS_DIR = contract.DEFAULT_MODELS_DIR
 
 
 class RegistryError(Exception):
@@ -242,16 +242,6 @@ def verify(model_version: ModelVersion) -> None:
             f"({model_version.card.get('preprocessing')}); this code serves "
             f"{contract.preprocessing_contract()}"
         )
-
-
-def load(spec: str, models_dir: Path = DEFAULT_MODELS_DIR) -> tuple[Any, ModelVersion]:
-    """Verified Keras model and its registry entry."""
-    import keras
-
-    model_version = resolve(spec, models_dir)
-    verify(model_version)
-    model = keras.saving.load_model(model_version.model_file, compile=False)
-    return model, model_version
 
 
 def register_copy(

@@ -12,10 +12,10 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.registry import DEFAULT_MODELS_DIR
+from core.contract import DEFAULT_MODELS_DIR
 
 
 class PeerAddress:
@@ -220,3 +220,23 @@ class Settings(BaseSettings):
                 # Not ours (a mounted volume): its owner decides.
                 with contextlib.suppress(PermissionError):
                     folder.chmod(0o700)
+
+
+class SettingsError(ValueError):
+    """The environment's settings are invalid; the message is one line naming each variable."""
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, read once when a process starts and then passed down.
+
+    Invalid ones raise SettingsError with one line, `invalid settings: PNEUMO_PORT: ...`, naming
+    each variable and what is wrong but never its value (it may be a password).
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"PNEUMO_{'_'.join(map(str, problem['loc'])).upper() or 'SETTINGS'}: {problem['msg']}"
+            for problem in error.errors(include_url=False, include_input=False)
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

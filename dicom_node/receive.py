@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pynetdicom import dimse_messages
+from pynetdicom import AE, _config, dimse_messages
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Instance, InstanceState, Series, Study, audit, utcnow
+from core.db import Instance, InstanceState, RefusedStore, Series, Study, audit, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class SpoolFile:
             self.name = self._handle.name
         except OSError as error:
             self._handle = None
-            self.name = os.path.join(tempfile.gettempdir(), f"unwritable-{uuid.uuid4().hex}.dcm")
+            folder = kwargs.get("dir") or tempfile.gettempdir()
+            self.name = os.path.join(folder, f"unwritable-{uuid.uuid4().hex}.dcm")
             self._fail(error)
 
     def _fail(self, error: OSError) -> None:
@@ -102,8 +104,24 @@ class SpoolFile:
             self._handle.close()
 
 
-# pynetdicom creates the spool file through this module-level name (STORE_RECV_CHUNKED_DATASET).
-dimse_messages.NamedTemporaryFile = SpoolFile
+_spool_dirs: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
+
+
+def _spool_file(*args: Any, **kwargs: Any) -> SpoolFile:
+    """pynetdicom's call for a new spool file, made on the association's DUL thread: the file goes
+    into the spool folder of the node (AE) that association belongs to."""
+    ae = getattr(getattr(threading.current_thread(), "assoc", None), "ae", None)
+    folder = _spool_dirs.get(ae) if ae is not None else None
+    return SpoolFile(*args, **({"dir": str(folder)} if folder is not None else {}), **kwargs)
+
+
+def spool_into(ae: AE, spool_dir: Path) -> None:
+    """Receive `ae`'s data sets straight into spool files in `spool_dir` (same filesystem as
+    storage, for atomic renames) instead of memory. Called when a node starts, not at import:
+    pynetdicom creates the file through a module-level name, replaced here."""
+    _spool_dirs[ae] = spool_dir
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _spool_file
 
 
 @dataclass(frozen=True)
@@ -416,3 +434,15 @@ def enqueue_after_commit(
             .values(state=InstanceState.QUEUED, queued_at=utcnow())
         )
     return True
+
+
+def record_refusal(
+    sessions: sessionmaker[Session], calling_ae_title: str, status: int, reason: str
+) -> None:
+    """Best effort: a refusal because the database is down cannot be recorded (it is logged)."""
+    try:
+        with sessions() as session, session.begin():
+            session.add(RefusedStore(calling_ae_title=calling_ae_title[:16], status=status,
+                                     reason=reason[:500]))
+    except SQLAlchemyError as error:
+        log.warning("could not record a refused C-STORE: %s", type(error).__name__)

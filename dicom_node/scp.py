@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections import deque
@@ -22,26 +21,21 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
+from core.lifecycle import notify_ready
 from core.logsafe import printable
-from core.monitoring import record_refusal
 from core.settings import Settings
-from core.supervisor import notify_ready
 from dicom_node import contexts
 from dicom_node.receive import (
     CONFLICT_COMMENT,
     CONFLICTING_DUPLICATE,
     SUCCESS,
     enqueue_after_commit,
+    record_refusal,
+    spool_into,
     store_instance,
 )
 
 log = logging.getLogger(__name__)
-
-# Receive each dataset straight into a spool file instead of memory (see receive.py).
-_config.STORE_RECV_CHUNKED_DATASET = True
-# Peers' UIDs are fine in logs; nothing else from the dataset is logged.
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.LOG_REQUEST_IDENTIFIERS = False
 
 REJECTED_PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
 # A-ASSOCIATE-RJ PDU: rejected-transient, service-provider (presentation), local-limit-exceeded.
@@ -373,7 +367,9 @@ def start(
     """
     ssl_context = tls.server_context(settings)
     settings.ensure_dirs()
-    tempfile.tempdir = str(settings.spool_dir)
+    # Peers' UIDs are fine in logs; nothing else from the dataset is logged.
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_REQUEST_IDENTIFIERS = False
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_ACCEPTED, handle_accepted),
@@ -381,6 +377,7 @@ def start(
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]
     ae = build_ae(settings)
+    spool_into(ae, settings.spool_dir)  # each data set straight into a spool file (receive.py)
     transport = "plain TCP"
     if ssl_context is not None:
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"

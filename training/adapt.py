@@ -104,7 +104,7 @@ def adapt(
     started = time.monotonic()
     commit = code_commit()
     keras.utils.set_random_seed(config.seed)
-    model, base = registry.load(name, models_dir)
+    model, base = models.load_version(name, models_dir)
     if not base.scope:
         raise registry.RegistryError(f"{base.label} has no scope; run `pneumo scope fit` first")
 

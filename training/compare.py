@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from core import registry
-from training import data, metrics
+from training import data, metrics, models
 from training.preprocess import preprocess_many
 
 
@@ -106,7 +106,7 @@ def compare(
     resamples: int = 2000,
 ) -> dict[str, Any]:
     """Both versions on their shared validation split; `non_inferior` is difference >= -SE."""
-    loaded = [registry.load(f"{name}@{v}", models_dir) for v in (reference, candidate)]
+    loaded = [models.load_version(f"{name}@{v}", models_dir) for v in (reference, candidate)]
     carved = shared_validation([version for _, version in loaded], data_root)
     labels = np.array([s.label for s in carved.validation])
     images = preprocess_many([s.path for s in carved.validation])

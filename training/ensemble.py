@@ -17,6 +17,7 @@ from typing import Any
 import keras
 
 from core import contract, registry
+from training import models
 from training.compare import shared_validation, split_of
 from training.train import code_commit, load_split, provenance, register_evaluated
 
@@ -73,7 +74,7 @@ def build_ensemble(
     """Load and check the members, average them, score on validation, register."""
     started = time.monotonic()
     commit = code_commit()
-    loaded = [registry.load(f"{name}@{v}", models_dir) for v in member_versions]
+    loaded = [models.load_version(f"{name}@{v}", models_dir) for v in member_versions]
     versions = [version for _, version in loaded]
     check_members(versions)
     carved = shared_validation(versions, data_root)  # refuses members validated differently

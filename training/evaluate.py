@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from core import registry
-from training import data, metrics
+from training import data, metrics, models
 from training.preprocess import preprocess_many
 from training.train import code_commit
 
@@ -28,7 +28,7 @@ def evaluate(
     plots_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of `spec` (name[@version]) on `<data_root>/<split>`; plots if `plots_dir`."""
-    model, model_version = registry.load(spec, models_dir)
+    model, model_version = models.load_version(spec, models_dir)
     samples = data.read_split(data_root, split)
     labels = np.array([s.label for s in samples])
     images = preprocess_many([s.path for s in samples])

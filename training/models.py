@@ -7,12 +7,14 @@ pneumonia. Augmentation is a separate block used only while training, so saved m
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 from keras import layers
 
-from core import contract
+from core import contract, registry
 
 BACKBONES = {
     # name: (constructor, keyword arguments); all take [-1, 1] inputs.
@@ -237,3 +239,14 @@ def predict_with_features(scoring: keras.Model, images: np.ndarray, batch_size: 
     if not probabilities:
         return np.zeros(0), np.zeros((0, 0))
     return np.concatenate(probabilities), np.concatenate(features)
+
+
+def load_version(
+    spec: str, models_dir: Path = registry.DEFAULT_MODELS_DIR
+) -> tuple[Any, registry.ModelVersion]:
+    """A registered version's Keras model, after its hashes and contract are verified (here, not in
+    core.registry: the ground never imports Keras)."""
+    model_version = registry.resolve(spec, models_dir)
+    registry.verify(model_version)
+    model = keras.saving.load_model(model_version.model_file, compile=False)
+    return model, model_version

@@ -54,7 +54,7 @@ def fit_existing(
     spec: str, models_dir: Path, false_refusal_rate: float = ood.DEFAULT_FALSE_REFUSAL_RATE
 ) -> registry.ModelVersion:
     """Fit and record the scope of a Kermany-trained version registered without one."""
-    model, version = registry.load(spec, models_dir)
+    model, version = models.load_version(spec, models_dir)
     if version.scope:
         raise registry.RegistryError(f"{version.label} already has a scope")
     card_data = version.card.get("data", {})

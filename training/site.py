@@ -171,7 +171,7 @@ class Assessment:
 
 def assess(spec: str, loaded: Loaded, models_dir: Path) -> Assessment:
     """What the worker would do with each image: refuse (header, pixel check) or give a score."""
-    model, version = registry.load(spec, models_dir)
+    model, version = models.load_version(spec, models_dir)
     use = version.scope.get("intended_use")
     if not use:
         raise registry.RegistryError(f"{version.label} has no scope; run `pneumo scope fit`")

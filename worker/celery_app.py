@@ -1,62 +1,64 @@
-"""The one Celery app; all configuration here, with the reasons.
+"""The workers' Celery app: core.queue's configuration with the tasks of worker.tasks.
 
-Queues: inference-cpu / inference-gpu (the same task; a GPU worker is started with
-`-Q inference-gpu`), delivery (SR C-STOREs, slow peers must not block inference) and
-housekeeping (finalise stable studies, the sweep).
+Built by `make_worker_app(settings)`, never at import: `pneumo worker` and `pneumo scheduler`
+pass the settings they loaded; `celery -A worker.celery_app` (what `pneumo run` and the compose
+file start) reads the module attribute `app`, made on that first access from the environment.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
+from functools import cache
 
 from celery import Celery
-from celery.signals import after_setup_logger
+from celery.signals import after_setup_logger, import_modules
 
 from core import phi
-from core.settings import Settings
+from core.queue import QUEUES, make_app
+from core.settings import Settings, SettingsError, load_settings
 
-QUEUES = ("inference-cpu", "inference-gpu", "delivery", "housekeeping")
+__all__ = ["QUEUES", "make_worker_app"]
 
 
-def make_app(settings: Settings) -> Celery:
-    app = Celery("pneumo", broker=settings.celery_broker_url, include=["worker.tasks"])
-    app.conf.update(
-        # JSON only: whoever can write to the broker must not be able to run code (no pickle).
-        task_serializer="json",
-        accept_content=["json"],
-        result_backend=None,
-        task_ignore_result=True,
-        # Ack after the task finishes, requeue if the worker dies: a killed job is redelivered.
-        # Tasks are idempotent (unique result per instance and model version), so that is safe.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        # Redelivery of an unacked message after a worker vanishes without closing its channel.
-        broker_transport_options={"visibility_timeout": 600},
-        broker_connection_retry_on_startup=True,
-        task_default_queue="inference-cpu",
-        task_routes={
-            "pneumo.classify": {"queue": settings.inference_queue},
-            "pneumo.deliver": {"queue": "delivery"},
-            "pneumo.finalise": {"queue": "housekeeping"},
-            "pneumo.sweep": {"queue": "housekeeping"},
-        },
-        beat_schedule={
-            "finalise-stable-studies": {
-                "task": "pneumo.finalise",
-                "schedule": settings.finalise_interval_s,
-                "options": {"expires": settings.finalise_interval_s * 5},
-            },
-            "sweep-unqueued-instances": {
-                "task": "pneumo.sweep",
-                "schedule": settings.sweep_interval_s,
-                "options": {"expires": settings.sweep_interval_s * 5},
-            },
-        },
-        worker_hijack_root_logger=False,
-        worker_send_task_events=True,
-    )
+_settings_of: weakref.WeakKeyDictionary[Celery, Settings] = weakref.WeakKeyDictionary()
+
+
+def make_worker_app(settings: Settings) -> Celery:
+    """The app a worker or the beat scheduler runs; its tasks are registered with these settings
+    when a worker boots (`_register_tasks`), so `celery inspect` and Flower load no model code."""
+    phi.install()  # worker and beat processes: no header value in their logs (see core.phi)
+    app = make_app(settings)
+    _settings_of[app] = settings
     return app
+
+
+@import_modules.connect
+def _register_tasks(sender: Celery, **_kwargs) -> None:
+    """Sent when a worker or beat imports its task modules (Celery's loader, at boot)."""
+    settings = _settings_of.pop(sender, None)
+    if settings is not None:
+        from worker import tasks
+
+        tasks.register(sender, settings)
+
+
+@cache
+def _app_from_environment() -> Celery:
+    try:
+        settings = load_settings()
+    except SettingsError as error:  # the one-line message `pneumo` commands give, not a traceback
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return make_worker_app(settings)
+
+
+def __getattr__(name: str) -> Celery:
+    """`app`: what `celery -A worker.celery_app` looks up, made when first asked for (PEP 562)."""
+    if name == "app":
+        return _app_from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @after_setup_logger.connect
@@ -67,9 +69,6 @@ def _quiet_task_trace(**_kwargs) -> None:
     logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
 
 
-phi.install()  # worker and beat processes: no header value in their logs (see core.phi)
-
-
 @after_setup_logger.connect
 def _safe_logs(logger: logging.Logger, **_kwargs) -> None:
     """Workers and beat: control characters escaped in log lines, files created private."""
@@ -77,7 +76,3 @@ def _safe_logs(logger: logging.Logger, **_kwargs) -> None:
 
     logsafe.private_files()
     logsafe.install(logger.handlers)
-
-
-settings = Settings()
-app = make_app(settings)

@@ -9,8 +9,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
+from core.scu import AssociationFailed, associate
 from core.settings import PeerAddress
-from core.tls import handshake_failure
 
 
 class DeliveryError(Exception):
@@ -25,16 +25,10 @@ def send_sr(
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(ComprehensiveSRStorage)
-    tls_args = None if ssl_context is None else (ssl_context, destination.host)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         tls_args=tls_args)
-    if not assoc.is_established:
-        reason = None
-        if ssl_context is not None:
-            reason = handshake_failure(destination.host, destination.port, ssl_context, timeout_s)
-        if reason:
-            raise DeliveryError(f"TLS with {destination!r} failed: {reason}")
-        raise DeliveryError(f"association with {destination!r} failed (rejected, aborted or down)")
+    try:
+        assoc = associate(ae, destination, timeout_s, ssl_context)
+    except AssociationFailed as error:
+        raise DeliveryError(str(error)) from None
     try:
         status = assoc.send_c_store(dcmread(path))
     finally:

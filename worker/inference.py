@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from core import registry
+from core.queue import BATCH_TIMEOUT_S  # a batch this slow means the model is stuck: fail the task
 from training import models, ood
 from worker.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
-BATCH_TIMEOUT_S = 300  # a batch that takes this long means the model is stuck: fail the task
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Classifier:
     """
 
     def __init__(self, spec: str, models_dir: Path, batch_size: int = 1, batch_wait_s: float = 0.01) -> None:
-        model, self.version = registry.load(spec, models_dir)
+        model, self.version = models.load_version(spec, models_dir)
         if not self.version.scope.get("detector_sha256"):
             raise registry.RegistryError(
                 f"{self.version.label} has no pixel check, so no image can be checked against what "

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.queue import DECODE_TIMEOUT_S
 from worker.decode import DecodeError
 
-TIMEOUT_S = 300
 # The largest image the filters admit (8192x8192, 16-bit, JPEG 2000 or uncompressed) peaks at
 # ~1.0 GB of address space decoded and preprocessed (docs/benchmarks.md): twice that is the limit.
 MEMORY_LIMIT_MB = 2048
@@ -38,7 +38,7 @@ DECODE_FAILED = 3  # the child's exit status for an image that cannot be decoded
 _slots = threading.BoundedSemaphore(len(os.sched_getaffinity(0)))
 
 
-def decode_in_child(path: Path, timeout_s: float = TIMEOUT_S) -> np.ndarray:
+def decode_in_child(path: Path, timeout_s: float = DECODE_TIMEOUT_S) -> np.ndarray:
     """`preprocess(grayscale_pixels(dcmread(path)))`, computed in a child process.
 
     Raises DecodeError with the reason to record: the decoder's own message, the signal that

@@ -36,6 +36,7 @@ from core.db import (
     insert_ignoring_duplicates,
     utcnow,
 )
+from core.queue import LOST_DELIVERY_S, MAX_WORKER_DEATHS, STALE_INSTANCE_S
 from core.settings import Settings
 from core.tls import TLSConfigError
 from training.preprocess import preprocess
@@ -49,7 +50,6 @@ from worker.scope import header_age, header_view
 
 log = logging.getLogger(__name__)
 LOCAL_DESTINATION = "local"  # no PACS configured: the SR is only written to disk
-MAX_WORKER_DEATHS = 3
 
 
 def _finish(session: Session, instance_id: int, state: InstanceState, reason: str | None) -> bool:
@@ -174,7 +174,7 @@ def _record_model_version(session: Session, model: Classifier) -> None:
 
 def finalise_stable_studies(
     sessions: sessionmaker[Session], settings: Settings, enqueue_delivery: Callable[[int], None],
-    lost_after_s: float = 600,
+    lost_after_s: float = LOST_DELIVERY_S,
 ) -> list[int]:
     """Create or refresh one delivery per (study, model version, destination) for quiet studies;
     queue again any delivery whose message was lost (see `_lost_deliveries`)."""
@@ -435,7 +435,8 @@ def start_delivery_attempt(
 
 
 def sweep(
-    sessions: sessionmaker[Session], enqueue: Callable[[int], None], stale_after_s: float = 600
+    sessions: sessionmaker[Session], enqueue: Callable[[int], None],
+    stale_after_s: float = STALE_INSTANCE_S,
 ) -> list[int]:
     """Re-queue instances recorded but never queued (>5 s), or queued/processing for too long."""
     now = utcnow()

@@ -1,4 +1,8 @@
-"""Thin Celery tasks: take ids, call worker.pipeline, leave retries to Celery."""
+"""Thin Celery tasks: take ids, call worker.pipeline, leave retries to Celery.
+
+Registered on an app by `register(app, settings)` (worker.celery_app.make_worker_app): the
+settings a worker loaded at start are passed in, none are read at import.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import logging
 from functools import cache
 from pathlib import Path
 
+from celery import Celery
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
 from core.db import session_factory
-from core.settings import PeerAddress
+from core.queue import CLASSIFY, DELIVER, FINALISE, SWEEP
+from core.settings import PeerAddress, Settings
 from worker import pipeline
-from worker.celery_app import app, settings
 from worker.delivery import DeliveryError, send_sr
 from worker.inference import served_classifier
 
@@ -20,43 +26,44 @@ log = logging.getLogger(__name__)
 
 
 @cache
-def sessions():
-    return session_factory(settings.sqlalchemy_url)
+def _sessions(url: str) -> sessionmaker[Session]:
+    return session_factory(url)
 
 
-def classifier():
-    return served_classifier(settings.model_name, settings.models_dir,
-                             settings.inference_batch_size, settings.inference_batch_wait_ms / 1000)
+def register(app: Celery, settings: Settings) -> None:
+    """Add the four tasks to `app`, each reading `settings`."""
 
+    def sessions() -> sessionmaker[Session]:
+        return _sessions(settings.sqlalchemy_url)
 
-@app.task(name="pneumo.classify", autoretry_for=(OperationalError,), retry_backoff=2,
-          max_retries=settings.classify_max_retries)
-def classify(instance_id: int) -> str:
-    return str(pipeline.classify_instance(sessions(), instance_id, classifier))
+    def classifier():
+        return served_classifier(settings.model_name, settings.models_dir,
+                                 settings.inference_batch_size, settings.inference_batch_wait_ms / 1000)
 
+    @app.task(name=CLASSIFY, autoretry_for=(OperationalError,), retry_backoff=2,
+              max_retries=settings.classify_max_retries)
+    def classify(instance_id: int) -> str:
+        return str(pipeline.classify_instance(sessions(), instance_id, classifier))
 
-@app.task(name="pneumo.finalise")
-def finalise() -> list[int]:
-    return pipeline.finalise_stable_studies(
-        sessions(), settings, lambda delivery_id: deliver.delay(delivery_id)
-    )
+    @app.task(name=FINALISE)
+    def finalise() -> list[int]:
+        return pipeline.finalise_stable_studies(
+            sessions(), settings, lambda delivery_id: deliver.delay(delivery_id)
+        )
 
+    @app.task(name=SWEEP)
+    def sweep() -> list[int]:
+        return pipeline.sweep(sessions(), lambda instance_id: classify.delay(instance_id))
 
-@app.task(name="pneumo.sweep")
-def sweep() -> list[int]:
-    return pipeline.sweep(sessions(), lambda instance_id: classify.delay(instance_id))
+    @app.task(name=DELIVER, bind=True, max_retries=None)
+    def deliver(self, delivery_id: int) -> str:
+        """Build and send one SR; exponential backoff, dead-letter after the last attempt."""
+        outcome = pipeline.attempt_delivery(sessions(), delivery_id, settings, send)
+        if outcome.retry_in_s is not None:
+            raise self.retry(countdown=outcome.retry_in_s, exc=DeliveryError(outcome.error))
+        return outcome.state
 
-
-@app.task(name="pneumo.deliver", bind=True, max_retries=None)
-def deliver(self, delivery_id: int) -> str:
-    """Build and send one SR; exponential backoff, dead-letter after the last attempt."""
-    outcome = pipeline.attempt_delivery(sessions(), delivery_id, settings, _send)
-    if outcome.retry_in_s is not None:
-        raise self.retry(countdown=outcome.retry_in_s, exc=DeliveryError(outcome.error))
-    return outcome.state
-
-
-def _send(path: Path, destination: str) -> None:
-    # Built per try: a TLS file fixed after a failure is picked up without a restart.
-    send_sr(path, PeerAddress(destination), settings.ae_title, settings.network_timeout_s,
-            tls.pacs_context(settings))
+    def send(path: Path, destination: str) -> None:
+        # Built per try: a TLS file fixed after a failure is picked up without a restart.
+        send_sr(path, PeerAddress(destination), settings.ae_title, settings.network_timeout_s,
+                tls.pacs_context(settings))

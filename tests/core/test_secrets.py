@@ -103,7 +103,7 @@ def test_pneumo_run_never_prints_the_secrets(
         "PNEUMO_BROKER_URL": broker_url, "PNEUMO_DASHBOARD_TOKEN": token, "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     assert database_password in env["PNEUMO_DATABASE_URL"]
-    cli = [sys.executable, "-m", "core.cli"]
+    cli = [sys.executable, "-m", "ops.cli"]
     process = subprocess.Popen([*cli, "run"], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     outputs = []
@@ -132,7 +132,7 @@ def test_database_down_at_startup_does_not_print_its_password(tmp_path: Path) ->
     env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_PORT": str(free_port()),
            "PNEUMO_DATABASE_URL": f"postgresql+psycopg://pneumo:{password}@127.0.0.1:{free_port()}/none",
            "PNEUMO_BROKER_URL": "redis://127.0.0.1:1/0"}
-    result = subprocess.run([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "Connection refused" in result.stdout + result.stderr
@@ -153,7 +153,7 @@ def test_worker_with_a_wrong_broker_password_prints_it_masked(tmp_path: Path) ->
     wrong = secret("wrong")
     env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"),
            "PNEUMO_BROKER_URL": f"redis://default:{wrong}@127.0.0.1:{port}/0"}
-    worker = subprocess.Popen([sys.executable, "-m", "core.cli", "worker", "--queues", "delivery"],
+    worker = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--queues", "delivery"],
                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     lines: list[str] = []

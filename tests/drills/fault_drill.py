@@ -358,7 +358,7 @@ class Stack:
         return env
 
     def start_node(self) -> subprocess.Popen:
-        return self.processes.start("node", [sys.executable, "-m", "core.cli", "node"],
+        return self.processes.start("node", [sys.executable, "-m", "ops.cli", "node"],
                                     env=self.env, cwd=self.home)
 
     def node_answers_echo(self) -> bool:
@@ -460,7 +460,7 @@ class Outgoing:
 
 def generate(config: DrillConfig, folder: Path) -> list[Outgoing]:
     """Test-split images wrapped as DX with send.py's wrapper; some studies get two images."""
-    from dicom_node.send import wrap_image
+    from ops.send import wrap_image
 
     images = sorted((DATA / "test").rglob("*.jpeg"))
     if not images:

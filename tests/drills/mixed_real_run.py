@@ -143,7 +143,7 @@ def run(studies: int, models_dir: Path, timeout_s: float, work: Path) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     pacs = subprocess.Popen([dcmtk("storescp"), "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    product = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+    product = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started = time.monotonic()
     report: dict = {"studies": studies}

@@ -17,8 +17,8 @@ import pytest
 import typer
 import yaml
 
-from core.cli import app as cli_app
 from deploy.requirements import requirement_name, requirements
+from ops.cli import app as cli_app
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"

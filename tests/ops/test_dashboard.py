@@ -14,7 +14,6 @@ from pydicom import dcmread
 from starlette.testclient import TestClient
 
 from core import registry
-from core.dashboard import create_app
 from core.db import (
     Delivery,
     DeliveryState,
@@ -26,9 +25,11 @@ from core.db import (
     audit,
     utcnow,
 )
-from core.monitoring import psi, record_refusal, score_histogram
 from core.settings import Settings
-from dicom_node.send import wrap_image
+from dicom_node.receive import record_refusal
+from ops.dashboard import create_app
+from ops.monitoring import psi, score_histogram
+from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL
 
 BROKER = f"{REDIS_TEST_URL}/8"

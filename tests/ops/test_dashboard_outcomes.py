@@ -8,9 +8,10 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from core import registry, status
-from core.dashboard import create_app
+from core import registry
 from core.db import Delivery, DeliveryState, Instance, InstanceState, Result, Series, Study, utcnow
+from ops import status
+from ops.dashboard import create_app
 from tests.ops.test_dashboard import _settings, broker, served_registry  # noqa: F401
 
 IGNORED = "not a chest radiograph: Body Part Examined is SKULL"

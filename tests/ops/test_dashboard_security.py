@@ -7,8 +7,8 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from core.dashboard import create_app
 from core.db import Delivery, DeliveryState
+from ops.dashboard import create_app
 from tests.ops.test_dashboard import TOKEN, _populate, _settings, broker, served_registry  # noqa: F401
 
 

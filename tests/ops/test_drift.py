@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from core import registry
-from core.monitoring import THRESHOLD_GRID, drift, drift_alert, drift_threshold, psi_many
 from core.settings import Settings
+from ops.monitoring import THRESHOLD_GRID, drift, drift_alert, drift_threshold, psi_many
 from tests.conftest import REPO
 
 MODELS = REPO / "models"

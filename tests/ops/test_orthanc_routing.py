@@ -160,7 +160,7 @@ def product_env(tmp_path: Path, tiny_registry: Path, node_port: int, orthanc: Or
 @contextmanager
 def pneumo_run(env: dict[str, str]) -> Iterator[None]:
     """`pneumo run` until the node answers C-ECHO from Orthanc's AE; Ctrl-C (SIGINT) at the end."""
-    process = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import redis
 
 from core.settings import Settings
-from core.supervisor import Child, _start, start_embedded_redis
+from ops.supervisor import Child, _start, start_embedded_redis
 
 
 def _mode(path: Path) -> str:

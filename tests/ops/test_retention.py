@@ -60,7 +60,7 @@ def test_dry_run_then_apply(sessions, database_url: str, tmp_path: Path) -> None
 
     def retention(*extra: str) -> str:
         return subprocess.run(
-            [sys.executable, "-m", "core.cli", "retention", "--older-than-days", "30", *extra],
+            [sys.executable, "-m", "ops.cli", "retention", "--older-than-days", "30", *extra],
             env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
 
     dry = retention()

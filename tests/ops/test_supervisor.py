@@ -42,7 +42,7 @@ def test_a_port_in_use_stops_the_run_with_the_reason_and_never_says_listening(
         if variable == "PNEUMO_DASHBOARD_PORT":
             env["PNEUMO_DASHBOARD_HOST"] = "127.0.0.1"
         try:
-            result = subprocess.run([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+            result = subprocess.run([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                                     capture_output=True, text=True, timeout=240)
         except subprocess.TimeoutExpired as expired:  # the old supervisor restarts it forever
             pytest.fail(f"`pneumo run` kept running on a port in use: {expired.stdout!r}")
@@ -59,7 +59,7 @@ def test_ctrl_c_stops_node_workers_scheduler_then_the_broker(tmp_path: Path, tin
     not be in it, or it dies first and every worker logs `Connection to broker lost`."""
     env = run_env(tmp_path, tiny_registry)
     home = Path(env["PNEUMO_HOME"])
-    process = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # a process group of its own, as a shell gives
     try:
@@ -98,13 +98,13 @@ def test_ctrl_c_stops_node_workers_scheduler_then_the_broker(tmp_path: Path, tin
 def test_the_node_alone_on_a_port_in_use_exits_with_the_reason_and_the_cannot_start_status(
     tmp_path: Path, tiny_registry: Path
 ) -> None:
-    from core.supervisor import EXIT_CANNOT_START, PERMANENT_EXIT_CODES
+    from ops.supervisor import EXIT_CANNOT_START, PERMANENT_EXIT_CODES
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "core.cli", "node"], cwd=REPO, capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "ops.cli", "node"], cwd=REPO, capture_output=True,
                                 text=True, timeout=120,
                                 env=run_env(tmp_path, tiny_registry, PNEUMO_PORT=str(port)))
     assert result.returncode == EXIT_CANNOT_START and EXIT_CANNOT_START in PERMANENT_EXIT_CODES

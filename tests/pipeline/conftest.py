@@ -81,7 +81,7 @@ def database_url(env: dict[str, str]) -> str:
 def running(pipeline_env: dict[str, str]):
     """`pneumo run`, waited for until the node answers C-ECHO; stopped with SIGINT (Ctrl-C)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "run"], env=pipeline_env, cwd=REPO,
+        [sys.executable, "-m", "ops.cli", "run"], env=pipeline_env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

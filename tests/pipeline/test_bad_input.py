@@ -58,7 +58,7 @@ from dicom_node.receive import (
     OUT_OF_RESOURCES,
     SUCCESS,
 )
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import dcmtk, free_port, wait_for
 from training.preprocess import preprocess

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from core.db import Instance, InstanceState, Result
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.pipeline.test_worker import store
 from worker import pipeline
@@ -106,7 +106,7 @@ def test_pneumo_run_gives_a_batching_inference_worker_threads(tmp_path: Path) ->
     """Batches form only among tasks of one process: with a batch size the embedded inference
     worker runs Celery's thread pool with room for two batches; without, one prefork process."""
     from core.settings import Settings
-    from core.supervisor import child_commands
+    from ops.supervisor import child_commands
 
     def inference_command(**overrides) -> list[str]:
         settings = Settings(home_dir=tmp_path, **overrides)

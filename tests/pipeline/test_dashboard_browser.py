@@ -20,7 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, Result, session_factory
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.helpers import dcmtk, requires_program, wait_for
 from tests.pipeline.conftest import REPO, database_url, sr_files, start_storescp
@@ -114,10 +114,10 @@ def test_recent_studies_fit_a_1400_px_screen(browser, tmp_path: Path) -> None:
 
     from starlette.testclient import TestClient
 
-    from core.dashboard import create_app
     from core.db import Delivery, Instance, InstanceState, Series, Study, utcnow
     from core.migrate import upgrade
     from core.settings import Settings
+    from ops.dashboard import create_app
     from tests.conftest import REDIS_TEST_URL
 
     url = f"sqlite:///{tmp_path / 'pneumo.db'}"

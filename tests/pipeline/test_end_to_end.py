@@ -20,7 +20,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from core.db import Delivery, DeliveryState, Instance, Result, session_factory
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, link_subset
 from tests.helpers import dcmtk, wait_for
 from tests.pipeline.conftest import REPO, database_url, sr_files
@@ -95,14 +95,14 @@ def assert_parity(running: dict[str, str], pacs, tmp_path: Path, tiny_registry: 
     link_subset(root, "test", "PNEUMONIA", 10)
     files = sorted((root / "test").rglob("*.jpeg"))
     sent = subprocess.run(
-        [sys.executable, "-m", "core.cli", "send", *map(str, files), "--to",
+        [sys.executable, "-m", "ops.cli", "send", *map(str, files), "--to",
          f"PNEUMO@127.0.0.1:{running['PNEUMO_PORT']}"],
         env=running, cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert "sent 20/20" in sent.stdout
     evaluated = subprocess.run(
-        [sys.executable, "-m", "core.cli", "evaluate", "--model", "pneumonia-transfer",
+        [sys.executable, "-m", "ops.cli", "evaluate", "--model", "pneumonia-transfer",
          "--data", str(root), "--split", "test", "--models-dir", str(tiny_registry), "--json"],
         env=running, cwd=REPO, capture_output=True, text=True, timeout=300,
     )

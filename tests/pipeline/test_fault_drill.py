@@ -27,7 +27,7 @@ from sqlalchemy import event, func, select
 from core.db import AuditEvent, Delivery, DeliveryState, Instance, Study, utcnow
 from core.settings import Settings
 from dicom_node.receive import SUCCESS, store_instance
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.helpers import free_port, wait_for
 from tests.pipeline.conftest import REPO

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from core.db import AuditEvent, Delivery, DeliveryState, Instance, InstanceState, Result, session_factory
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.helpers import dcmtk, wait_for
 from tests.pipeline.conftest import database_url, sr_files, start_storescp

@@ -24,7 +24,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from dicom_node import scp
 from dicom_node.receive import SUCCESS
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL
 from tests.helpers import free_port, wait_for
 from tests.pipeline.conftest import REPO
@@ -186,7 +186,7 @@ def test_healthz_reflects_full_slots_and_refusals(start_node, tmp_path: Path) ->
     """The dashboard said "accepting" while every association was refused."""
     from starlette.testclient import TestClient
 
-    from core.dashboard import create_app
+    from ops.dashboard import create_app
 
     settings = start_node(max_associations=3, max_associations_per_host=3,
                           association_request_timeout_s=30)
@@ -210,7 +210,7 @@ def test_healthz_reflects_full_slots_and_refusals(start_node, tmp_path: Path) ->
 def test_a_stopped_node_is_not_accepting(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
-    from core.dashboard import create_app
+    from ops.dashboard import create_app
 
     url = f"sqlite:///{tmp_path / 'pneumo.db'}"
     upgrade(url)
@@ -230,9 +230,9 @@ def node_process(tmp_path: Path):
     env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_PORT": str(free_port()),
            "PNEUMO_HOST": "127.0.0.1", "PNEUMO_ALLOWED_PEERS": "*",
            "PNEUMO_BROKER_URL": f"{REDIS_TEST_URL}/9", "PNEUMO_ASSOCIATION_REQUEST_TIMEOUT_S": "3"}
-    subprocess.run([sys.executable, "-m", "core.cli", "db", "upgrade"], env=env, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "ops.cli", "db", "upgrade"], env=env, cwd=REPO,
                    check=True, capture_output=True)
-    process = subprocess.Popen([sys.executable, "-m", "core.cli", "node"], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "node"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     settings = Settings(home=tmp_path / "home", port=int(env["PNEUMO_PORT"]))
     try:

@@ -31,7 +31,7 @@ from core.db import (
     RefusedStore,
     session_factory,
 )
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import echo, wait_for
 from tests.pipeline.conftest import REPO, database_url, sr_files, stop_pneumo_run
@@ -101,7 +101,7 @@ def test_no_patient_value_in_any_log(pipeline_env: dict[str, str], pacs, tmp_pat
     bad_uid.SOPInstanceUID = bad_uid.file_meta.MediaStorageSOPInstanceUID = "999.999.01.23.45.6789"
     bad_uid.save_as(outgoing / "bad_uid.dcm", enforce_file_format=True)
 
-    process = subprocess.Popen([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: echo(port), 90, "the node to answer C-ECHO")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.helpers import dcmtk, wait_for
 from tests.pipeline.conftest import sr_files

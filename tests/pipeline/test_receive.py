@@ -12,7 +12,7 @@ from core.db import AuditEvent, Instance, InstanceState
 from core.settings import Settings
 from dicom_node import scp
 from dicom_node.receive import OUT_OF_RESOURCES, SUCCESS
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import free_port
 

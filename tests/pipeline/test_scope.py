@@ -12,7 +12,7 @@ from sqlalchemy import select
 from core import registry, scope
 from core.db import Instance, InstanceState, Result
 from core.settings import Settings
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM, register_with_scope
 from tests.pipeline.test_worker import store
 from training import models
@@ -214,7 +214,7 @@ def test_detector_refit_is_reproducible_and_its_hash_is_checked(tmp_path: Path) 
 def test_a_version_without_a_pixel_check_is_not_served(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from core.cli import app
+    from ops.cli import app
 
     registry.register("pneumonia-cnn", models.build_cnn(filters=(4,)), {"threshold": 0.5}, tmp_path,
                       version="old")
@@ -235,7 +235,7 @@ def test_both_served_versions_carry_a_scope() -> None:
 
 def test_refusals_are_counted_by_rule_on_metrics_and_status(served, database_url, sessions,
                                                             tmp_path: Path) -> None:
-    from core import metrics, monitoring, status
+    from ops import metrics, monitoring, status
 
     for name in ("canine_dx_thorax.dcm", "dx_16bit_j2k_flipped.dcm", "cr_hip_jpeg_lossless.dcm"):
         pipeline.classify_instance(sessions, store(REAL_DICOM / name, sessions, tmp_path), lambda: served)

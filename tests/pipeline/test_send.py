@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from core.settings import PeerAddress
-from dicom_node.send import AssociationFailed, send
+from ops.send import AssociationFailed, send
 from tests.conftest import DATA, REAL_DICOM, REPO
 from tests.helpers import dcmtk, free_port, wait_for
 from worker.filters import DX_PRESENTATION
@@ -48,7 +48,7 @@ def test_bad_files_are_named_with_their_reason_and_the_good_ones_still_sent(pacs
     real = REAL_DICOM / "nih_cxr14_dx_implicit.dcm"
     _storescp_ready(pacs)
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "send", str(not_dicom), str(IMAGE), str(missing),
+        [sys.executable, "-m", "ops.cli", "send", str(not_dicom), str(IMAGE), str(missing),
          str(broken_jpeg), str(real), "--to", pacs["ae"]],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
@@ -99,7 +99,7 @@ def test_a_rejection_gives_the_peers_reason_and_source() -> None:
 
 def test_pneumo_send_says_why_the_association_failed(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "send", str(IMAGE), "--to", f"PACS@127.0.0.1:{free_port()}",
+        [sys.executable, "-m", "ops.cli", "send", str(IMAGE), "--to", f"PACS@127.0.0.1:{free_port()}",
          "--timeout", "5"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )

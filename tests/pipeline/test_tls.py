@@ -32,7 +32,7 @@ from core.db import Instance, InstanceState
 from core.settings import PeerAddress, Settings
 from dicom_node import scp
 from dicom_node.receive import SUCCESS
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.helpers import dcmtk, free_port, wait_for
 from tests.pipeline.conftest import REPO
@@ -316,14 +316,14 @@ def test_dcmtk_without_a_client_certificate_is_refused_by_mutual_tls(start_node,
 def test_pneumo_send_over_tls(start_node, pki: Pki) -> None:
     settings, queued = start_node(require_client_cert=True)
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "send", str(IMAGE), "--to", f"PNEUMO@127.0.0.1:{settings.port}",
+        [sys.executable, "-m", "ops.cli", "send", str(IMAGE), "--to", f"PNEUMO@127.0.0.1:{settings.port}",
          "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key)],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "sent 1/1" in result.stdout and len(queued) == 1
     untrusted = subprocess.run(
-        [sys.executable, "-m", "core.cli", "send", str(IMAGE), "--to", f"PNEUMO@127.0.0.1:{settings.port}",
+        [sys.executable, "-m", "ops.cli", "send", str(IMAGE), "--to", f"PNEUMO@127.0.0.1:{settings.port}",
          "--tls-ca", str(pki.rogue_server.cert.parent / "rogue-ca.pem")],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
@@ -457,7 +457,7 @@ def test_incomplete_tls_settings_are_refused(pki: Pki, values: dict) -> None:
 def test_pneumo_run_stops_at_startup_on_a_missing_tls_file(tmp_path: Path, pki: Pki) -> None:
     env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_PORT": str(free_port()),
            "PNEUMO_TLS_CERT_FILE": str(pki.server.cert), "PNEUMO_TLS_KEY_FILE": str(tmp_path / "gone.key")}
-    result = subprocess.run([sys.executable, "-m", "core.cli", "run"], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: PNEUMO_TLS_KEY_FILE: cannot read" in result.stderr

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from core.db import Delivery, DeliveryState, Instance, InstanceState, Result, Study
 from core.settings import Settings
 from dicom_node.receive import store_instance
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
 from worker import pipeline
 

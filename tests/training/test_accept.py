@@ -14,8 +14,8 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from core import registry
-from core.cli import app
-from dicom_node.send import wrap_image
+from ops.cli import app
+from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM, SMALL_MOBILENET
 from training import accept, data, ood
 from training.preprocess import preprocess_many

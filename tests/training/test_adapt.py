@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from core import registry
-from dicom_node.send import wrap_image
+from ops.send import wrap_image
 from tests.conftest import SHARED, SMALL_MOBILENET, register_with_scope
 from training import adapt, site
 
@@ -83,7 +83,7 @@ def test_site_split_is_by_patient(site_folder: Path) -> None:
 
 
 def test_adapt_registers_a_version_for_both_sites(base: Path, site_folder: Path) -> None:
-    from core.cli import app
+    from ops.cli import app
     from training.preprocess import preprocess
     from worker.inference import Classifier
 
@@ -115,7 +115,7 @@ def test_adapt_registers_a_version_for_both_sites(base: Path, site_folder: Path)
 
 
 def test_adapt_says_what_is_wrong_with_the_site_folder(base: Path, tmp_path: Path) -> None:
-    from core.cli import app
+    from ops.cli import app
 
     (tmp_path / "labels.csv").write_text("file,label\nmissing.png,NORMAL\n")
     result = CliRunner().invoke(app, ["adapt", "--model", "pneumonia-transfer", "--site", "x",

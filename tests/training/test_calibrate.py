@@ -11,7 +11,7 @@ import pytest
 
 from core import registry
 from tests.training.test_accept import NAME, build_registry, run_cli, spread, write_labels
-from training import calibrate, data, metrics, site
+from training import calibrate, data, metrics, models, site
 from training.preprocess import preprocess_many
 
 SEED = 20261202
@@ -68,7 +68,7 @@ def test_calibrate_registers_the_same_weights_with_the_calibration_halfs_thresho
     assessment = site.assess(parent.label, site.load(images), models_dir)
     reasons = {i.path.name: r for i, r in zip(images, assessment.reasons, strict=True)}
     kept = [i for i in calibration if reasons[i.path.name] is None]
-    model, _ = registry.load(parent.label, models_dir)
+    model, _ = models.load_version(parent.label, models_dir)
     probabilities = np.asarray(model.predict(preprocess_many([i.path for i in kept]),
                                              verbose=0)).reshape(-1)
     expected = metrics.choose_threshold(np.array([i.label for i in kept]), probabilities)

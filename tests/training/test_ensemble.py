@@ -51,9 +51,9 @@ def test_ensemble_is_the_mean_of_its_members(tiny_data: Path, tmp_path: Path) ->
     assert card["data"]["train_images"] + card["data"]["validation_images"] == 48
 
     images = preprocess_many([s.path for s in data.read_split(tiny_data, "test")])
-    averaged, _ = registry.load(ensemble.label, tmp_path)
+    averaged, _ = models.load_version(ensemble.label, tmp_path)
     expected = np.mean(
-        [registry.load(m.label, tmp_path)[0].predict(images, verbose=0) for m in members], axis=0
+        [models.load_version(m.label, tmp_path)[0].predict(images, verbose=0) for m in members], axis=0
     )
     np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, atol=1e-6)
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def pneumo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True, timeout=600
     )
 
 

@@ -236,7 +236,7 @@ def not_classified_by_reason(session: Session) -> dict[tuple[str, str], int]:
 
 
 def snapshot(settings: Settings, sessions: sessionmaker[Session], queue_depths=None) -> Snapshot:
-    from core.status import queue_depths as read_queue_depths
+    from ops.status import queue_depths as read_queue_depths
 
     snap = Snapshot(min_free_disk_mb=settings.min_free_disk_mb)
     settings.ensure_dirs()
@@ -318,18 +318,6 @@ def stage_latencies(session: Session) -> dict[str, list[float]]:
         total.append(max(0.0, (delivered - first_received).total_seconds()))
     return {"received_to_classified": classify, "classified_to_delivered": report,
             "received_to_delivered": total}
-
-
-def record_refusal(
-    sessions: sessionmaker[Session], calling_ae_title: str, status: int, reason: str
-) -> None:
-    """Best effort: a refusal because the database is down cannot be recorded (it is logged)."""
-    try:
-        with sessions() as session, session.begin():
-            session.add(RefusedStore(calling_ae_title=calling_ae_title[:16], status=status,
-                                     reason=reason[:500]))
-    except SQLAlchemyError as error:
-        log.warning("could not record a refused C-STORE: %s", type(error).__name__)
 
 
 # --- lists for the dashboard ----------------------------------------------------------------------

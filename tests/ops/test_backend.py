@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from core import cli
+from ops import cli
 
 
 def test_no_tensorflow_and_no_backend_named_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,11 +31,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from core import monitoring, status
 from core.db import Instance, session_factory
 from core.logsafe import printable
-from core.metrics import exposition
+from core.queue import CLASSIFY, DELIVER, make_app, task_sender
 from core.settings import Settings
+from ops import monitoring, status
+from ops.metrics import exposition
 
 log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -110,8 +111,9 @@ def operator_token(settings: Settings) -> str:
 def create_app(settings: Settings) -> Starlette:
     sessions = session_factory(settings.sqlalchemy_url)
     token = operator_token(settings)
-    send_delivery = status.task_sender(settings, "pneumo.deliver")
-    send_classify = status.task_sender(settings, "pneumo.classify")
+    producer = make_app(settings)
+    send_delivery = task_sender(settings, DELIVER, producer)
+    send_classify = task_sender(settings, CLASSIFY, producer)
 
     throttle = LoginThrottle()
 
@@ -286,7 +288,7 @@ def serve(settings: Settings) -> None:
         raise CannotListen(f"cannot listen on {host}:{port} (PNEUMO_DASHBOARD_HOST/PNEUMO_DASHBOARD_PORT): "
                            f"{error.strerror or error}") from None
     log.info("dashboard on http://%s:%d/ (metrics at /metrics)", host, port)
-    from core.supervisor import notify_ready
+    from core.lifecycle import notify_ready
 
     notify_ready()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))

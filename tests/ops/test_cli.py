@@ -19,7 +19,7 @@ from tests.conftest import REPO
 def pneumo(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], env={**os.environ, **(env or {})},
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], env={**os.environ, **(env or {})},
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

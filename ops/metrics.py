@@ -1,4 +1,4 @@
-"""Prometheus exposition of `core.monitoring.Snapshot`: one endpoint for every process.
+"""Prometheus exposition of `ops.monitoring.Snapshot`: one endpoint for every process.
 
 The node, workers and scheduler run as separate processes (or containers); everything they do is
 in the database, so one collector reading it at scrape time sees all of them, with no
@@ -20,7 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from core.monitoring import LATENCY_BUCKETS_S, Snapshot
+from ops.monitoring import LATENCY_BUCKETS_S, Snapshot
 
 PREFIX = "pneumo"
 

@@ -7,7 +7,6 @@ grouped into one study. One association carries all files.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, Association
+from pynetdicom import AE
 
+from core.scu import AssociationFailed, associate
 from core.settings import PeerAddress
-from core.tls import handshake_failure
 from training.preprocess import load_grayscale
 from worker.filters import DX_PRESENTATION
 
@@ -36,10 +35,6 @@ class SendResult:
     study_instance_uid: str
     status: int | None  # None: not sent (see `error`) or no response (association lost)
     error: str | None = None  # why this file was not sent: missing, not DICOM, unreadable image
-
-
-class AssociationFailed(ConnectionError):
-    """No association: connection refused, timed out, or rejected by the peer (with its reason)."""
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -183,42 +178,6 @@ def requested_contexts(
     return [(sop_class, list(syntaxes)) for sop_class, syntaxes in contexts]
 
 
-class _Records(logging.Handler):
-    """pynetdicom's own account of an association attempt (it logs, it does not raise)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def association_failure(assoc: Association, messages: list[str], timeout_s: float) -> str:
-    """Why an association was not established, as the operator needs it: refused, timed out, or
-    rejected by the peer with the reason and source of its A-ASSOCIATE-RJ."""
-    answer = assoc.acceptor.primitive
-    if assoc.is_rejected and answer is not None:
-        return (f"rejected by the peer ({answer.result_str}): reason {answer.reason_str!r}, "
-                f"source {answer.source_str}")
-    for message in messages:
-        if message.startswith("TCP Initialisation Error"):
-            cause = message.split(":", 1)[-1].strip()
-            if "refused" in cause.lower():
-                return "connection refused (nothing listens there, or a firewall refuses)"
-            if "timed out" in cause.lower():
-                return f"connection timed out after {timeout_s:g} s (host down or a firewall drops it)"
-            return f"cannot connect: {cause}"
-    if any("ACSE timeout" in message for message in messages):
-        return (f"timed out: the peer took the connection but did not answer the association "
-                f"request within {timeout_s:g} s")
-    if any("No accepted presentation contexts" in message for message in messages):
-        return "the peer accepted none of the proposed SOP class / transfer syntax pairs"
-    if assoc.is_aborted:
-        return "aborted by the peer"
-    return "failed"
-
-
 def send(
     paths: list[Path], destination: PeerAddress, calling_ae_title: str = "PNEUMO-SEND",
     group: bool = False, timeout_s: float = 60, ssl_context: ssl.SSLContext | None = None,
@@ -233,7 +192,6 @@ def send(
     headers, errors = check(paths)
     for sop_class, syntaxes in requested_contexts(paths, headers):
         ae.add_requested_context(sop_class, syntaxes)
-    tls_args = None if ssl_context is None else (ssl_context, destination.host)
     assoc = None
     try:
         for path, dataset in datasets(paths, group, errors):
@@ -241,7 +199,7 @@ def send(
                 yield SendResult(path, "", "", None, error=dataset)
                 continue
             if assoc is None or not assoc.is_established:
-                assoc = _associate(ae, destination, tls_args, timeout_s)
+                assoc = associate(ae, destination, timeout_s, ssl_context)
             response = assoc.send_c_store(dataset)
             yield SendResult(path, str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID),
                              getattr(response, "Status", None))
@@ -250,21 +208,4 @@ def send(
             assoc.release()
 
 
-def _associate(
-    ae: AE, destination: PeerAddress, tls_args: tuple[ssl.SSLContext, str] | None, timeout_s: float
-) -> Association:
-    records = _Records()
-    pynetdicom_log = logging.getLogger("pynetdicom")
-    pynetdicom_log.addHandler(records)
-    try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=tls_args)
-    finally:
-        pynetdicom_log.removeHandler(records)
-    if assoc.is_established:
-        return assoc
-    reason = None
-    if tls_args is not None and not assoc.is_rejected:
-        reason = handshake_failure(destination.host, destination.port, tls_args[0], timeout_s)
-    raise AssociationFailed(f"association with {destination!r}: "
-                            f"{reason or association_failure(assoc, records.messages, timeout_s)}")
+__all__ = ["AssociationFailed", "SendResult", "collect", "send", "wrap_image"]

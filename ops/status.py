@@ -21,14 +21,13 @@ from core.db import (
     session_factory,
     utcnow,
 )
-from core.monitoring import not_classified_by_reason, sr_status, study_reasons
+from core.queue import DELIVER, QUEUES, make_app, task_sender
 from core.settings import Settings
+from ops.monitoring import not_classified_by_reason, sr_status, study_reasons
 
 
 def queue_depths(settings: Settings) -> dict[str, int | str]:
     """Messages waiting per queue (Redis list lengths); 'unreachable' when the broker is down."""
-    from worker.celery_app import QUEUES, make_app
-
     try:
         with make_app(settings).connection_for_read() as connection:
             client = connection.default_channel.client
@@ -126,16 +125,10 @@ def resend(settings: Settings, study_instance_uid: str) -> int:
         ids = session.scalars(
             select(Delivery.id).join(Study).where(Study.study_instance_uid == study_instance_uid)
         ).all()
-    enqueue = task_sender(settings, "pneumo.deliver")
+    enqueue = task_sender(settings, DELIVER)
     return sum(resend_delivery(sessions, delivery_id, enqueue) for delivery_id in ids)
 
 
-def task_sender(settings: Settings, task_name: str) -> Callable[[int], None]:
-    """Queue a task by name on the broker these settings name (routes as the workers have them)."""
-    from worker.celery_app import make_app
-
-    app = make_app(settings)
-    return lambda object_id: app.send_task(task_name, args=[object_id])
 
 
 def resend_delivery(

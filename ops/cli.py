@@ -66,6 +66,7 @@ def train(
     ),
 ) -> None:
     """Train a model, choose its threshold on validation and register a new version."""
+    require_keras_backend()
     from training.train import TrainConfig
     from training.train import train as run_training
 
@@ -96,6 +97,7 @@ def ensemble(
     ),
 ) -> None:
     """Average registered versions into a new version; threshold chosen on validation."""
+    require_keras_backend()
     from training.ensemble import build_ensemble
 
     _logging()
@@ -120,6 +122,7 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a registered model on a split at its card's threshold."""
+    require_keras_backend()
     from training.evaluate import evaluate as run_evaluation
     from training.evaluate import format_table, record_test
 
@@ -152,6 +155,7 @@ def compare(
 ) -> None:
     """Two versions' validation ROC AUC, the difference and its paired-bootstrap SE, and how firm
     each one's threshold is on the same resamples (no test)."""
+    require_keras_backend()
     from training.compare import compare as run_compare
 
     try:
@@ -368,19 +372,19 @@ app.add_typer(db_app, name="db")
 
 
 def _settings():
-    """The settings of a command that handles patient data: its files are created private."""
-    from pydantic import ValidationError
-
+    """The settings, loaded once here at the start of a command and passed down; invalid ones are
+    one line on stderr and exit status 2, the same for every command (no traceback). A command
+    that handles patient data creates its files private."""
     from core import logsafe
-    from core.settings import Settings
+    from core.settings import SettingsError, load_settings
 
     logsafe.private_files()  # stored images, SRs, the database, logs (not models: `train` keeps 022)
 
     try:
-        return Settings()
-    except ValidationError as error:
-        typer.echo(f"error: invalid settings:\n{error}", err=True)
-        raise typer.Exit(2) from error
+        return load_settings()
+    except SettingsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @db_app.command("upgrade")
@@ -401,11 +405,12 @@ def run(
     ),
 ) -> None:
     """The embedded default: node, workers and scheduler in one supervised process group."""
-    from core.supervisor import run as run_all
+    from ops.supervisor import run as run_all
 
     _logging()
+    settings = _settings()  # outside the try: typer's Exit is a RuntimeError too
     try:
-        code = run_all(_settings(), inference_concurrency)
+        code = run_all(settings, inference_concurrency)
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
@@ -416,16 +421,17 @@ def run(
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
-    from core.supervisor import EXIT_CANNOT_START
+    from core.lifecycle import EXIT_CANNOT_START
+    from core.queue import CLASSIFY, task_sender
     from core.tls import TLSConfigError
     from dicom_node.scp import CannotListen, start
-    from worker.tasks import classify
 
     _logging()
     settings = _settings()
     try:
-        start(settings, session_factory(settings.sqlalchemy_url),
-              lambda instance_id: classify.delay(instance_id), block=True)
+        # By task name on the workers' queue: the node imports no worker or model code.
+        start(settings, session_factory(settings.sqlalchemy_url), task_sender(settings, CLASSIFY),
+              block=True)
     except TLSConfigError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
@@ -443,9 +449,11 @@ def worker(
     ),
 ) -> None:
     """A Celery worker (use `-Q inference-gpu` on a GPU host)."""
-    from worker.celery_app import app as celery_app
+    settings = _settings()
+    require_keras_backend()  # it serves the model
+    from worker.celery_app import make_worker_app
 
-    celery_app.worker_main(
+    make_worker_app(settings).worker_main(
         ["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--loglevel", "INFO"]
     )
 
@@ -453,9 +461,12 @@ def worker(
 @app.command()
 def scheduler() -> None:
     """Celery beat: finalises stable studies and sweeps unqueued instances."""
-    from worker.celery_app import app as celery_app
+    from core import phi
+    from core.queue import make_app
 
-    celery_app.start(["beat", "--loglevel", "INFO"])
+    settings = _settings()
+    phi.install()  # as in the workers: no header value in its log
+    make_app(settings).start(["beat", "--loglevel", "INFO"])  # sends by name: no tasks, no Keras
 
 
 @app.command()
@@ -476,8 +487,8 @@ def send(
     """
     from core import tls
     from core.settings import PeerAddress
-    from dicom_node.send import collect
-    from dicom_node.send import send as send_files
+    from ops.send import collect
+    from ops.send import send as send_files
 
     total = len(collect(paths))
     failures = 0
@@ -507,7 +518,7 @@ def send(
 @app.command()
 def status(last: int = typer.Option(10, help="How many recent studies to list")) -> None:
     """Queue depths, counts by state and the last studies with label, model and delivery."""
-    from core.status import DatabaseNotFound, render
+    from ops.status import DatabaseNotFound, render
 
     try:
         typer.echo(render(_settings(), last))
@@ -521,8 +532,8 @@ def resend(
     study_instance_uid: str = typer.Argument(..., help="Study whose SR is sent again"),
 ) -> None:
     """Send a study's SR again (e.g. after a dead-lettered delivery)."""
-    from core.status import DatabaseNotFound
-    from core.status import resend as resend_study
+    from ops.status import DatabaseNotFound
+    from ops.status import resend as resend_study
 
     try:
         count = resend_study(_settings(), study_instance_uid)
@@ -538,8 +549,8 @@ def resend(
 @app.command()
 def dashboard() -> None:
     """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
-    from core.dashboard import CannotListen, serve
-    from core.supervisor import EXIT_CANNOT_START
+    from core.lifecycle import EXIT_CANNOT_START
+    from ops.dashboard import CannotListen, serve
 
     _logging()
     try:
@@ -555,8 +566,8 @@ def retention(
     apply: bool = typer.Option(False, "--apply", help="Delete; without it, only list (dry run)"),
 ) -> None:
     """Remove stored images of finished studies (rows, results and SRs stay). Dry run first."""
-    from core import retention as policy
     from core.db import session_factory
+    from ops import retention as policy
 
     _logging()
     settings = _settings()
@@ -586,7 +597,8 @@ def require_keras_backend() -> None:
 
 
 def main() -> None:
-    require_keras_backend()
+    """Commands that load a model check the Keras backend themselves; the others (node, run,
+    status, send, dashboard, db, resend, retention) start on a host without TensorFlow."""
     app()
 
 

@@ -22,31 +22,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.lifecycle import EXIT_CANNOT_START, PERMANENT_EXIT_CODES, READY_ENV
 from core.logsafe import PRIVATE_UMASK
 from core.settings import Settings
 
+__all__ = ["EXIT_CANNOT_START", "PERMANENT_EXIT_CODES", "child_commands", "run"]
+
 log = logging.getLogger(__name__)
 
-# A child exits with one of these when restarting it cannot help: 2 is a usage error or invalid
-# settings (typer, `pneumo` commands), 78 (EX_CONFIG) a port it cannot listen on.
-EXIT_CANNOT_START = 78
-PERMANENT_EXIT_CODES = frozenset({2, EXIT_CANNOT_START})
-READY_ENV = "PNEUMO_READY_FD"
 STARTUP_WAIT_S = 180.0  # for the node and dashboard to bind (imports take a while on a busy host)
 # Stop order: nothing new comes in, then the workers finish their tasks while the broker is still
 # up, then the scheduler; the broker (stopped by the caller) goes last.
 STOP_ORDER = (("node", "dashboard"), ("worker-inference", "worker-delivery"), ("scheduler",))
-
-
-def notify_ready() -> None:
-    """Tell `pneumo run` this child is listening (no-op when not started by it)."""
-    descriptor = os.environ.pop(READY_ENV, None)
-    if descriptor:
-        try:
-            os.write(int(descriptor), b"ready\n")
-            os.close(int(descriptor))
-        except OSError:
-            pass
 
 
 def redis_executable() -> str:
@@ -101,14 +88,14 @@ def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[C
     memory_bound = (["--max-memory-per-child", str(settings.delivery_worker_max_memory_mb * 1024)]
                     if settings.delivery_worker_max_memory_mb else [])
     return [
-        Child("node", [python, "-m", "core.cli", "node"], waits_ready=True),
+        Child("node", [python, "-m", "ops.cli", "node"], waits_ready=True),
         Child("worker-inference", [*celery, "worker", "-Q", settings.inference_queue, *pool,
                                    "-n", "inference@%h", "--loglevel", "INFO"]),
         Child("worker-delivery", [*celery, "worker", "-Q", "delivery,housekeeping", "-c", "2",
                                   "-n", "delivery@%h", "--loglevel", "INFO", *memory_bound]),
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",
                             "-s", str(settings.home_dir / "celerybeat-schedule")]),
-        Child("dashboard", [python, "-m", "core.cli", "dashboard"], waits_ready=True),
+        Child("dashboard", [python, "-m", "ops.cli", "dashboard"], waits_ready=True),
     ]
 
 
