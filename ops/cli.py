@@ -338,7 +338,7 @@ def adapt(
                                         "and the JPEG/PNG/DICOM images it names"),
     epochs: int = typer.Option(10, help="Fine-tuning epochs at most (early stopping on validation)"),
     site_validation_fraction: float = typer.Option(0.25, help="Site patients held for validation"),
-    learning_rate: float = typer.Option(1e-4, help="Fine-tuning learning rate"),
+    learning_rate: float = typer.Option(3e-5, help="Fine-tuning learning rate"),
     seed: int = typer.Option(1337, help="Weights, augmentation and batch order (not the split)"),
     max_base_images: int = typer.Option(None, hidden=True),
     models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
