@@ -129,11 +129,13 @@ def _evidence(source: Dataset) -> Dataset:
     return evidence
 
 
-def _not_assessed_group(
-    finding: ImageFinding, sop_uid: str, algorithm: AlgorithmIdentification, model_name: str,
-    model_version: str,
+def _image_group(
+    finding: ImageFinding, algorithm: AlgorithmIdentification, model_name: str, model_version: str,
 ) -> MeasurementsAndQualitativeEvaluations:
-    """Pneumonia: Undetermined, plus a comment saying the image was not assessed and why."""
+    """One image's TID 1501 group: Present/Absent and the probability for a classified image;
+    Undetermined and a "not assessed" comment with the reason for a refused one."""
+    sop_uid = str(finding.source.SOPInstanceUID)
+    assessed = not finding.not_assessed
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[sop_uid, model_name, model_version]),
@@ -142,12 +144,18 @@ def _not_assessed_group(
         finding_type=PNEUMONIA,
         algorithm_id=algorithm,
         source_images=[SourceImageForMeasurementGroup(str(finding.source.SOPClassUID), sop_uid)],
-        qualitative_evaluations=[QualitativeEvaluation(PNEUMONIA, UNDETERMINED)],
+        qualitative_evaluations=[QualitativeEvaluation(
+            PNEUMONIA, UNDETERMINED if not assessed else PRESENT if finding.present else ABSENT)],
+        measurements=[Measurement(
+            name=PROBABILITY, value=round(float(finding.probability), 6), unit=NO_UNITS,
+            algorithm_id=algorithm,
+        )] if assessed else None,
     )
-    group[0].ContentSequence.append(TextContentItem(
-        name=codes.DCM.Comment, value=f"not assessed: {finding.not_assessed}"[:1024],
-        relationship_type=RelationshipTypeValues.CONTAINS,
-    ))
+    if not assessed:
+        group[0].ContentSequence.append(TextContentItem(
+            name=codes.DCM.Comment, value=f"not assessed: {finding.not_assessed}"[:1024],
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        ))
     return group
 
 
@@ -172,28 +180,7 @@ def build_sr(
             name=model_name, manufacturer_name=MANUFACTURER, model_name=model_version,
         ),
     )
-    groups = []
-    for finding in findings:
-        sop_uid = str(finding.source.SOPInstanceUID)
-        if finding.not_assessed:
-            groups.append(_not_assessed_group(finding, sop_uid, algorithm, model_name, model_version))
-            continue
-        groups.append(MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(
-                uid=generate_uid(entropy_srcs=[sop_uid, model_name, model_version]),
-                identifier=f"pneumonia classification of {sop_uid}"[:64],
-            ),
-            finding_type=PNEUMONIA,
-            algorithm_id=algorithm,
-            source_images=[SourceImageForMeasurementGroup(str(finding.source.SOPClassUID), sop_uid)],
-            qualitative_evaluations=[
-                QualitativeEvaluation(PNEUMONIA, PRESENT if finding.present else ABSENT)
-            ],
-            measurements=[Measurement(
-                name=PROBABILITY, value=round(float(finding.probability), 6), unit=NO_UNITS,
-                algorithm_id=algorithm,
-            )],
-        ))
+    groups = [_image_group(f, algorithm, model_name, model_version) for f in findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
         procedure_reported=CHEST_RADIOGRAPH,
