@@ -15,10 +15,11 @@ inference-cpu,delivery,housekeeping, Celery beat), each in its own process group
 
 Faults, each fired once when its trigger holds: the node SIGKILLed at 30% acknowledged and started
 again; a worker SIGKILLed mid-job (the whole worker, then a new one; or only its pool process) once
-10% are terminal; the PACS down for --pacs-down-s once 25% are terminal; Redis stopped (SIGTERM)
-for --redis-down-s, 10 s into the PACS outage (or while sending), then started on the same port
-and folder. A product process that dies on its own is restarted, as compose's `restart:` policy
-would, and fails the drill. The sender retries every non-success status and broken association.
+10% are terminal, with a job caught between its model call and its record (`HeldResults`); the
+PACS down for --pacs-down-s once 25% are terminal; Redis stopped (SIGTERM) for --redis-down-s,
+10 s into the PACS outage (or while sending), then started on the same port and folder. A product
+process that dies on its own is restarted, as compose's `restart:` policy would, and fails the
+drill. The sender retries every non-success status and broken association.
 
 How SRs are counted: the SR's SOP Instance UID is derived from (study, model, version), and a PACS
 stores by SOP Instance UID, so a second copy with the same UID (the response to the first was
@@ -636,6 +637,34 @@ def snapshot(sessions, acknowledged: int) -> Progress:
     )
 
 
+class HeldResults:
+    """A SHARE lock on `results` in its own transaction: reads go on, a classify job blocks at its
+    INSERT, after the model ran and before anything is recorded. Killed there, the worker's
+    transaction is rolled back by PostgreSQL and the job must run again."""
+
+    PATIENCE_S = 60.0  # a single-process worker can sit a minute in a delivery to a vanished PACS
+
+    def __init__(self, database_url: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        self.engine = create_engine(database_url)
+        self.connection = self.engine.connect()
+        self.connection.execute(text("LOCK TABLE results IN SHARE MODE"))
+        self.since = time.monotonic()
+
+    def jobs_waiting(self) -> int:
+        from sqlalchemy import text
+
+        with self.engine.connect() as connection:
+            return int(connection.scalar(text(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'results'::regclass AND NOT granted")))
+
+    def release(self) -> None:
+        self.connection.rollback()
+        self.connection.close()
+        self.engine.dispose()
+
+
 class Faults:
     """Fires each fault once, when its trigger on the current progress holds; PACS back after its outage."""
 
@@ -647,12 +676,11 @@ class Faults:
         self.pacs_up_at: float | None = None
         self.records = {name: FaultRecord(name) for name in
                         ("node restart", "Redis restart", "worker SIGKILL", "PACS down", "PACS up")}
+        self.held: HeldResults | None = None
         self.plan: list[tuple[str, Callable[[Progress], bool], Callable[[], str]]] = [
             ("node restart", lambda p: p.acknowledged >= config.node_restart_at * total,
              stack.restart_node),
             ("Redis restart", self._redis_due, stack.restart_redis),
-            ("worker SIGKILL", lambda p: p.processing > 0 and p.terminal >= config.kill_at * total,
-             lambda: stack.kill_worker(config.kill_worker)),
             ("PACS down", lambda p: p.terminal >= config.pacs_down_at * total and p.delivered > 0,
              self._pacs_down),
         ]
@@ -683,9 +711,30 @@ class Faults:
         for name, trigger, action in self.plan:
             if self.records[name].at_s is None and trigger(progress):
                 self._fire(name, action, progress)
+        self._kill_worker_mid_job(progress)
         if self.pacs_up_at is not None and time.monotonic() >= self.pacs_up_at:
             self.pacs_up_at = None
             self._fire("PACS up", self._pacs_up, progress)
+
+    def _kill_worker_mid_job(self, progress: Progress) -> None:
+        """Once enough are terminal and one is waiting, hold the results table until a job is
+        caught between its model call and its record, then SIGKILL the worker and let go: the
+        kill hits a job in flight every time, not when polling happens to see one (a tiny
+        model's job takes ~15 ms)."""
+        if self.records["worker SIGKILL"].at_s is not None:
+            return
+        if self.held is None:
+            if progress.terminal >= self.config.kill_at * self.config.instances \
+                    and progress.recorded > progress.terminal:
+                self.held = HeldResults(self.stack.database_url)
+            return
+        caught = self.held.jobs_waiting()
+        if caught or time.monotonic() - self.held.since > HeldResults.PATIENCE_S:
+            try:
+                self._fire("worker SIGKILL", lambda: self.stack.kill_worker(self.config.kill_worker)
+                           + f"; jobs caught mid-record: {caught}", progress)
+            finally:
+                self.held.release()
 
     def _pacs_up(self) -> str:
         self.stack.start_pacs()
@@ -856,6 +905,7 @@ def run_drill(config: DrillConfig) -> DrillReport:
     stack = Stack(config, work)
     sessions = None
     sender = None
+    faults: Faults | None = None
     try:
         items = generate(config, work / "outgoing")
         report.sent = len(items)
@@ -918,6 +968,8 @@ def run_drill(config: DrillConfig) -> DrillReport:
     finally:
         if sender is not None:
             sender.stop.set()
+        if faults is not None and faults.held is not None and faults.records["worker SIGKILL"].at_s is None:
+            faults.held.release()
         stack.processes.stop_all()
         if sessions is not None:
             sessions.kw["bind"].dispose()
