@@ -141,11 +141,8 @@ def valid_uid(value: object) -> bool:
 
 def sha256_and_sync(path: Path) -> tuple[str, int]:
     """Hash the spool file and force it to disk (the file must survive a crash once we answer)."""
-    digest = hashlib.sha256()
     with open(path, "rb+") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-        handle.flush()
+        digest = hashlib.file_digest(handle, "sha256")
         os.fsync(handle.fileno())
         size = handle.tell()
     return digest.hexdigest(), size
@@ -236,10 +233,10 @@ def store_instance(
         return StoreOutcome(OUT_OF_RESOURCES, f"cannot store file: {error.strerror}")
 
     try:
-        instance_id = _record_retrying(
-            sessions, study_uid, series_uid, sop_uid, str(sop_class), transfer_syntax, modality,
-            accession, final_path, size, digest, calling_ae_title,
-        )
+        instance_id = _record_retrying(sessions, ReceivedInstance(
+            study_uid, series_uid, sop_uid, str(sop_class), transfer_syntax, modality, accession,
+            final_path, size, digest, calling_ae_title,
+        ))
     except IntegrityError:
         # Another association stored the same SOP Instance UID at the same moment.
         with sessions() as session:
@@ -366,51 +363,65 @@ def _dictionary_vr(tag: BaseTag) -> str | None:
         return None
 
 
-def _record_retrying(sessions: sessionmaker[Session], *args: Any) -> int:
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the node records of one stored instance: its identifiers, the file and the sender."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    modality: str
+    accession: str | None
+    path: Path
+    size: int
+    digest: str
+    calling_ae_title: str
+
+
+def _record_retrying(sessions: sessionmaker[Session], received: ReceivedInstance) -> int:
     """`_record` in its own transaction, tried again when a parallel association created the
     study or series row first (one study sent over several associations): the retry finds that
     row. An IntegrityError for the SOP Instance UID itself (a concurrent duplicate) is raised."""
-    sop_uid = args[2]
     for _ in range(2):
         try:
             with sessions() as session, session.begin():
-                return _record(session, *args)
+                return _record(session, received)
         except IntegrityError:
             with sessions() as session:
-                if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):
+                if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == received.sop_uid)):
                     raise
     with sessions() as session, session.begin():
-        return _record(session, *args)
+        return _record(session, received)
 
 
-def _record(
-    session: Session, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
-    transfer_syntax: str, modality: str, accession: str | None, path: Path, size: int,
-    digest: str, calling_ae_title: str,
-) -> int:
+def _record(session: Session, received: ReceivedInstance) -> int:
     now = utcnow()
-    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    study = session.scalar(select(Study).where(Study.study_instance_uid == received.study_uid))
     if study is None:
-        study = Study(study_instance_uid=study_uid, accession_number=accession,
+        study = Study(study_instance_uid=received.study_uid, accession_number=received.accession,
                       first_received_at=now, last_received_at=now)
         session.add(study)
         session.flush()
     else:
         study.last_received_at = now
-    series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+    series = session.scalar(select(Series).where(Series.series_instance_uid == received.series_uid))
     if series is None:
-        series = Series(study_id=study.id, series_instance_uid=series_uid, modality=modality)
+        series = Series(study_id=study.id, series_instance_uid=received.series_uid,
+                        modality=received.modality)
         session.add(series)
         session.flush()
     instance = Instance(
-        study_id=study.id, series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-        transfer_syntax_uid=transfer_syntax, path=str(path), size_bytes=size, sha256=digest,
-        calling_ae_title=calling_ae_title[:16], state=InstanceState.RECEIVED, attempts=0,
+        study_id=study.id, series_id=series.id, sop_instance_uid=received.sop_uid,
+        sop_class_uid=received.sop_class, transfer_syntax_uid=received.transfer_syntax,
+        path=str(received.path), size_bytes=received.size, sha256=received.digest,
+        calling_ae_title=received.calling_ae_title[:16], state=InstanceState.RECEIVED, attempts=0,
         received_at=now,
     )
     session.add(instance)
     session.flush()
-    audit(session, "instance", instance.id, "received", f"from {calling_ae_title}")
+    audit(session, "instance", instance.id, "received", f"from {received.calling_ae_title}")
     return instance.id
 
 

@@ -17,13 +17,13 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DigitalXRayImageStorageForPresentation as DX_PRESENTATION
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from core.scu import AssociationFailed, associate
 from core.settings import PeerAddress
 from training.preprocess import load_grayscale
-from worker.filters import DX_PRESENTATION
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

@@ -14,13 +14,19 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels.utils import _get_jpg_parameters
-from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    SecondaryCaptureImageStorage,
+)
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-RADIOGRAPH_CLASSES = {CR, DX_PRESENTATION, DX_PROCESSING}
+RADIOGRAPH_CLASSES = {ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                      DigitalXRayImageStorageForProcessing}
 # Absent body part or view passes here; the served version's pixel check decides (worker.scope).
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_LAT", ""}
 FRONTAL_VIEWS = {"PA", "AP", ""}
@@ -72,7 +78,7 @@ def ignore_reason(dataset: Dataset) -> str | None:
     """None when the instance should be classified, else why it is ignored."""
     sop_class = str(dataset.get("SOPClassUID", ""))
     modality = str(dataset.get("Modality", "") or "").upper()
-    if sop_class == SECONDARY_CAPTURE:
+    if sop_class == SecondaryCaptureImageStorage:
         if modality not in {"CR", "DX"}:
             return f"not a radiograph: secondary capture with modality {modality or 'absent'}"
     elif sop_class not in RADIOGRAPH_CLASSES:

@@ -537,10 +537,9 @@ class Sender:
             self.finished.set()
 
     def _run(self) -> None:
+        from pydicom.uid import DigitalXRayImageStorageForPresentation as DX_PRESENTATION
         from pydicom.uid import ExplicitVRLittleEndian
         from pynetdicom import AE
-
-        from worker.filters import DX_PRESENTATION
 
         ae = AE(ae_title=CALLING_AE)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30

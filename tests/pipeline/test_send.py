@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import DigitalXRayImageStorageForPresentation as DX_PRESENTATION
 from pydicom.uid import ExplicitVRLittleEndian
 
 from core.settings import PeerAddress
 from ops.send import AssociationFailed, send
 from tests.conftest import DATA, REAL_DICOM, REPO
 from tests.helpers import dcmtk, free_port, wait_for
-from worker.filters import DX_PRESENTATION
 
 
 def test_every_real_file_goes_out_in_its_own_transfer_syntax(pacs) -> None:
