@@ -12,7 +12,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.contract import DEFAULT_MODELS_DIR
@@ -34,12 +34,15 @@ class PeerAddress:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-SECRET_FIELDS = ("dashboard_token",)
 URL_FIELDS = ("database_url", "broker_url")
 
 
 def redact_url(url: str) -> str:
-    """`scheme://user:***@host/...?password=***`: what may be logged of a URL with a password."""
+    """`scheme://user:***@host/...?password=***`: what may be logged of a URL with a password.
+
+    Hand-written: SQLAlchemy's `make_url(url).render_as_string(hide_password=True)` shows a
+    `?password=` query value and part of an unencoded '@' in a password
+    (`redis://default:p@ss@broker` gives `redis://default:***@ss@broker`)."""
     url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, separator, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
@@ -125,7 +128,8 @@ class Settings(BaseSettings):
     finalise_interval_s: float = Field(1.0, description="How often stable studies are looked for")
     dashboard_host: str = Field("127.0.0.1", description="Address the dashboard/metrics service binds")
     dashboard_port: int = Field(8080, description="Port of the dashboard and /metrics")
-    dashboard_token: str = Field("", description="Token for the dashboard's state-changing actions")
+    dashboard_token: SecretStr = Field(
+        SecretStr(""), description="Token for the dashboard's state-changing actions")
     dashboard_token_file: Path | None = Field(None, description="File holding the token instead")
     show_patient_names: bool = Field(False, description="Show patient names on the dashboard")
     drift_psi_alert: float = Field(
@@ -138,8 +142,9 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, object]:
         """Every setting, safe to log or print: URL passwords and tokens masked."""
         values = self.model_dump()
-        for name in SECRET_FIELDS:
-            values[name] = "***" if values[name] else ""
+        for name, value in values.items():
+            if isinstance(value, SecretStr):
+                values[name] = "***" if value.get_secret_value() else ""
         for name in URL_FIELDS:
             values[name] = redact_url(values[name])
         return values

@@ -105,7 +105,7 @@ def operator_token(settings: Settings) -> str:
     """The configured token ('' when none); the file wins so a secret need not sit in the env."""
     if settings.dashboard_token_file:
         return settings.dashboard_token_file.read_text().strip()
-    return settings.dashboard_token.strip()
+    return settings.dashboard_token.get_secret_value().strip()
 
 
 def create_app(settings: Settings) -> Starlette:

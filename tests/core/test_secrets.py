@@ -51,7 +51,7 @@ def test_settings_print_masked_but_callers_get_the_real_values() -> None:
     assert settings.redacted()["database_url"] == "postgresql+psycopg://pneumo:***@db/pneumo"
     assert settings.redacted()["dashboard_token"] == "***"
     assert database in settings.sqlalchemy_url and broker in settings.celery_broker_url
-    assert settings.dashboard_token == token
+    assert settings.dashboard_token.get_secret_value() == token
 
 
 def test_secrets_can_come_from_files_in_the_secrets_dir(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_secrets_can_come_from_files_in_the_secrets_dir(tmp_path: Path) -> None:
     env.pop("PNEUMO_DATABASE_URL", None)
     env.pop("PNEUMO_DASHBOARD_TOKEN", None)
     code = ("from core.settings import Settings; s = Settings(); "
-            "print(s.database_url); print(s.dashboard_token)")
+            "print(s.database_url); print(s.dashboard_token.get_secret_value())")
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                             text=True, timeout=60, check=True)
     assert result.stdout.splitlines() == [database, "from-a-file"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 from pydicom import dcmread
 from starlette.testclient import TestClient
 
@@ -202,7 +203,7 @@ def test_actions_disabled_without_a_configured_token(
 ) -> None:
     ids = _populate(sessions, tmp_path, [])
     settings = _settings(tmp_path, database_url, served_registry)
-    settings.dashboard_token = ""
+    settings.dashboard_token = SecretStr("")
     client = TestClient(create_app(settings))
     assert "disabled" in client.get("/").text
     assert client.post(f"/deliveries/{ids['dead']}/resend",

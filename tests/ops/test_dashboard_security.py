@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from core.db import Delivery, DeliveryState
@@ -61,7 +62,8 @@ def test_the_cookie_holds_a_signed_session_not_the_token(
     forged.cookies.set("pneumo_session", client.cookies["pneumo_session"][:-4] + "AAAA")
     assert forged.post(resend).status_code == 401
 
-    rotated = TestClient(create_app(settings.model_copy(update={"dashboard_token": "a-new-token"})))
+    rotated_settings = settings.model_copy(update={"dashboard_token": SecretStr("a-new-token")})
+    rotated = TestClient(create_app(rotated_settings))
     rotated.cookies.set("pneumo_session", client.cookies["pneumo_session"])
     assert rotated.post(resend).status_code == 401  # a new token signs everyone out
 
