@@ -18,6 +18,12 @@ LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
 POSITIVE_CLASS = "PNEUMONIA"
 NEGATIVE_CLASS = "NORMAL"
+LABELS = (NEGATIVE_CLASS, POSITIVE_CLASS)  # label index 0, 1: training's class folders and targets
+
+
+def label_for(probability: float, threshold: float) -> str:
+    """The finding a probability gives at a version's threshold (at or above it: positive)."""
+    return POSITIVE_CLASS if probability >= threshold else NEGATIVE_CLASS
 
 
 def preprocessing_contract() -> dict[str, object]:

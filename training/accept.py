@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from core import registry
+from core import contract, registry
 from training import metrics, site
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -199,7 +199,7 @@ def version_report(
             report["plots_skipped"] = "the assessed images do not hold both classes"
     report["images"] = [
         {"file": _file_name(image.path, Path(data_dir)),
-         "label": "PNEUMONIA" if image.label == 1 else "NORMAL",
+         "label": contract.LABELS[image.label],
          "patient_id": image.patient_id,
          "probability": None if math.isnan(p) else float(p),
          "pixel_score": None if math.isnan(s) else float(s),

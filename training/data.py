@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label index 0, 1
+from core import contract
+
+CLASS_NAMES = contract.LABELS  # label index 0, 1
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 _PNEUMONIA_NAME = re.compile(r"^(person\d+)_", re.IGNORECASE)

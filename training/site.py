@@ -58,7 +58,7 @@ def read_site(folder: Path) -> list[SiteImage]:
     folder = Path(folder)
     labels = folder / LABELS_FILE
     if not labels.exists():
-        if (folder / "NORMAL").is_dir() and (folder / "PNEUMONIA").is_dir():
+        if all((folder / name).is_dir() for name in contract.LABELS):
             return [SiteImage(s.path, s.label, s.patient_id)
                     for s in data.read_split(folder.parent, folder.name)]
         raise SiteDataError(f"{folder} has neither {LABELS_FILE} nor NORMAL/ and PNEUMONIA/ folders")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import registry
+from core import contract, registry
 from core.queue import BATCH_TIMEOUT_S  # a batch this slow means the model is stuck: fail the task
 from training import models, ood
 from worker.batching import MicroBatcher
@@ -78,7 +78,7 @@ class Classifier:
 
     def _prediction(self, output: np.ndarray, inference_ms: float) -> Prediction:
         probability, score = float(output[0]), float(output[1])
-        label = "PNEUMONIA" if probability >= self.threshold else "NORMAL"
+        label = contract.label_for(probability, self.threshold)
         return Prediction(probability, label, inference_ms, score)
 
     def predict_batch(self, tensors: np.ndarray) -> list[Prediction]:

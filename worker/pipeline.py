@@ -23,6 +23,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import phi, scope
+from core.contract import POSITIVE_CLASS
 from core.db import (
     TERMINAL_STATES,
     Delivery,
@@ -305,7 +306,7 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
         if not_assessed:
             findings.append(ImageFinding(header, None, None, not_assessed))
         else:
-            findings.append(ImageFinding(header, row.probability, row.label == "PNEUMONIA"))
+            findings.append(ImageFinding(header, row.probability, row.label == POSITIVE_CLASS))
     report = build_sr(findings, model_name, model_version, threshold)
     sr_dir.mkdir(parents=True, exist_ok=True)
     path = sr_dir / f"{report.SOPInstanceUID}.dcm"
