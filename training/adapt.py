@@ -119,7 +119,7 @@ def adapt(
         base_train = [base_train[i] for i in sorted(rng.choice(len(base_train), config.max_base_images,
                                                                replace=False))]
     site_images = site.read_site(site_dir)
-    site_train_images, site_val_images = site.patient_halves(
+    site_train_images, site_val_images = data.patient_split(
         site_images, config.site_validation_fraction, config.split_seed)
     site_train_loaded = site.load(site_train_images, decode_dicom)
     site_val_loaded = site.load(site_val_images, decode_dicom)

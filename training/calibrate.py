@@ -1,6 +1,6 @@
 """`pneumo calibrate`: a version's threshold chosen on a site's own studies, as a new version.
 
-The site's labelled studies are split by patient (stratified by class, `site.patient_halves`,
+The site's labelled studies are split by patient (stratified by class, `data.patient_split`,
 fixed seed) into a calibration half and an evaluation half. The threshold is chosen on the
 calibration half's assessed images (those the version does not refuse) by RULE, the same rule
 every version's threshold uses on its validation split (training.metrics.choose_threshold); the
@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from core import registry
-from training import accept, metrics, site
+from training import accept, data, metrics, site
 from training.train import code_commit
 
 DEFAULT_SPLIT_SEED = 20261202
 RULE = ("Youden's J (sensitivity + specificity - 1) maximised on the calibration half, "
         "the middle of a plateau")
-SPLIT_RULE = ("patients split in two halves, stratified by class (site.patient_halves, fraction "
+SPLIT_RULE = ("patients split in two halves, stratified by class (data.patient_split, fraction "
               "0.5): the held half evaluates, the other calibrates")
 # Card fields that describe the parent's own threshold and results, not the weights.
 _NOT_INHERITED = {"name", "version", "model_file", "model_sha256", "preprocessing", "threshold",
@@ -68,7 +68,7 @@ def calibrate(
     data_dir = Path(data_dir)
     parent = registry.resolve(spec, models_dir)
     images = site.read_site(data_dir)
-    calibration, evaluation = site.patient_halves(images, 0.5, split_seed)
+    calibration, evaluation = data.patient_split(images, 0.5, split_seed)
     if not calibration or not evaluation:
         raise CalibrationError(f"{data_dir}: too few patients to split in two halves "
                                f"({len({i.patient_id for i in images})})")

@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -85,10 +86,21 @@ def drop_duplicates(samples: list[Sample]) -> tuple[list[Sample], int]:
     return kept, len(samples) - len(kept)
 
 
+class Labelled(Protocol):
+    label: int
+    patient_id: str
+
+
+L = TypeVar("L", bound=Labelled)
+
+
 def patient_split(
-    samples: list[Sample], validation_fraction: float = 0.15, seed: int = 1337
-) -> tuple[list[Sample], list[Sample]]:
-    """Split by patient, stratified by class, reproducible by seed: (train, validation)."""
+    samples: list[L], validation_fraction: float = 0.15, seed: int = 1337
+) -> tuple[list[L], list[L]]:
+    """Split by patient, stratified by class, reproducible by seed: (train, validation).
+
+    The one patient split: training's validation set, and a site's halves (calibrate, adapt). A
+    patient with images of both classes is drawn once (with the first class)."""
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     patients_by_label: dict[int, set[str]] = defaultdict(set)
@@ -97,7 +109,7 @@ def patient_split(
     rng = random.Random(seed)
     validation_patients: set[str] = set()
     for label in sorted(patients_by_label):
-        patients = sorted(patients_by_label[label])
+        patients = sorted(patients_by_label[label] - validation_patients)
         rng.shuffle(patients)
         count = max(1, round(len(patients) * validation_fraction))
         validation_patients.update(patients[:count])

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import random
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,23 +91,6 @@ def fingerprint(images: list[SiteImage]) -> str:
     for image in sorted(images, key=lambda i: str(i.path)):
         digest.update(f"{image.path.name}\t{image.label}\t{data.file_sha256(image.path)}\n".encode())
     return digest.hexdigest()
-
-
-def patient_halves(
-    images: list[SiteImage], fraction: float, seed: int
-) -> tuple[list[SiteImage], list[SiteImage]]:
-    """(rest, held) split by patient, stratified by class, `fraction` of patients held."""
-    patients: dict[int, set[str]] = defaultdict(set)
-    for image in images:
-        patients[image.label].add(image.patient_id)
-    rng = random.Random(seed)
-    held_patients: set[str] = set()
-    for label in sorted(patients):
-        ordered = sorted(patients[label] - held_patients)
-        rng.shuffle(ordered)
-        held_patients.update(ordered[:max(1, round(len(ordered) * fraction))])
-    return ([i for i in images if i.patient_id not in held_patients],
-            [i for i in images if i.patient_id in held_patients])
 
 
 @dataclass

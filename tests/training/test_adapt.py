@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from core import registry
 from ops.send import wrap_image
 from tests.conftest import SHARED, SMALL_MOBILENET, register_with_scope
-from training import adapt, site
+from training import adapt, data, site
 
 NIH = SHARED / "data" / "nih_site"
 
@@ -77,7 +77,7 @@ def test_mean_site_youden_balances_the_sites() -> None:
 
 def test_site_split_is_by_patient(site_folder: Path) -> None:
     images = site.read_site(site_folder)
-    rest, held = site.patient_halves(images, 0.25, 1337)
+    rest, held = data.patient_split(images, 0.25, 1337)
     assert {i.patient_id for i in rest}.isdisjoint({i.patient_id for i in held})
     assert {i.label for i in held} == {0, 1} and len(rest) + len(held) == len(images) == 32
 

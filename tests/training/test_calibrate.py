@@ -62,7 +62,7 @@ def test_calibrate_registers_the_same_weights_with_the_calibration_halfs_thresho
     # The threshold, recomputed apart: the calibration half's images that the parent assesses,
     # scored by the parent's Keras model, Youden's J as metrics.choose_threshold applies it.
     images = site.read_site(folder)
-    calibration, evaluation = site.patient_halves(images, 0.5, SEED)
+    calibration, evaluation = data.patient_split(images, 0.5, SEED)
     parent_report = next(v for v in report["versions"] if v["model"] == parent.label)
     assert {i["file"] for i in parent_report["images"]} == {i.path.name for i in evaluation}
     assessment = site.assess(parent.label, site.load(images), models_dir)
@@ -86,7 +86,7 @@ def test_calibrate_card_names_the_data_and_the_halves_share_no_patient(
     images = site.read_site(folder)
     assert record["site_fingerprint"] == site.fingerprint(images)
     assert record["data"] == str(folder.resolve()) and record["split_seed"] == SEED
-    calibration, evaluation = site.patient_halves(images, 0.5, SEED)
+    calibration, evaluation = data.patient_split(images, 0.5, SEED)
     halves = record["halves"]
     assert halves["calibration"]["images"] == len(calibration)
     assert halves["evaluation"]["images"] == len(evaluation) == report["n"]

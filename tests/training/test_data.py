@@ -49,6 +49,18 @@ def test_patient_split_is_reproducible_by_seed(train_samples: list[data.Sample])
     assert [s.path for s in first] != [s.path for s in other]
 
 
+def test_patient_split_draws_a_patient_with_both_classes_once() -> None:
+    """Site data can hold one patient's normal and pneumonia films: all of them on one side, and
+    the second class's draw is over the patients still free (the held share stays near the goal)."""
+    samples = [data.Sample(Path(f"{p}-{label}.png"), label, p)
+               for p in [f"p{i}" for i in range(40)] for label in (0, 1)]
+    samples += [data.Sample(Path(f"q{i}.png"), 1, f"q{i}") for i in range(40)]
+    train, held = data.patient_split(samples, 0.5, seed=3)
+    assert {s.patient_id for s in train}.isdisjoint({s.patient_id for s in held})
+    assert len(train) + len(held) == len(samples)
+    assert len({s.patient_id for s in held}) == 20 + 30  # half of the 40 normal, then of the 60 left
+
+
 def test_byte_identical_duplicates_are_dropped(tmp_path: Path) -> None:
     folder = tmp_path / "train" / "NORMAL"
     folder.mkdir(parents=True)
