@@ -6,15 +6,12 @@ Benchmarks run on shared machines, so every table carries the load averages it w
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,45 +27,12 @@ BENCH_REDIS_DB = 13  # a database number nothing else on the machine uses; flush
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-@functools.cache
-def dcmtk(tool: str) -> str:
-    """dcmtk's `tool` by absolute path, not pynetdicom's Python app of the same name in the venv.
-
-    Kept apart from tests/helpers.py's twin on purpose: benchmarks import nothing from tests."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        path = Path(folder or ".") / tool
-        if path.is_file() and os.access(path, os.X_OK):
-            with path.open("rb") as head:
-                if b"python" not in head.readline(200):
-                    return str(path)
-    raise FileNotFoundError(f"dcmtk's {tool} is not on PATH: install dcmtk")
+from devtools.processes import dcmtk, echo, free_port, wait_for  # noqa: E402 (for the benchmarks)
 
 
 def load_average() -> str:
     """The 1/5/15-minute load averages, as `uptime` prints them."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def echo(port: int, called: str = "PNEUMO", calling: str = "STORESCU") -> bool:
-    command = [dcmtk("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
-    return subprocess.run(command, capture_output=True).returncode == 0
 
 
 def training_images(count: int, split: str = "train") -> list[Path]:

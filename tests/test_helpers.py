@@ -18,6 +18,6 @@ def test_a_missing_program_skips_with_the_package_to_install() -> None:
 def test_wait_for_returns_the_value_or_fails_naming_what_it_waited_for() -> None:
     values = iter([0, None, 7])
     assert wait_for(lambda: next(values), 5, "a value", interval_s=0.01) == 7
-    with pytest.raises(AssertionError, match="waiting for nothing"):
+    with pytest.raises(TimeoutError, match="waiting for nothing"):
         wait_for(lambda: False, 0.05, "nothing", interval_s=0.01)
     assert 0 < free_port() < 65536

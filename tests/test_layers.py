@@ -5,7 +5,9 @@ functions included): a newcomer can tell where new code belongs, and CI says whe
 - dicom_node/ (the edge) imports only the ground;
 - training/ imports only the ground;
 - worker/ imports the ground and training, never ops/ or the edge;
-- ops/ (the face) may import every part.
+- ops/ (the face) may import every part;
+- devtools/ (ports, waiting, dcmtk for tests, drills and benchmarks) imports nothing of ours, and
+  the product imports neither it nor tests (tests/test_layout.py keeps tests and benchmarks apart).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ("core", "dicom_node", "worker", "training", "ops")
+PACKAGES = ("core", "dicom_node", "worker", "training", "ops", "devtools")
+OUTSIDE = {"devtools", "tests"}  # run the product from outside; never imported by it
 FORBIDDEN = {
-    "core": {"dicom_node", "worker", "training", "ops", "keras", "tensorflow"},
-    "dicom_node": {"worker", "training", "ops", "keras", "tensorflow"},
-    "training": {"worker", "dicom_node", "ops"},
-    "worker": {"ops", "dicom_node"},
-    "ops": set(),
+    "core": {"dicom_node", "worker", "training", "ops", "keras", "tensorflow", *OUTSIDE},
+    "dicom_node": {"worker", "training", "ops", "keras", "tensorflow", *OUTSIDE},
+    "training": {"worker", "dicom_node", "ops", *OUTSIDE},
+    "worker": {"ops", "dicom_node", *OUTSIDE},
+    "ops": OUTSIDE,
+    "devtools": {"core", "dicom_node", "worker", "training", "ops", "tests"},
 }
 
 
