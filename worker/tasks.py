@@ -57,7 +57,11 @@ def register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=DELIVER, bind=True, max_retries=None)
     def deliver(self, delivery_id: int) -> str:
-        """Build and send one SR; exponential backoff, dead-letter after the last attempt."""
+        """Build and send one SR; exponential backoff, dead-letter after the last attempt.
+
+        Not Celery's autoretry_for/retry_backoff: the attempt count, the next try and `dead` live
+        in the delivery's row (shown on the dashboard, kept when a retry message is lost and
+        finalise re-queues it), so the pipeline decides the countdown, not the message's count."""
         outcome = pipeline.attempt_delivery(sessions(), delivery_id, settings, send)
         if outcome.retry_in_s is not None:
             raise self.retry(countdown=outcome.retry_in_s, exc=DeliveryError(outcome.error))
