@@ -23,6 +23,11 @@ def test_scrub_withholds_what_is_quoted() -> None:
 @pytest.fixture
 def captured() -> io.StringIO:
     phi.install()
+    # pytest restores `warnings.showwarning` after each test, undoing the routing of warnings into
+    # logging that an earlier test's phi.install() made (a pneumo process routes them once, at
+    # start); route them again for this test.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()
