@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Float, case, func, select
-from sqlalchemy.exc import CompileError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
@@ -320,13 +320,8 @@ class seconds_between(FunctionElement):
     inherit_cache = True
 
 
-@compiles(seconds_between)
+@compiles(seconds_between)  # PostgreSQL, and str() of a statement (the default dialect)
 def _seconds_between(element: seconds_between, compiler, **kw) -> str:
-    raise CompileError(f"seconds_between is not written for {compiler.dialect.name}")
-
-
-@compiles(seconds_between, "postgresql")
-def _seconds_between_postgresql(element: seconds_between, compiler, **kw) -> str:
     end, start = (compiler.process(clause, **kw) for clause in element.clauses)
     return f"CAST(EXTRACT(EPOCH FROM ({end}) - ({start})) AS DOUBLE PRECISION)"
 
@@ -360,12 +355,16 @@ def stage_latencies(session: Session, window: timedelta = LATENCY_WINDOW,
     since = (now or utcnow()) - window
     classify = select(seconds_between(Instance.finished_at, Instance.received_at).label("s")).where(
         Instance.state == InstanceState.CLASSIFIED, Instance.finished_at >= since).subquery()
-    last_classified = select(func.max(Instance.finished_at)).where(
-        Instance.study_id == Delivery.study_id).correlate(Delivery).scalar_subquery()
-    delivered = select(
-        Delivery.delivered_at, last_classified.label("classified"), Study.first_received_at,
-    ).join(Study, Study.id == Delivery.study_id).where(
-        Delivery.state == DeliveryState.DELIVERED, Delivery.delivered_at >= since).subquery()
+    in_window = (Delivery.state == DeliveryState.DELIVERED, Delivery.delivered_at >= since)
+    # A join, not a correlated subquery: the planner inlines subqueries, which would repeat it
+    # for the count, the sum and every bucket.
+    last_classified = select(Instance.study_id, func.max(Instance.finished_at).label("at")).where(
+        Instance.study_id.in_(select(Delivery.study_id).where(*in_window))
+    ).group_by(Instance.study_id).subquery()
+    delivered = (
+        select(Delivery.delivered_at, last_classified.c.at.label("classified"), Study.first_received_at)
+        .join(last_classified, last_classified.c.study_id == Delivery.study_id)
+        .join(Study, Study.id == Delivery.study_id).where(*in_window).subquery())
     seconds = select(
         seconds_between(delivered.c.delivered_at, delivered.c.classified).label("report"),
         seconds_between(delivered.c.delivered_at, delivered.c.first_received_at).label("total"),
