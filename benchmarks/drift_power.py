@@ -29,7 +29,7 @@ from common import REPO, load_average, print_table  # also puts the repo on sys.
 
 from core import registry
 from core.settings import Settings
-from ops.monitoring import SCORE_BINS, drift_threshold, psi_many
+from ops.monitoring import SCORE_BINS, drift_threshold, psi_many, score_edges
 
 WINDOW_SIZES = (50, 200, 1000)
 LOGIT_GRID = np.arange(0.25, 4.01, 0.25)
@@ -43,7 +43,7 @@ def scores_from(histogram: list[int], size: tuple[int, ...], rng: np.random.Gene
 
 def histograms(scores: np.ndarray) -> np.ndarray:
     """Per row, the counts score_histogram() would give."""
-    bins = np.clip((scores * SCORE_BINS).astype(int), 0, SCORE_BINS - 1)
+    bins = np.clip(np.searchsorted(score_edges(), scores, side="right") - 1, 0, SCORE_BINS - 1)
     return np.stack([np.bincount(row, minlength=SCORE_BINS) for row in bins])
 
 

@@ -94,7 +94,7 @@ class Instance(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column()
-    finished_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column(index=True)
     # Out of scope: the version that refused it (its SR says "not assessed") and its pixel score.
     scope_model_name: Mapped[str | None] = mapped_column(String(64))
     scope_model_version: Mapped[str | None] = mapped_column(String(64))
@@ -139,7 +139,7 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column()
+    delivered_at: Mapped[datetime | None] = mapped_column(index=True)
     study: Mapped[Study] = relationship()
 
 

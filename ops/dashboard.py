@@ -150,7 +150,10 @@ def create_app(settings: Settings) -> Starlette:
     def back(message: str) -> RedirectResponse:
         return RedirectResponse(f"/?msg={quote(message)}", status_code=303)
 
-    async def page(request: Request) -> Response:
+    # Handlers that read the database (or queue a task) are plain functions: Starlette runs them
+    # in its thread pool, so a slow query does not stall the event loop and every other request.
+    # Only sign-in and sign-out, which touch no database, run on the loop.
+    def page(request: Request) -> Response:
         snap = monitoring.snapshot(settings, sessions)
         studies, failures, deliveries = [], [], []
         if snap.database_ok:
@@ -190,7 +193,7 @@ def create_app(settings: Settings) -> Starlette:
             return RedirectResponse(f"/?msg={quote(text)}", status_code=303)
         return PlainTextResponse(text, status_code=401)
 
-    async def resend(request: Request) -> Response:
+    def resend(request: Request) -> Response:
         if (refused := refusal(request)) is not None:
             return refused
         delivery_id = int(request.path_params["delivery_id"])
@@ -199,7 +202,7 @@ def create_app(settings: Settings) -> Starlette:
         log.info("dashboard: delivery %s queued again", delivery_id)
         return back(f"Delivery {delivery_id} queued again")
 
-    async def rerun(request: Request) -> Response:
+    def rerun(request: Request) -> Response:
         if (refused := refusal(request)) is not None:
             return refused
         instance_id = int(request.path_params["instance_id"])
@@ -208,11 +211,11 @@ def create_app(settings: Settings) -> Starlette:
         log.info("dashboard: instance %s queued again", instance_id)
         return back(f"Instance {instance_id} queued again")
 
-    async def metrics(_request: Request) -> Response:
+    def metrics(_request: Request) -> Response:
         body = exposition(lambda: monitoring.snapshot(settings, sessions))
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def healthz(_request: Request) -> Response:
+    def healthz(_request: Request) -> Response:
         snap = monitoring.snapshot(settings, sessions)
         healthy = snap.database_ok and snap.broker_ok
         node = node_health(settings)

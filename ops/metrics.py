@@ -20,7 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ops.monitoring import LATENCY_BUCKETS_S, Snapshot
+from ops.monitoring import LATENCY_BUCKETS_S, LATENCY_WINDOW, LatencyHistogram, Snapshot
 
 PREFIX = "pneumo"
 
@@ -62,9 +62,12 @@ class SnapshotCollector:
         yield _counter("dead_letters", "SR deliveries dead-lettered after the last attempt",
                        [((), snap.dead_letters)])
         histogram = HistogramMetricFamily(
-            f"{PREFIX}_stage_latency_seconds", "Seconds per pipeline stage", labels=["stage"])
-        for stage, values in snap.latencies_s.items():
-            histogram.add_metric([stage], _buckets(values), sum(values))
+            f"{PREFIX}_stage_latency_seconds",
+            f"Seconds per pipeline stage over the last {LATENCY_WINDOW.total_seconds() / 3600:g} h "
+            "(a sliding window, not a running total)",
+            labels=["stage"])
+        for stage, latencies in snap.latencies_s.items():
+            histogram.add_metric([stage], _buckets(latencies), latencies.sum_s)
         yield histogram
         info = InfoMetricFamily(f"{PREFIX}_served_model", "Served model versions", labels=["model"])
         for name, card in snap.served.items():
@@ -105,15 +108,9 @@ def _counter(name: str, doc: str, samples, labels: list[str] | None = None) -> C
     return family
 
 
-def _buckets(values: list[float]) -> list[tuple[str, float]]:
-    ordered = sorted(values)
-    buckets, index = [], 0
-    for bound in LATENCY_BUCKETS_S:
-        while index < len(ordered) and ordered[index] <= bound:
-            index += 1
-        buckets.append((str(float(bound)), float(index)))
-    buckets.append(("+Inf", float(len(ordered))))
-    return buckets
+def _buckets(latencies: LatencyHistogram) -> list[tuple[str, float]]:
+    pairs = zip(LATENCY_BUCKETS_S, latencies.buckets, strict=True)
+    return [*((str(float(bound)), float(count)) for bound, count in pairs), ("+Inf", float(latencies.count))]
 
 
 def exposition(read_snapshot: Callable[[], Snapshot]) -> bytes:

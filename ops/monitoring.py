@@ -14,9 +14,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Float, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 
 from core import registry, scope
 from core.db import (
@@ -36,7 +38,9 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 SCORE_BINS = 20  # equal-width bins on [0, 1], as training writes `validation_score_histogram`
+SCORE_RANGE = (0.0, 1.0)
 LATENCY_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+LATENCY_WINDOW = timedelta(hours=24)  # stage latencies (/metrics) cover the last 24 h
 WAITING_INSTANCE_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED)
 WAITING_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
 LOCAL_DESTINATION = "local"  # as worker.pipeline names it (not imported here: it loads model code)
@@ -44,11 +48,16 @@ LOCAL_DESTINATION = "local"  # as worker.pipeline names it (not imported here: i
 
 # --- model score drift ---------------------------------------------------------------------------
 
+def score_edges(bins: int = SCORE_BINS) -> np.ndarray:
+    """The edges of a card's `validation_score_histogram` of `bins` counts: training writes it with
+    `np.histogram(scores, bins=20, range=(0.0, 1.0))`, whose edges these are."""
+    return np.histogram_bin_edges([], bins=bins, range=SCORE_RANGE)
+
+
 def score_histogram(probabilities: list[float], bins: int = SCORE_BINS) -> list[int]:
-    counts = [0] * bins
-    for p in probabilities:
-        counts[min(bins - 1, max(0, int(p * bins)))] += 1
-    return counts
+    """Production scores counted on the same edges as the card's validation scores (a score on an
+    edge falls in the same bin as in training; one outside [0, 1] is kept, in the end bin)."""
+    return np.histogram(np.clip(probabilities, *SCORE_RANGE), bins=score_edges(bins))[0].tolist()
 
 
 def psi(expected: list[int], actual: list[int], floor: float = 1e-4) -> float:
@@ -157,7 +166,8 @@ def drift(
             scores = windows.get(day, [])
             n = len(scores)
             alert, value, threshold = drift_alert(
-                expected, score_histogram([p for p, _ in scores]), psi_floor, false_alarm_rate, min_n)
+                expected, score_histogram([p for p, _ in scores], len(expected)), psi_floor,
+                false_alarm_rate, min_n)
             rows.append(DriftDay(
                 name, version, day, n,
                 sum(label == "PNEUMONIA" for _, label in scores) / n if n else float("nan"),
@@ -184,7 +194,7 @@ class Snapshot:
     results_by_label: dict[tuple[str, str, str], int] = field(default_factory=dict)
     delivery_retries: int = 0  # failed SR attempts that were retried, ever
     dead_letters: int = 0  # SR deliveries dead-lettered, ever (a re-send does not undo the count)
-    latencies_s: dict[str, list[float]] = field(default_factory=dict)
+    latencies_s: dict[str, LatencyHistogram] = field(default_factory=dict)  # LATENCY_WINDOW
     free_disk_mb: float = 0.0
     min_free_disk_mb: float = 0.0
     served: dict[str, dict] = field(default_factory=dict)
@@ -296,28 +306,82 @@ def _age(now: datetime, then: datetime | None) -> float:
     return max(0.0, (now - then).total_seconds()) if then else 0.0
 
 
-def stage_latencies(session: Session) -> dict[str, list[float]]:
-    """Seconds per stage: receive -> classified (per image), last image classified -> SR delivered,
-    and first image received -> SR delivered (per study; includes the quiet period)."""
-    classify = [
-        (finished - received).total_seconds()
-        for received, finished in session.execute(
-            select(Instance.received_at, Instance.finished_at)
-            .where(Instance.state == InstanceState.CLASSIFIED, Instance.finished_at.is_not(None)))
-    ]
-    last_classified = select(Instance.study_id, func.max(Instance.finished_at).label("at")).group_by(
-        Instance.study_id).subquery()
-    report, total = [], []
-    for delivered, classified, first_received in session.execute(
-            select(Delivery.delivered_at, last_classified.c.at, Study.first_received_at)
-            .join(last_classified, last_classified.c.study_id == Delivery.study_id)
-            .join(Study, Study.id == Delivery.study_id)
-            .where(Delivery.state == DeliveryState.DELIVERED, Delivery.delivered_at.is_not(None))):
-        if classified is not None:
-            report.append(max(0.0, (delivered - classified).total_seconds()))
-        total.append(max(0.0, (delivered - first_received).total_seconds()))
-    return {"received_to_classified": classify, "classified_to_delivered": report,
-            "received_to_delivered": total}
+class seconds_between(FunctionElement):
+    """`end - start` in seconds (a float, as `timedelta.total_seconds()` gives it), in SQL.
+
+    PostgreSQL subtracts timestamps exactly (microseconds). SQLite has no timestamp type:
+    SQLAlchemy stores `YYYY-MM-DD HH:MM:SS.ffffff` text, and julianday() keeps only milliseconds,
+    so whole seconds come from julianday() of the first 19 characters and microseconds from the
+    rest; one division of the integer microseconds then rounds exactly as Python does.
+    """
+
+    type = Float()
+    name = "seconds_between"
+    inherit_cache = True
+
+
+@compiles(seconds_between)  # PostgreSQL, and str() of a statement (the default dialect)
+def _seconds_between(element: seconds_between, compiler, **kw) -> str:
+    end, start = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM ({end}) - ({start})) AS DOUBLE PRECISION)"
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_between_sqlite(element: seconds_between, compiler, **kw) -> str:
+    end, start = (compiler.process(clause, **kw) for clause in element.clauses)
+    whole = f"round((julianday(substr({end}, 1, 19)) - julianday(substr({start}, 1, 19))) * 86400)"
+    micro = f"(CAST(substr({end}, 21) AS INTEGER) - CAST(substr({start}, 21) AS INTEGER))"
+    return f"((CAST({whole} AS INTEGER) * 1000000 + {micro}) / 1000000.0)"
+
+
+@dataclass
+class LatencyHistogram:
+    """One stage's latencies as Prometheus wants them: `buckets[i]` counts the values at most
+    LATENCY_BUCKETS_S[i] seconds (cumulative); `count` and `sum_s` cover every value."""
+
+    count: int = 0
+    sum_s: float = 0.0
+    buckets: tuple[int, ...] = (0,) * len(LATENCY_BUCKETS_S)
+
+
+def stage_latencies(session: Session, window: timedelta = LATENCY_WINDOW,
+                    now: datetime | None = None) -> dict[str, LatencyHistogram]:
+    """Seconds per stage over the last `window`: receive -> classified (per image classified in
+    it), last image classified -> SR delivered, and first image received -> SR delivered (per SR
+    delivered in it; includes the quiet period).
+
+    Counted and bucketed in the database, so a scrape reads a few rows however long the history.
+    """
+    since = (now or utcnow()) - window
+    classify = select(seconds_between(Instance.finished_at, Instance.received_at).label("s")).where(
+        Instance.state == InstanceState.CLASSIFIED, Instance.finished_at >= since).subquery()
+    in_window = (Delivery.state == DeliveryState.DELIVERED, Delivery.delivered_at >= since)
+    # A join, not a correlated subquery: the planner inlines subqueries, which would repeat it
+    # for the count, the sum and every bucket.
+    last_classified = select(Instance.study_id, func.max(Instance.finished_at).label("at")).where(
+        Instance.study_id.in_(select(Delivery.study_id).where(*in_window))
+    ).group_by(Instance.study_id).subquery()
+    delivered = (
+        select(Delivery.delivered_at, last_classified.c.at.label("classified"), Study.first_received_at)
+        .join(last_classified, last_classified.c.study_id == Delivery.study_id)
+        .join(Study, Study.id == Delivery.study_id).where(*in_window).subquery())
+    seconds = select(
+        seconds_between(delivered.c.delivered_at, delivered.c.classified).label("report"),
+        seconds_between(delivered.c.delivered_at, delivered.c.first_received_at).label("total"),
+    ).subquery()
+    clamped = select(*(case((column < 0.0, 0.0), else_=column).label(column.name)
+                       for column in (seconds.c.report, seconds.c.total))).subquery()
+    return {"received_to_classified": _histogram(session, classify.c.s),
+            "classified_to_delivered": _histogram(session, clamped.c.report),
+            "received_to_delivered": _histogram(session, clamped.c.total)}
+
+
+def _histogram(session: Session, seconds) -> LatencyHistogram:
+    """Count, sum and cumulative bucket counts of a subquery's column (NULLs are not counted)."""
+    count, total, *buckets = session.execute(select(
+        func.count(seconds), func.coalesce(func.sum(seconds), 0.0),
+        *(func.count(case((seconds <= float(bound), 1))) for bound in LATENCY_BUCKETS_S))).one()
+    return LatencyHistogram(int(count), float(total), tuple(int(b) for b in buckets))
 
 
 # --- lists for the dashboard ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from core.scu import AssociationFailed, associate
 from core.settings import PeerAddress
@@ -36,5 +37,5 @@ def send_sr(
     code = getattr(status, "Status", None)
     if code is None:
         raise DeliveryError(f"no C-STORE response from {destination!r}")
-    if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:
+    if code_to_category(code) not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning is stored
         raise DeliveryError(f"{destination!r} answered C-STORE status 0x{code:04X}")
