@@ -52,8 +52,8 @@ def tiny_training(images: list[Path], weights: Path) -> dict:
     version = train(config, root, models_dir, verbose=0)
     model, _ = models.load_version(f"pneumonia-transfer@{version.version}", models_dir)
     reloaded = model.predict(preprocess_many(images[:8]), verbose=0).reshape(-1)
-    return {"seconds": time.perf_counter() - started, "backend": version.card["backend"],
-            "val_auc": version.card["metrics"]["validation"]["roc_auc"],
+    return {"seconds": time.perf_counter() - started, "backend": version.card.backend,
+            "val_auc": version.card.metrics.validation.roc_auc,
             "reloaded_predictions_finite": bool(np.isfinite(reloaded).all())}
 
 

@@ -68,7 +68,7 @@ def main() -> None:
     rows = []
     for name, version in sorted(registry.served_versions(models_dir).items()):
         card = registry.resolve(f"{name}@{version}", models_dir).card
-        expected, cut = card["validation_score_histogram"], card["threshold"]
+        expected, cut = card.validation_score_histogram, card.threshold
         rng = np.random.default_rng(2026)
         base_rate = float(np.mean(scores_from(expected, (200_000,), rng) >= cut))
         for n in WINDOW_SIZES:

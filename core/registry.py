@@ -2,7 +2,9 @@
 
 A version folder holds `model.keras`, `card.json` and the evaluation plots. The card carries the
 model file's SHA-256; loading recomputes it and refuses a mismatch, and refuses a card whose
-preprocessing contract differs from this code's. `models/served.json` names one version per model.
+preprocessing contract differs from this code's. Cards are read and written as core.card.ModelCard,
+validated both ways; an invalid one is a CardError naming the version and the field.
+`models/served.json` names one version per model.
 A version's test metrics are written once: into the card at registration (`--report-test`), or
 later into `test_report.json` (`pneumo evaluate --split test --record`); never both, never twice.
 """
@@ -19,7 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from core import contract
+from core.card import ModelCard, Scope, SplitMetrics
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
@@ -37,12 +42,34 @@ class ModelIntegrityError(RegistryError):
     """The model file's hash differs from its card: it was changed after registration."""
 
 
+class CardError(RegistryError):
+    """A card (or the scope or test report beside it) is not what core.card.ModelCard says."""
+
+
+def _validated(model: type[Any], data: Any, label: str, source: str) -> Any:
+    """`model` from `data`, or a CardError naming the version, the file and every bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise CardError(f"{label}: {source} is not a valid model card ({problems})") from None
+
+
+def load_card(folder: Path, label: str) -> ModelCard:
+    """The version's `card.json`, validated; a CardError says which version's card is wrong."""
+    path = Path(folder) / CARD_FILE
+    return _validated(ModelCard, _read_json(path), label, str(path))
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
     version: str
     path: Path
-    card: dict[str, Any]
+    card: ModelCard
 
     @property
     def model_file(self) -> Path:
@@ -50,22 +77,28 @@ class ModelVersion:
 
     @property
     def threshold(self) -> float:
-        return float(self.card["threshold"])
+        return self.card.threshold
 
     @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
 
     @property
-    def test_metrics(self) -> dict[str, Any]:
-        """The one recorded test evaluation (card or test report); empty if test was never read."""
-        in_card = self.card.get("metrics", {}).get("test")
-        return in_card or _read_json(self.path / TEST_REPORT_FILE).get("metrics", {})
+    def test_metrics(self) -> SplitMetrics | None:
+        """The one recorded test evaluation (card or test report); None if test was never read."""
+        in_card = self.card.metrics.test
+        if in_card is not None and in_card.dump():
+            return in_card
+        report = _read_json(self.path / TEST_REPORT_FILE).get("metrics") or None
+        return _validated(SplitMetrics, report, self.label, TEST_REPORT_FILE) if report else None
 
     @property
-    def scope(self) -> dict[str, Any]:
-        """Intended use and pixel check (card, or `scope.json` beside an older card); {} if none."""
-        return self.card.get("scope") or _read_json(self.path / SCOPE_FILE)
+    def scope(self) -> Scope | None:
+        """Intended use and pixel check (card, or `scope.json` beside an older card); None if none."""
+        if self.card.scope is not None and self.card.scope.dump():
+            return self.card.scope
+        older = _read_json(self.path / SCOPE_FILE)
+        return _validated(Scope, older, self.label, SCOPE_FILE) if older else None
 
 
 def sha256_file(path: Path) -> str:
@@ -97,7 +130,8 @@ def list_versions(models_dir: Path = DEFAULT_MODELS_DIR) -> list[ModelVersion]:
     found = []
     for card_path in sorted(Path(models_dir).glob(f"*/*/{CARD_FILE}")):
         folder = card_path.parent
-        found.append(ModelVersion(folder.parent.name, folder.name, folder, _read_json(card_path)))
+        label = f"{folder.parent.name}@{folder.name}"
+        found.append(ModelVersion(folder.parent.name, folder.name, folder, load_card(folder, label)))
     return found
 
 
@@ -115,7 +149,7 @@ def resolve(spec: str, models_dir: Path = DEFAULT_MODELS_DIR) -> ModelVersion:
     folder = Path(models_dir) / name / version
     if not (folder / CARD_FILE).exists():
         raise RegistryError(f"no model {name}@{version} in {models_dir} (no {CARD_FILE})")
-    return ModelVersion(name, version, folder, _read_json(folder / CARD_FILE))
+    return ModelVersion(name, version, folder, load_card(folder, f"{name}@{version}"))
 
 
 def mark_served(name: str, version: str, models_dir: Path = DEFAULT_MODELS_DIR) -> None:
@@ -125,10 +159,21 @@ def mark_served(name: str, version: str, models_dir: Path = DEFAULT_MODELS_DIR) 
     _write_json_atomic(Path(models_dir) / SERVED_FILE, served)
 
 
+def _card_fields(card: ModelCard | dict[str, Any]) -> dict[str, Any]:
+    return card.dump() if isinstance(card, ModelCard) else dict(card)
+
+
+def _write_card(folder: Path, card: dict[str, Any], label: str) -> ModelCard:
+    """Validate `card` and write its JSON form; the card returned is the one a later load reads."""
+    written = _validated(ModelCard, card, label, "the card to register").dump()
+    (folder / CARD_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    return ModelCard.model_validate(written)
+
+
 def register(
     name: str,
     model: Any,
-    card: dict[str, Any],
+    card: ModelCard | dict[str, Any],
     models_dir: Path = DEFAULT_MODELS_DIR,
     extra_files: list[Path] = (),
     version: str | None = None,
@@ -137,7 +182,9 @@ def register(
     """Write a new immutable version folder; the first version of a name becomes served.
 
     With `detector_file`, the card's `scope` records its name and SHA-256 (training.ood).
+    `card` (a ModelCard, or a dict of its fields) is validated before anything is written.
     """
+    card = _card_fields(card)
     version = version or new_version()
     final = Path(models_dir) / name / version
     if final.exists():
@@ -161,18 +208,22 @@ def register(
         "model_sha256": sha256_file(staging / MODEL_FILE),
         "preprocessing": contract.preprocessing_contract(),
     }
-    (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    try:
+        written = _write_card(staging, card, f"{name}@{version}")
+    except CardError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for path in staging.iterdir():
         path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     os.replace(staging, final)
     if name not in served_versions(models_dir):
         mark_served(name, version, models_dir)
-    return ModelVersion(name, version, final, card)
+    return ModelVersion(name, version, final, written)
 
 
 def ensure_test_unread(model_version: ModelVersion) -> None:
     """Refuse a second test evaluation of a version that has one recorded."""
-    if model_version.test_metrics:
+    if model_version.test_metrics is not None:
         raise RegistryError(
             f"{model_version.label} already has test metrics recorded; the test split is read "
             f"once per version, for the report"
@@ -209,7 +260,7 @@ def record_scope(model_version: ModelVersion, scope: dict[str, Any], detector_fi
 
     The detector file is copied next to the card and its hash written into `scope.json`.
     """
-    if model_version.scope:
+    if model_version.scope is not None:
         raise RegistryError(f"{model_version.label} already has a scope; versions are immutable")
     target = model_version.path / Path(detector_file).name
     read_only = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -228,7 +279,7 @@ def verify(model_version: ModelVersion) -> None:
     """Refuse a model whose file changed since registration or whose contract differs."""
     if not model_version.model_file.exists():
         raise RegistryError(f"{model_version.label}: {model_version.model_file} is missing")
-    expected = model_version.card.get("model_sha256")
+    expected = model_version.card.model_sha256
     actual = sha256_file(model_version.model_file)
     if actual != expected:
         raise ModelIntegrityError(
@@ -236,17 +287,18 @@ def verify(model_version: ModelVersion) -> None:
             f"records {str(expected)[:16]}...; the file was changed after registration. "
             f"Restore it from git or register a new version."
         )
-    if model_version.card.get("preprocessing") != contract.preprocessing_contract():
+    trained_with = model_version.card.preprocessing.dump()
+    if trained_with != contract.preprocessing_contract():
         raise RegistryError(
             f"{model_version.label} was trained with another preprocessing contract "
-            f"({model_version.card.get('preprocessing')}); this code serves "
+            f"({trained_with}); this code serves "
             f"{contract.preprocessing_contract()}"
         )
 
 
 def register_copy(
     parent: ModelVersion,
-    card: dict[str, Any],
+    card: ModelCard | dict[str, Any],
     models_dir: Path = DEFAULT_MODELS_DIR,
     extra_files: list[Path] = (),
     version: str | None = None,
@@ -257,11 +309,11 @@ def register_copy(
     (same SHA-256s); the card's `scope` is the parent's. Never marked served (`pneumo calibrate`).
     """
     verify(parent)
-    scope = dict(parent.scope)
-    detector = parent.path / str(scope.get("detector_file", ""))
-    if not scope.get("detector_file") or not detector.is_file():
+    scope = parent.scope or Scope()
+    detector = parent.path / str(scope.detector_file or "")
+    if not scope.detector_file or not detector.is_file():
         raise RegistryError(f"{parent.label} has no pixel check to copy; run `pneumo scope fit`")
-    if sha256_file(detector) != scope.get("detector_sha256"):
+    if sha256_file(detector) != scope.detector_sha256:
         raise ModelIntegrityError(f"{parent.label}: {detector.name} differs from the hash its "
                                   f"scope records; it was changed after it was fitted")
     version = version or new_version()
@@ -277,21 +329,21 @@ def register_copy(
         for extra in extra_files:
             shutil.copy2(extra, staging / Path(extra).name)
         card = {
-            **card,
-            "scope": {**scope, "detector_sha256": sha256_file(staging / detector.name)},
+            **_card_fields(card),
+            "scope": {**scope.dump(), "detector_sha256": sha256_file(staging / detector.name)},
             "name": parent.name,
             "version": version,
             "model_file": MODEL_FILE,
             "model_sha256": sha256_file(staging / MODEL_FILE),
             "preprocessing": contract.preprocessing_contract(),
         }
-        if card["model_sha256"] != parent.card.get("model_sha256"):
+        if card["model_sha256"] != parent.card.model_sha256:
             raise ModelIntegrityError(f"{parent.label}: the copy of {MODEL_FILE} differs from it")
-        (staging / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        written = _write_card(staging, card, f"{parent.name}@{version}")
         for path in staging.iterdir():
             path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ModelVersion(parent.name, version, final, card)
+    return ModelVersion(parent.name, version, final, written)

@@ -13,6 +13,8 @@ import re
 from datetime import date
 from typing import Any
 
+from core.card import IntendedUse
+
 OUT_OF_SCOPE = "out of scope"  # the reason class (monitoring groups reasons by it)
 # DICOM's AS is `nnnD/W/M/Y`; senders also write `81` or `81Y`: a bare number is read as years.
 _AGE = re.compile(r"^(\d{1,3})\s*([DWMY]?)$")
@@ -66,15 +68,18 @@ def intended_use(sites: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def header_reason(use: dict[str, Any], age_years: float | None, view: str | None) -> str | None:
-    """Why a known age or view is outside the intended use; None when nothing says so."""
-    age_range = use.get("age_years")
+def header_reason(use: IntendedUse | dict[str, Any], age_years: float | None,
+                  view: str | None) -> str | None:
+    """Why a known age or view is outside the intended use (a card's, or `intended_use()`'s);
+    None when nothing says so."""
+    use = IntendedUse.model_validate(use)
+    age_range = use.age_years
     if age_years is not None and age_range:
         low, high = age_range
         if not low <= int(age_years) <= high:
             side = "above" if age_years > high else "below"  # never the age itself: it is PHI
             return f"{OUT_OF_SCOPE}: patient age {side} the validated range {low}-{high} years"
-    views = use.get("views") or []
+    views = use.views or []
     view = (view or "").strip().upper()
     if view and views and view not in views:
         return f"{OUT_OF_SCOPE}: view {view} not among the validated views {', '.join(views)}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from core import registry
+from core.card import SplitMetrics
 
 app = typer.Typer(help="Pneumonia detection on chest radiographs: DICOM node, workers, training.",
                   no_args_is_help=True)
@@ -260,21 +261,25 @@ def calibrate(
 def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) -> None:
     """Every registered version, its validation/test metrics and which one is served."""
     served = registry.served_versions(models_dir)
-    rows = registry.list_versions(models_dir)
+    try:
+        rows = registry.list_versions(models_dir)
+    except registry.CardError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
     if not rows:
         typer.echo(f"no models in {models_dir}")
         return
     typer.echo(f"{'model':<22} {'version':<18} {'served':<7} {'threshold':>9} "
                f"{'val AUC':>8} {'test acc':>8} {'test AUC':>8}  ensemble of")
     for row in rows:
-        test = row.test_metrics
-        validation = row.card.get("metrics", {}).get("validation", {})
+        test = row.test_metrics or SplitMetrics()
+        validation = row.card.metrics.validation or SplitMetrics()
         mark = "*" if served.get(row.name) == row.version else ""
-        members = " ".join(m["label"].split("@")[1] for m in row.card.get("members", []))
+        members = " ".join(m.label.split("@")[1] for m in row.card.members or [])
         typer.echo(
-            f"{row.name:<22} {row.version:<18} {mark:<7} {row.card.get('threshold', 0):>9.4f} "
-            f"{_figure(validation.get('roc_auc'), missing='-')} "
-            f"{_figure(test.get('accuracy'))} {_figure(test.get('roc_auc'))}"
+            f"{row.name:<22} {row.version:<18} {mark:<7} {row.card.threshold:>9.4f} "
+            f"{_figure(validation.roc_auc, missing='-')} "
+            f"{_figure(test.accuracy)} {_figure(test.roc_auc)}"
             f"  {members}".rstrip()
         )
 
@@ -292,7 +297,7 @@ def models_serve(
     try:
         candidate = registry.resolve(f"{name}@{version}", models_dir)
         registry.verify(candidate)
-        if not candidate.scope:
+        if candidate.scope is None:
             raise registry.RegistryError(
                 f"{candidate.label} has no intended use and pixel check, so the workers could "
                 f"not tell what it was validated on; run `pneumo scope fit --model {candidate.label}`")
@@ -325,9 +330,9 @@ def scope_fit(
     except registry.RegistryError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
-    check = version.scope["pixel_check"]
-    typer.echo(f"{version.label}: pixel check threshold {check['threshold']:.2f} "
-               f"({check['held_out_refused_rate']:.1%} of {check['held_out_images']} held-out refused)")
+    check = version.scope.pixel_check
+    typer.echo(f"{version.label}: pixel check threshold {check.threshold:.2f} "
+               f"({check.held_out_refused_rate:.1%} of {check.held_out_images} held-out refused)")
 
 
 @app.command()
@@ -360,11 +365,11 @@ def adapt(
     except (registry.RegistryError, SiteDataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
-    by_site = version.card["metrics"]["validation_by_site"]
+    by_site = version.card.metrics.validation_by_site or {}
     typer.echo(f"registered {version.label} (not served); threshold {version.threshold:.4f}")
     for name, result in by_site.items():
-        typer.echo(f"  validation {name}: n {result['n']}, ROC AUC {result['roc_auc']:.4f}, "
-                   f"accuracy {result['accuracy']:.4f}")
+        typer.echo(f"  validation {name}: n {result.n}, ROC AUC {result.roc_auc:.4f}, "
+                   f"accuracy {result.accuracy:.4f}")
 
 
 db_app = typer.Typer(help="The database schema (Alembic).", no_args_is_help=True)

@@ -149,8 +149,10 @@ def drift(
     rows: list[DriftDay] = []
     for name, version in registry.served_versions(models_dir).items():
         try:
-            expected = registry.resolve(f"{name}@{version}", models_dir).card["validation_score_histogram"]
-        except (registry.RegistryError, KeyError, OSError):
+            expected = registry.resolve(f"{name}@{version}", models_dir).card.validation_score_histogram
+        except (registry.RegistryError, OSError):
+            continue
+        if expected is None:
             continue
         results = session.execute(
             select(Result.created_at, Result.probability, Result.label).where(
@@ -215,7 +217,8 @@ def served_cards(models_dir: Path) -> dict[str, dict]:
     for name, version in registry.served_versions(models_dir).items():
         try:
             model_version = registry.resolve(f"{name}@{version}", models_dir)
-            cards[name] = {**model_version.card, "test_metrics": model_version.test_metrics}
+            test = model_version.test_metrics
+            cards[name] = {**model_version.card.dump(), "test_metrics": test.dump() if test else {}}
         except (registry.RegistryError, OSError) as error:
             cards[name] = {"version": version, "error": str(error)}
     return cards

@@ -170,7 +170,7 @@ def version_report(
     report: dict[str, Any] = {
         "model": label,
         "threshold": threshold,
-        "threshold_rule": threshold_rule or version.card.get("threshold_rule"),
+        "threshold_rule": threshold_rule or version.card.threshold_rule,
         **summarize(assessment.labels, assessment.probabilities, assessment.reasons, patients,
                     threshold, resamples),
     }

@@ -22,7 +22,7 @@ import numpy as np
 from core import registry
 from training import data, metrics, models, ood, site
 from training.preprocess import preprocess_many
-from training.scope import fit_detector, kermany_groups, kermany_site, scope_card
+from training.scope import fit_detector, kermany_groups, kermany_site, recorded_split, scope_card
 from training.train import (
     Split,
     TrainConfig,
@@ -109,10 +109,11 @@ def adapt(
         raise registry.RegistryError(f"{base.label} has no scope; run `pneumo scope fit` first")
 
     # Data: the base's own split, and the site's patients split inside the site.
-    hyper = base.card.get("hyper_parameters", {})
-    root = Path(base.card["data"]["root"])
-    carved = data.carve_validation(root, hyper.get("validation_fraction", 0.15),
-                                   hyper.get("split_seed", 1337))
+    hyper = base.card.hyper_parameters
+    if base.card.data.root is None:
+        raise registry.CardError(f"{base.label}: its card names no training data (data.root)")
+    root = Path(base.card.data.root)
+    carved = data.carve_validation(root, *recorded_split(hyper))
     base_train = carved.train
     if config.max_base_images:
         rng = np.random.default_rng(config.seed)
@@ -148,7 +149,7 @@ def adapt(
 
     # Fine-tune from the base's weights on both sites at once.
     unfrozen = models.unfreeze_top(model, config.fine_tune_layers)
-    training_model = models.with_augmentation(model, config.seed, hyper.get("augmentation", "standard"))
+    training_model = models.with_augmentation(model, config.seed, hyper.augmentation or "standard")
     compile_for_training(training_model, config.learning_rate, config.label_smoothing)
     fit_config = TrainConfig(model_name=name, batch_size=config.batch_size, seed=config.seed,
                              early_stopping_monitor="val_loss",
@@ -182,12 +183,12 @@ def adapt(
         **provenance(model, commit),
         "parent": base.label,
         "adapted_to": site_entry,
-        "hyper_parameters": {**hyper, "adapt": asdict(config)},
-        "backbone": base.card.get("backbone"),
-        "data": {**base.card["data"], "train_images": len(base_train),
+        "hyper_parameters": {**hyper.dump(), "adapt": asdict(config)},
+        "backbone": base.card.backbone,
+        "data": {**base.card.data.dump(), "train_images": len(base_train),
                  "site": site_entry},
         "class_imbalance": "per-image weights: each site half, each class half of its site",
-        "augmentation": base.card.get("augmentation"),
+        "augmentation": base.card.augmentation,
         "training": {"wall_seconds": round(train_seconds, 1),
                      "epochs_run": len(history.get("loss", [])), "history": history},
         "threshold": threshold,
@@ -195,7 +196,7 @@ def adapt(
         "validation_score_histogram": np.histogram(probabilities, bins=20, range=(0.0, 1.0))[0].tolist(),
         "metrics": {"validation": metrics.compute_metrics(validation.labels, probabilities, threshold),
                     "validation_by_site": per_site},
-        "dataset_licence": base.card.get("dataset_licence"),
+        "dataset_licence": base.card.dataset_licence,
         "scope": scope_card(summary, [kermany_site(len(base_train)), site_entry]),
     }
     with tempfile.TemporaryDirectory() as folder:

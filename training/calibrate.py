@@ -106,7 +106,7 @@ def calibrate(
         "parent_threshold": parent.threshold,
         "code_commit": code_commit(),  # of this calibration; the card's own is the training's
     }
-    inherited = {k: v for k, v in parent.card.items() if k not in _NOT_INHERITED}
+    inherited = parent.card.dump(exclude=_NOT_INHERITED)
     card = {
         **inherited,
         "parent": parent.label,
@@ -114,7 +114,7 @@ def calibrate(
         "threshold": threshold,
         "threshold_rule": RULE,
         "calibration": accept.clean(calibration_record),
-        "parent_metrics": parent.card.get("metrics", {}),
+        "parent_metrics": parent.card.metrics.dump(),
     }
     # Same weights and pixel check as the parent: its assessment is the new version's, by name.
     relabelled = dataclasses.replace(evaluation_part, reasons=[

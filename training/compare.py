@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from core import registry
+from core.card import ModelCard
 from training import data, metrics, models
 from training.preprocess import preprocess_many
 
@@ -23,15 +24,18 @@ class ValidationMismatch(registry.RegistryError):
     """Versions validated on different images: comparing or averaging them would mislead."""
 
 
-def split_of(card: dict[str, Any]) -> tuple[float, int, str]:
+def split_of(card: ModelCard) -> tuple[float, int, str]:
     """(validation fraction, split seed, train fingerprint) a version was validated on."""
-    hyper = card["hyper_parameters"]
+    hyper = card.hyper_parameters
     # Cards written before split_seed existed split with `seed`; ensembles carry no `seed`.
-    split_seed = hyper["split_seed"] if "split_seed" in hyper else hyper["seed"]
+    split_seed = hyper.split_seed if hyper.split_seed is not None else hyper.seed
+    if hyper.validation_fraction is None or split_seed is None or card.data.train_fingerprint is None:
+        raise registry.CardError(f"{card.label}: its card does not say which validation split it "
+                                 f"was scored on (hyper_parameters, data.train_fingerprint)")
     return (
-        float(hyper["validation_fraction"]),
+        float(hyper.validation_fraction),
         int(split_seed),
-        card["data"]["train_fingerprint"],
+        card.data.train_fingerprint,
     )
 
 

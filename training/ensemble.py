@@ -34,8 +34,11 @@ def check_members(versions: list[registry.ModelVersion]) -> None:
     if len(set(labels)) != len(labels):
         raise EnsembleError(f"a version is named twice: {labels}")
     for version in versions:
-        if "members" in version.card:
+        if version.card.members is not None:
             raise EnsembleError(f"{version.label} is itself an ensemble; name its members instead")
+        if version.card.training is None or version.card.metrics.validation is None:
+            raise EnsembleError(f"{version.label}: its card has no training record or validation "
+                                f"metrics to carry into the ensemble's")
 
 
 def average(members: list[keras.Model]) -> keras.Model:
@@ -53,14 +56,14 @@ def member_summary(version: registry.ModelVersion) -> dict[str, Any]:
     card = version.card
     return {
         "label": version.label,
-        "model_sha256": card["model_sha256"],
-        "code_commit": card.get("code_commit"),
-        "architecture": card.get("architecture"),
-        "seed": card["hyper_parameters"]["seed"],
-        "hyper_parameters": card["hyper_parameters"],
-        "validation_roc_auc": card["metrics"]["validation"]["roc_auc"],
-        "wall_seconds": card["training"]["wall_seconds"],
-        "epochs_run": card["training"]["epochs_run"],
+        "model_sha256": card.model_sha256,
+        "code_commit": card.code_commit,
+        "architecture": card.architecture,
+        "seed": card.hyper_parameters.seed,
+        "hyper_parameters": card.hyper_parameters.dump(),
+        "validation_roc_auc": card.metrics.validation.roc_auc,
+        "wall_seconds": card.training.wall_seconds,
+        "epochs_run": card.training.epochs_run,
     }
 
 
@@ -90,7 +93,7 @@ def build_ensemble(
             "split_seed": split_seed,
         },
         "members": [member_summary(v) for v in versions],
-        "backbone": first.get("backbone"),
+        "backbone": first.backbone,
         "data": {
             "root": str(data_root),
             "train_fingerprint": train_fingerprint,
@@ -101,16 +104,16 @@ def build_ensemble(
                 f"{fraction:.0%} of train/ patients per class, seed {split_seed} (every member's)"
             ),
         },
-        "class_imbalance": first.get("class_imbalance"),
-        "class_weights": first.get("class_weights"),
-        "augmentation": first.get("augmentation"),
+        "class_imbalance": first.class_imbalance,
+        "class_weights": first.class_weights,
+        "augmentation": first.augmentation,
         "training": {
-            "wall_seconds": round(sum(v.card["training"]["wall_seconds"] for v in versions), 1),
-            "epochs_run": sum(v.card["training"]["epochs_run"] for v in versions),
+            "wall_seconds": round(sum(v.card.training.wall_seconds for v in versions), 1),
+            "epochs_run": sum(v.card.training.epochs_run for v in versions),
             "ensemble_seconds": round(time.monotonic() - started, 1),
             "note": "wall_seconds and epochs_run are the members' sums (trained one after another)",
         },
-        "dataset_licence": first.get("dataset_licence"),
+        "dataset_licence": first.dataset_licence,
     }
     return register_evaluated(
         name, model, card, load_split(carved.validation), data_root, models_dir, report_test

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from core import registry, scope
+from core.card import HyperParameters
 from training import data, models, ood
 from training.preprocess import preprocess_many
 
@@ -50,22 +51,27 @@ def kermany_site(train_images: int) -> dict[str, Any]:
     return {**scope.KERMANY_SITE, "training_images": train_images}
 
 
+def recorded_split(hyper: HyperParameters) -> tuple[float, int]:
+    """The validation fraction and split seed a card records (0.15 and 1337 where it says none)."""
+    return (0.15 if hyper.validation_fraction is None else hyper.validation_fraction,
+            1337 if hyper.split_seed is None else hyper.split_seed)
+
+
 def fit_existing(
     spec: str, models_dir: Path, false_refusal_rate: float = ood.DEFAULT_FALSE_REFUSAL_RATE
 ) -> registry.ModelVersion:
     """Fit and record the scope of a Kermany-trained version registered without one."""
     model, version = models.load_version(spec, models_dir)
-    if version.scope:
+    if version.scope is not None:
         raise registry.RegistryError(f"{version.label} already has a scope")
-    card_data = version.card.get("data", {})
-    hyper = version.card.get("hyper_parameters", {})
-    root = Path(card_data.get("root", ""))
+    card_data = version.card.data
+    hyper = version.card.hyper_parameters
+    root = Path(card_data.root or "")
     if not (root / "train").is_dir():
         raise registry.RegistryError(
             f"{version.label}: its training data {root} is not here; fit its scope where it is")
-    carved = data.carve_validation(root, hyper.get("validation_fraction", 0.15),
-                                   hyper.get("split_seed", 1337))
-    if data.fingerprint(carved.all_train, root) != card_data.get("train_fingerprint"):
+    carved = data.carve_validation(root, *recorded_split(hyper))
+    if data.fingerprint(carved.all_train, root) != card_data.train_fingerprint:
         raise registry.RegistryError(f"{version.label}: {root}/train differs from the data it "
                                      f"was trained on (fingerprint mismatch)")
     log.info("fitting the pixel check of %s on %d training images, threshold on %d validation",

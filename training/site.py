@@ -153,10 +153,11 @@ class Assessment:
 def assess(spec: str, loaded: Loaded, models_dir: Path) -> Assessment:
     """What the worker would do with each image: refuse (header, pixel check) or give a score."""
     model, version = models.load_version(spec, models_dir)
-    use = version.scope.get("intended_use")
+    scope_of = version.scope
+    use = scope_of.intended_use if scope_of else None
     if not use:
         raise registry.RegistryError(f"{version.label} has no scope; run `pneumo scope fit`")
-    detector = ood.load(version.path, version.scope["detector_sha256"])
+    detector = ood.load(version.path, scope_of.detector_sha256)
     scoring, _ = models.with_features(model)
     probabilities, features = models.predict_with_features(scoring, loaded.tensors)
     pixel_scores = detector.score(features) if len(features) else np.zeros(0)

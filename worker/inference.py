@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core import contract, registry
+from core.card import IntendedUse
 from core.queue import BATCH_TIMEOUT_S  # a batch this slow means the model is stuck: fail the task
 from training import models, ood
 from worker.batching import MicroBatcher
@@ -37,12 +38,13 @@ class Classifier:
 
     def __init__(self, spec: str, models_dir: Path, batch_size: int = 1, batch_wait_s: float = 0.01) -> None:
         model, self.version = models.load_version(spec, models_dir)
-        if not self.version.scope.get("detector_sha256"):
+        scope = self.version.scope
+        if scope is None or not scope.detector_sha256:
             raise registry.RegistryError(
                 f"{self.version.label} has no pixel check, so no image can be checked against what "
                 f"it was validated on; run `pneumo scope fit --model {self.version.label}`")
         try:
-            self.detector = ood.load(self.version.path, self.version.scope["detector_sha256"])
+            self.detector = ood.load(self.version.path, scope.detector_sha256)
         except ood.ScopeError as error:
             raise registry.RegistryError(f"{self.version.label}: {error}") from error
         self.model, _ = models.with_features(model)
@@ -66,8 +68,9 @@ class Classifier:
         return self.detector.threshold
 
     @property
-    def intended_use(self) -> dict:
-        return self.version.scope.get("intended_use", {})
+    def intended_use(self) -> IntendedUse:
+        scope = self.version.scope
+        return (scope.intended_use if scope else None) or IntendedUse()
 
     def _run_model(self, tensors: np.ndarray) -> np.ndarray:
         """(N, 2): probability and pixel check score per image."""

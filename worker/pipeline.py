@@ -168,8 +168,8 @@ def _record_model_version(session: Session, model: Classifier) -> None:
     """The served version's card in `model_versions` (one statement; a no-op once it is there)."""
     session.execute(insert_ignoring_duplicates(session, ModelVersionRow).values(
         name=model.name, version=model.version.version,
-        model_sha256=model.version.card["model_sha256"], threshold=model.threshold,
-        card={k: v for k, v in model.version.card.items() if k != "training"},
+        model_sha256=model.version.card.model_sha256, threshold=model.threshold,
+        card=model.version.card.dump(exclude={"training"}),
     ))
 
 

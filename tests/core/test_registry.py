@@ -78,19 +78,19 @@ def test_committed_served_models_verify_and_carry_their_contract() -> None:
         registry.verify(version)
         assert 0.0 < version.threshold < 1.0
         assert version.model_file.stat().st_size < 25 * 1024 * 1024
-        assert "validation" in version.card["metrics"]
-        assert version.test_metrics["n"] == 624  # the served version's one test look is on record
-        assert version.card["training"]["wall_seconds"] < 3600
+        assert version.card.metrics.validation is not None
+        assert version.test_metrics.n == 624  # the served version's one test look is on record
+        assert version.card.training.wall_seconds < 3600
 
 
 def test_test_report_is_recorded_once(registered: registry.ModelVersion, tmp_path: Path) -> None:
-    assert registered.test_metrics == {}
+    assert registered.test_metrics is None
     registry.record_test_report(registered, {"metrics": {"accuracy": 0.9, "n": 624}})
     version = registry.resolve("pneumonia-cnn@v1", tmp_path)
-    assert version.test_metrics == {"accuracy": 0.9, "n": 624}
+    assert version.test_metrics.dump() == {"accuracy": 0.9, "n": 624}
     with pytest.raises(registry.RegistryError, match="already has test metrics"):
         registry.record_test_report(version, {"metrics": {"accuracy": 0.95}})
-    assert registry.resolve("pneumonia-cnn@v1", tmp_path).test_metrics["accuracy"] == 0.9
+    assert registry.resolve("pneumonia-cnn@v1", tmp_path).test_metrics.accuracy == 0.9
 
 
 def test_a_card_with_test_metrics_takes_no_second_report(tmp_path: Path) -> None:
@@ -110,4 +110,4 @@ def test_unwritable_registry_gives_a_clear_error(
     monkeypatch.setattr(registry, "_write_json_atomic", refuse)
     with pytest.raises(registry.RegistryError, match=r"cannot record the test report.*writable"):
         registry.record_test_report(registered, {"metrics": {"accuracy": 0.9}})
-    assert registered.test_metrics == {}
+    assert registered.test_metrics is None

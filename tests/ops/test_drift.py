@@ -25,7 +25,7 @@ def served_histograms() -> dict[str, list[int]]:
     histograms = {}
     for name, version in registry.served_versions(MODELS).items():
         card = registry.resolve(f"{name}@{version}", MODELS).card
-        histograms[f"{name}@{version}"] = card["validation_score_histogram"]
+        histograms[f"{name}@{version}"] = card.validation_score_histogram
     assert histograms, "no served model with a validation score histogram"
     return histograms
 

@@ -197,8 +197,8 @@ def test_detector_refit_is_reproducible_and_its_hash_is_checked(tmp_path: Path) 
     model = models.build_cnn(filters=(4, 8, 8), dense_units=4)
     first = register_with_scope(model, "pneumonia-transfer", tmp_path / "a", "v1", images=12)
     second = register_with_scope(model, "pneumonia-transfer", tmp_path / "b", "v1", images=12)
-    assert first.card["scope"]["detector_sha256"] == second.card["scope"]["detector_sha256"]
-    assert first.card["scope"]["pixel_check"]["groups"] == ["kermany/NORMAL", "kermany/PNEUMONIA"]
+    assert first.card.scope.detector_sha256 == second.card.scope.detector_sha256
+    assert first.card.scope.pixel_check.groups == ["kermany/NORMAL", "kermany/PNEUMONIA"]
     Classifier("pneumonia-transfer", tmp_path / "a")  # loads: hash matches
 
     detector_file = first.path / "scope.npz"
@@ -228,9 +228,9 @@ def test_a_version_without_a_pixel_check_is_not_served(tmp_path: Path) -> None:
 def test_both_served_versions_carry_a_scope() -> None:
     for name, version in registry.served_versions().items():
         found = registry.resolve(f"{name}@{version}")
-        assert found.scope["intended_use"]["age_years"] == [1, 5], found.label
-        assert found.scope["pixel_check"]["held_out_refused_rate"] <= 0.02, found.label
-        assert (found.path / found.scope["detector_file"]).exists()
+        assert found.scope.intended_use.age_years == [1, 5], found.label
+        assert found.scope.pixel_check.held_out_refused_rate <= 0.02, found.label
+        assert (found.path / found.scope.detector_file).exists()
 
 
 def test_refusals_are_counted_by_rule_on_metrics_and_status(served, database_url, sessions,

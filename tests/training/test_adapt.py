@@ -96,17 +96,17 @@ def test_adapt_registers_a_version_for_both_sites(base: Path, site_folder: Path)
     new = [v for v in registry.list_versions(base) if v.version != "base"]
     assert len(new) == 1
     card = new[0].card
-    assert card["parent"] == "pneumonia-transfer@base"
-    assert card["adapted_to"]["name"] == "test-site"
-    assert card["adapted_to"]["fingerprint"] == site.fingerprint(site.read_site(site_folder))
-    by_site = card["metrics"]["validation_by_site"]
-    assert set(by_site) == {"guangzhou-kermany", "test-site"} and by_site["test-site"]["n"] >= 6
-    assert card["threshold_rule"] == adapt.THRESHOLD_RULE
-    use = card["scope"]["intended_use"]
+    assert card.parent == "pneumonia-transfer@base"
+    assert card.adapted_to.name == "test-site"
+    assert card.adapted_to.fingerprint == site.fingerprint(site.read_site(site_folder))
+    by_site = card.metrics.validation_by_site
+    assert set(by_site) == {"guangzhou-kermany", "test-site"} and by_site["test-site"].n >= 6
+    assert card.threshold_rule == adapt.THRESHOLD_RULE
+    use = card.scope.intended_use
     ages = [int(r["age"]) for r in csv.DictReader((site_folder / "labels.csv").open()) if r["age"]]
-    assert use["views"] == ["AP", "PA"] and use["age_years"][0] == 1
-    assert use["age_years"][1] >= max(ages)
-    assert {"guangzhou-kermany/NORMAL", "test-site/PNEUMONIA"} <= set(card["scope"]["pixel_check"]["groups"])
+    assert use.views == ["AP", "PA"] and use.age_years[0] == 1
+    assert use.age_years[1] >= max(ages)
+    assert {"guangzhou-kermany/NORMAL", "test-site/PNEUMONIA"} <= set(card.scope.pixel_check.groups)
 
     served = Classifier(new[0].label, base)  # the refitted pixel check loads, its hash matches
     rng = np.random.default_rng(1)

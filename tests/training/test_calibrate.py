@@ -48,15 +48,15 @@ def test_calibrate_registers_the_same_weights_with_the_calibration_halfs_thresho
     new = registry.resolve(report["registered"], models_dir)
     assert new.name == NAME and new.version != "base"
     registry.verify(new)
-    assert new.card["model_sha256"] == parent.card["model_sha256"]
+    assert new.card.model_sha256 == parent.card.model_sha256
     assert registry.sha256_file(new.model_file) == registry.sha256_file(parent.model_file)
-    scope = new.card["scope"]
-    assert scope["detector_sha256"] == parent.scope["detector_sha256"]
-    assert registry.sha256_file(new.path / scope["detector_file"]) == scope["detector_sha256"]
-    assert scope["intended_use"] == parent.scope["intended_use"]
-    assert new.card["parent"] == parent.label and new.card["data"] == parent.card["data"]
-    assert new.card["threshold_rule"] == calibrate.RULE
-    assert new.card["created"] > parent.card.get("created", "")  # its own, not the parent's
+    scope = new.card.scope
+    assert scope.detector_sha256 == parent.scope.detector_sha256
+    assert registry.sha256_file(new.path / scope.detector_file) == scope.detector_sha256
+    assert scope.intended_use == parent.scope.intended_use
+    assert new.card.parent == parent.label and new.card.data == parent.card.data
+    assert new.card.threshold_rule == calibrate.RULE
+    assert new.card.created > (parent.card.created or "")  # its own, not the parent's
     assert registry.served_versions(models_dir) == {NAME: "base"}  # not served
 
     # The threshold, recomputed apart: the calibration half's images that the parent assesses,
@@ -82,7 +82,7 @@ def test_calibrate_card_names_the_data_and_the_halves_share_no_patient(
 ) -> None:
     models_dir, folder, report = calibrated
     new = registry.resolve(report["registered"], models_dir)
-    record = new.card["calibration"]
+    record = new.card.calibration
     images = site.read_site(folder)
     assert record["site_fingerprint"] == site.fingerprint(images)
     assert record["data"] == str(folder.resolve()) and record["split_seed"] == SEED

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from core import registry
+from core.card import ModelCard
 from tests.training.test_ensemble import register_member
 from tests.training.test_training_run import pneumo
 from training import metrics, models
@@ -113,4 +115,8 @@ def test_split_of_reads_single_versions_old_cards_and_ensembles() -> None:
     single = {"hyper_parameters": {"validation_fraction": 0.15, "seed": 2, "split_seed": 7}}
     old = {"hyper_parameters": {"validation_fraction": 0.15, "seed": 7}}  # before --split-seed
     ensemble = {"hyper_parameters": {"validation_fraction": 0.15, "split_seed": 7, "members": []}}
-    assert {split_of({**card, **data_part}) for card in (single, old, ensemble)} == {(0.15, 7, "f")}
+    identity = {"name": "m", "version": "v", "model_sha256": "0", "preprocessing": {}, "threshold": 0.5}
+    cards = [ModelCard.model_validate({**identity, **card, **data_part}) for card in (single, old, ensemble)]
+    assert {split_of(card) for card in cards} == {(0.15, 7, "f")}
+    with pytest.raises(registry.CardError, match="m@v: its card does not say"):
+        split_of(ModelCard.model_validate({**identity, **old}))

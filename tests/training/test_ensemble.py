@@ -42,13 +42,11 @@ def test_ensemble_is_the_mean_of_its_members(tiny_data: Path, tmp_path: Path) ->
     (ensemble,) = [v for v in registry.list_versions(tmp_path) if v.version not in {"m1", "m2"}]
     registry.verify(ensemble)
     card = ensemble.card
-    assert [m["label"] for m in card["members"]] == ["pneumonia-cnn@m1", "pneumonia-cnn@m2"]
-    assert [m["model_sha256"] for m in card["members"]] == [
-        m.card["model_sha256"] for m in members
-    ]
-    assert card["training"]["wall_seconds"] == 20.0 and card["training"]["epochs_run"] == 6
-    assert "test" not in card["metrics"] and 0.0 <= card["threshold"] <= 1.0
-    assert card["data"]["train_images"] + card["data"]["validation_images"] == 48
+    assert [m.label for m in card.members] == ["pneumonia-cnn@m1", "pneumonia-cnn@m2"]
+    assert [m.model_sha256 for m in card.members] == [m.card.model_sha256 for m in members]
+    assert card.training.wall_seconds == 20.0 and card.training.epochs_run == 6
+    assert card.metrics.test is None and 0.0 <= card.threshold <= 1.0
+    assert card.data.train_images + card.data.validation_images == 48
 
     images = preprocess_many([s.path for s in data.read_split(tiny_data, "test")])
     averaged, _ = models.load_version(ensemble.label, tmp_path)
@@ -60,7 +58,7 @@ def test_ensemble_is_the_mean_of_its_members(tiny_data: Path, tmp_path: Path) ->
     evaluated = pneumo("evaluate", "--model", ensemble.label, "--data", str(tiny_data),
                        "--models-dir", str(tmp_path), "--json")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert json.loads(evaluated.stdout)["threshold"] == card["threshold"]
+    assert json.loads(evaluated.stdout)["threshold"] == card.threshold
 
     listed = pneumo("models", "list", "--models-dir", str(tmp_path)).stdout.splitlines()
     assert [line.split()[-2:] for line in listed if ensemble.version in line] == [["m1", "m2"]]
