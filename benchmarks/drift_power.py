@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, load_average, print_table  # also puts the repo on sys.path
 
 from core import registry
+from core.contract import SCORE_BINS, score_edges
 from core.settings import Settings
-from ops.monitoring import SCORE_BINS, drift_threshold, psi_many, score_edges
+from ops.monitoring import drift_threshold, psi_many
 
 WINDOW_SIZES = (50, 200, 1000)
 LOGIT_GRID = np.arange(0.25, 4.01, 0.25)

@@ -184,7 +184,7 @@ class ModelCard(CardPart):
     data: Data = Field(default_factory=Data)
     training: Training | None = None
     metrics: Metrics = Field(default_factory=Metrics)
-    # 20 equal-width bins of the validation probabilities on [0, 1] (ops.monitoring.SCORE_BINS).
+    # 20 equal-width bins of the validation probabilities on [0, 1] (core.contract.SCORE_BINS).
     validation_score_histogram: list[int] | None = None
     scope: Scope | None = None
     members: list[Member] | None = None  # ensembles only

@@ -1,4 +1,5 @@
-"""The model contract: the one place that knows input size, channels, normalisation and labels.
+"""The model contract: the one place that knows input size, channels, normalisation, labels and
+the score bins.
 
 Training writes this contract into every model card; serving refuses a model whose card carries
 another contract, so a model never sees tensors shaped or scaled differently from training.
@@ -7,6 +8,8 @@ another contract, so a model never sees tensors shaped or scaled differently fro
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 # The registry folder of this checkout: the settings' default and the registry's (both read it here).
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -24,6 +27,21 @@ LABELS = (NEGATIVE_CLASS, POSITIVE_CLASS)  # label index 0, 1: training's class 
 def label_for(probability: float, threshold: float) -> str:
     """The finding a probability gives at a version's threshold (at or above it: positive)."""
     return POSITIVE_CLASS if probability >= threshold else NEGATIVE_CLASS
+
+
+SCORE_BINS = 20  # a card's `validation_score_histogram`: equal-width bins of probabilities on [0, 1]
+SCORE_RANGE = (0.0, 1.0)
+
+
+def score_edges(bins: int = SCORE_BINS) -> np.ndarray:
+    """The edges of a score histogram of `bins` counts (training's card, the drift check)."""
+    return np.histogram_bin_edges([], bins=bins, range=SCORE_RANGE)
+
+
+def score_histogram(probabilities, bins: int = SCORE_BINS) -> list[int]:
+    """Scores counted on the score edges: what training writes on the card and what the drift
+    check compares with it (one outside [0, 1] is kept, in the end bin)."""
+    return np.histogram(np.clip(probabilities, *SCORE_RANGE), bins=score_edges(bins))[0].tolist()
 
 
 def preprocessing_contract() -> dict[str, object]:

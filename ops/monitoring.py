@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
 
 from core import registry, scope
+from core.contract import score_histogram
 from core.db import (
     TERMINAL_STATES,
     AuditEvent,
@@ -37,8 +38,6 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCORE_BINS = 20  # equal-width bins on [0, 1], as training writes `validation_score_histogram`
-SCORE_RANGE = (0.0, 1.0)
 LATENCY_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 LATENCY_WINDOW = timedelta(hours=24)  # stage latencies (/metrics) cover the last 24 h
 WAITING_INSTANCE_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED)
@@ -47,18 +46,6 @@ LOCAL_DESTINATION = "local"  # as worker.pipeline names it (not imported here: i
 
 
 # --- model score drift ---------------------------------------------------------------------------
-
-def score_edges(bins: int = SCORE_BINS) -> np.ndarray:
-    """The edges of a card's `validation_score_histogram` of `bins` counts: training writes it with
-    `np.histogram(scores, bins=20, range=(0.0, 1.0))`, whose edges these are."""
-    return np.histogram_bin_edges([], bins=bins, range=SCORE_RANGE)
-
-
-def score_histogram(probabilities: list[float], bins: int = SCORE_BINS) -> list[int]:
-    """Production scores counted on the same edges as the card's validation scores (a score on an
-    edge falls in the same bin as in training; one outside [0, 1] is kept, in the end bin)."""
-    return np.histogram(np.clip(probabilities, *SCORE_RANGE), bins=score_edges(bins))[0].tolist()
-
 
 def psi(expected: list[int], actual: list[int], floor: float = 1e-4) -> float:
     """Population stability index of `actual` against `expected` (same bins).

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from core import registry
+from core import contract, registry
 from training import data, metrics, models, ood, site
 from training.preprocess import preprocess_many
 from training.scope import fit_detector, kermany_groups, kermany_site, recorded_split, scope_card
@@ -193,7 +193,7 @@ def adapt(
                      "epochs_run": len(history.get("loss", [])), "history": history},
         "threshold": threshold,
         "threshold_rule": THRESHOLD_RULE,
-        "validation_score_histogram": np.histogram(probabilities, bins=20, range=(0.0, 1.0))[0].tolist(),
+        "validation_score_histogram": contract.score_histogram(probabilities),
         "metrics": {"validation": metrics.compute_metrics(validation.labels, probabilities, threshold),
                     "validation_by_site": per_site},
         "dataset_licence": base.card.dataset_licence,

@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from core import registry
+from core import contract, registry
 from training import data, metrics, models, ood
 from training.pipeline import fit_inputs
 from training.preprocess import preprocess_many
@@ -340,9 +340,7 @@ def register_evaluated(
         **card,
         "threshold": threshold,
         "threshold_rule": "Youden's J on the validation split",
-        "validation_score_histogram": np.histogram(
-            validation_probabilities, bins=20, range=(0.0, 1.0)
-        )[0].tolist(),
+        "validation_score_histogram": contract.score_histogram(validation_probabilities),
         "metrics": {
             "validation": metrics.compute_metrics(
                 validation.labels, validation_probabilities, threshold

@@ -15,6 +15,7 @@ from pydicom import dcmread
 from starlette.testclient import TestClient
 
 from core import registry
+from core.contract import score_histogram
 from core.db import (
     Delivery,
     DeliveryState,
@@ -29,7 +30,7 @@ from core.db import (
 from core.settings import Settings
 from dicom_node.receive import record_refusal
 from ops.dashboard import create_app
-from ops.monitoring import psi, score_histogram
+from ops.monitoring import psi
 from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ops.monitoring import SCORE_BINS, score_edges, score_histogram
+from core.contract import SCORE_BINS, score_edges, score_histogram
 
 
 def training_histogram(scores) -> list[int]:
