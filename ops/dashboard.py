@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -193,23 +194,22 @@ def create_app(settings: Settings) -> Starlette:
             return RedirectResponse(f"/?msg={quote(text)}", status_code=303)
         return PlainTextResponse(text, status_code=401)
 
-    def resend(request: Request) -> Response:
-        if (refused := refusal(request)) is not None:
-            return refused
-        delivery_id = int(request.path_params["delivery_id"])
-        if not status.resend_delivery(sessions, delivery_id, send_delivery, by="dashboard"):
-            return back(f"Delivery {delivery_id} not found")
-        log.info("dashboard: delivery %s queued again", delivery_id)
-        return back(f"Delivery {delivery_id} queued again")
+    def queue_again(what: str, key: str, requeue: Callable[..., bool], enqueue: Callable[[int], None],
+                    refused_text: str) -> Callable[[Request], Response]:
+        """An operator action: `requeue` one delivery or instance, then back to the page."""
+        def action(request: Request) -> Response:
+            if (refused := refusal(request)) is not None:
+                return refused
+            entity_id = int(request.path_params[key])
+            if not requeue(sessions, entity_id, enqueue, by="dashboard"):
+                return back(f"{what} {entity_id} {refused_text}")
+            log.info("dashboard: %s %s queued again", what.lower(), entity_id)
+            return back(f"{what} {entity_id} queued again")
+        return action
 
-    def rerun(request: Request) -> Response:
-        if (refused := refusal(request)) is not None:
-            return refused
-        instance_id = int(request.path_params["instance_id"])
-        if not status.rerun_instance(sessions, instance_id, send_classify, by="dashboard"):
-            return back(f"Instance {instance_id} is not a failed instance")
-        log.info("dashboard: instance %s queued again", instance_id)
-        return back(f"Instance {instance_id} queued again")
+    resend = queue_again("Delivery", "delivery_id", status.resend_delivery, send_delivery, "not found")
+    rerun = queue_again("Instance", "instance_id", status.rerun_instance, send_classify,
+                        "is not a failed instance")
 
     def metrics(_request: Request) -> Response:
         body = exposition(lambda: monitoring.snapshot(settings, sessions))

@@ -3,7 +3,7 @@ stage latencies of /metrics (the last 24 h) read only that window, not every row
 
 Revision ID: 0005
 Revises: 0004
-Create Date: 2026-12-03
+Create Date: 2026-12-05
 """
 
 from alembic import op
