@@ -118,11 +118,20 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture
+def classifier(tiny_registry: Path):
+    """The worker's classifier for tests that call its functions directly (tiny test model)."""
+    from worker.inference import Classifier
+
+    model = Classifier("pneumonia-transfer", tiny_registry)
+    return lambda: model
+
+
 def register_with_scope(model, name: str, folder: Path, version: str, accept_all: bool = False,
                         card: dict | None = None, images: int = 24):
     """Register `model` with a pixel check fitted on `images` Kermany train/ images per class and
     held out on as many others. `accept_all`: no age, view or pixel limits, for tests of the
-    pipeline's mechanics (tests/pipeline/test_scope.py tests the refusals with real limits)."""
+    pipeline's mechanics (tests/worker/test_scope.py tests the refusals with real limits)."""
     import tempfile
 
     import numpy as np

@@ -23,15 +23,6 @@ def start_storescp(folder: Path, port: int) -> subprocess.Popen:
 
 
 @pytest.fixture
-def classifier(tiny_registry: Path):
-    """The worker's classifier for tests that call its functions directly (tiny test model)."""
-    from worker.inference import Classifier
-
-    model = Classifier("pneumonia-transfer", tiny_registry)
-    return lambda: model
-
-
-@pytest.fixture
 def pacs_address(tmp_path: Path) -> dict:
     """Where the PACS will be: an AE address and the folder its storescp writes to."""
     folder = tmp_path / "pacs"

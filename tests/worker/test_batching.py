@@ -14,7 +14,7 @@ from sqlalchemy import select
 from core.db import Instance, InstanceState, Result
 from ops.send import wrap_image
 from tests.conftest import DATA
-from tests.pipeline.test_worker import store
+from tests.worker.test_worker import store
 from worker import pipeline
 from worker.batching import MicroBatcher
 from worker.inference import Classifier

@@ -25,9 +25,8 @@ from core.settings import Settings
 from dicom_node import scp
 from dicom_node.receive import SUCCESS
 from ops.send import wrap_image
-from tests.conftest import DATA, REDIS_TEST_URL
+from tests.conftest import DATA, REDIS_TEST_URL, REPO
 from tests.helpers import free_port, wait_for
-from tests.pipeline.conftest import REPO
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
 

@@ -14,7 +14,7 @@ from core.db import Instance, InstanceState, Result
 from core.settings import Settings
 from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM, register_with_scope
-from tests.pipeline.test_worker import store
+from tests.worker.test_worker import store
 from training import models
 from worker import filters, pipeline
 from worker.inference import Classifier

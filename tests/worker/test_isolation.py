@@ -18,7 +18,7 @@ from sqlalchemy import select
 from core.db import Instance, InstanceState, Result
 from tests.conftest import REAL_DICOM
 from tests.pipeline.test_bad_input import j2k_bomb
-from tests.pipeline.test_worker import store
+from tests.worker.test_worker import store
 from training.preprocess import preprocess
 from worker import pipeline
 from worker.decode import DecodeError, grayscale_pixels
