@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     Float,
     ForeignKey,
+    Index,
     Insert,
     Integer,
     String,
@@ -79,6 +80,9 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    # The last day's classified images (/metrics latencies) by index, however long the history:
+    # state first, so a planner without statistics (SQLite) does not pick the state index alone.
+    __table_args__ = (Index("ix_instances_state_finished_at", "state", "finished_at"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
@@ -94,7 +98,7 @@ class Instance(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column()
-    finished_at: Mapped[datetime | None] = mapped_column(index=True)
+    finished_at: Mapped[datetime | None] = mapped_column()
     # Out of scope: the version that refused it (its SR says "not assessed") and its pixel score.
     scope_model_name: Mapped[str | None] = mapped_column(String(64))
     scope_model_version: Mapped[str | None] = mapped_column(String(64))
@@ -125,7 +129,8 @@ class Delivery(Base):
     """One SR per (study, model version, destination); re-built and re-sent with the same UIDs."""
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("study_id", "model_name", "model_version", "destination"),)
+    __table_args__ = (UniqueConstraint("study_id", "model_name", "model_version", "destination"),
+                      Index("ix_deliveries_state_delivered_at", "state", "delivered_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     model_name: Mapped[str] = mapped_column(String(64))
@@ -139,7 +144,7 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column(index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column()
     study: Mapped[Study] = relationship()
 
 

@@ -11,10 +11,11 @@ import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Float, case, func, select
+from sqlalchemy import Float, Select, case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
@@ -343,11 +344,11 @@ def stage_latencies(session: Session, window: timedelta = LATENCY_WINDOW,
     Counted and bucketed in the database, so a scrape reads a few rows however long the history.
     """
     since = (now or utcnow()) - window
-    classify = select(seconds_between(Instance.finished_at, Instance.received_at).label("s")).where(
-        Instance.state == InstanceState.CLASSIFIED, Instance.finished_at >= since).subquery()
+    classify = select(seconds_between(Instance.finished_at, Instance.received_at)).where(
+        Instance.state == InstanceState.CLASSIFIED, Instance.finished_at >= since)
     in_window = (Delivery.state == DeliveryState.DELIVERED, Delivery.delivered_at >= since)
     # A join, not a correlated subquery: the planner inlines subqueries, which would repeat it
-    # for the count, the sum and every bucket.
+    # for every row.
     last_classified = select(Instance.study_id, func.max(Instance.finished_at).label("at")).where(
         Instance.study_id.in_(select(Delivery.study_id).where(*in_window))
     ).group_by(Instance.study_id).subquery()
@@ -355,23 +356,28 @@ def stage_latencies(session: Session, window: timedelta = LATENCY_WINDOW,
         select(Delivery.delivered_at, last_classified.c.at.label("classified"), Study.first_received_at)
         .join(last_classified, last_classified.c.study_id == Delivery.study_id)
         .join(Study, Study.id == Delivery.study_id).where(*in_window).subquery())
-    seconds = select(
-        seconds_between(delivered.c.delivered_at, delivered.c.classified).label("report"),
-        seconds_between(delivered.c.delivered_at, delivered.c.first_received_at).label("total"),
-    ).subquery()
-    clamped = select(*(case((column < 0.0, 0.0), else_=column).label(column.name)
-                       for column in (seconds.c.report, seconds.c.total))).subquery()
-    return {"received_to_classified": _histogram(session, classify.c.s),
-            "classified_to_delivered": _histogram(session, clamped.c.report),
-            "received_to_delivered": _histogram(session, clamped.c.total)}
+    report = seconds_between(delivered.c.delivered_at, delivered.c.classified)
+    total = seconds_between(delivered.c.delivered_at, delivered.c.first_received_at)
+    return {"received_to_classified": _histogram(session, classify),
+            "classified_to_delivered": _histogram(session, select(case((report < 0.0, 0.0), else_=report))),
+            "received_to_delivered": _histogram(session, select(case((total < 0.0, 0.0), else_=total)))}
 
 
-def _histogram(session: Session, seconds) -> LatencyHistogram:
-    """Count, sum and cumulative bucket counts of a subquery's column (NULLs are not counted)."""
-    count, total, *buckets = session.execute(select(
-        func.count(seconds), func.coalesce(func.sum(seconds), 0.0),
-        *(func.count(case((seconds <= float(bound), 1))) for bound in LATENCY_BUCKETS_S))).one()
-    return LatencyHistogram(int(count), float(total), tuple(int(b) for b in buckets))
+def _histogram(session: Session, seconds: Select) -> LatencyHistogram:
+    """Count, sum and cumulative bucket counts of a one-column query of seconds (NULLs are not
+    counted): each value computed once (a materialised CTE) and grouped by its bucket, so the
+    database returns at most one row per bucket."""
+    values = seconds.cte("latencies").prefix_with("MATERIALIZED")
+    value = values.c[0]
+    bucket = case(*((value <= float(bound), index) for index, bound in enumerate(LATENCY_BUCKETS_S)),
+                  else_=len(LATENCY_BUCKETS_S))
+    per_bucket = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    total = 0.0
+    for index, count, seconds_sum in session.execute(
+            select(bucket, func.count(), func.sum(value)).where(value.is_not(None)).group_by(bucket)):
+        per_bucket[index], total = count, total + seconds_sum
+    cumulative = tuple(accumulate(per_bucket))
+    return LatencyHistogram(cumulative[-1], total, cumulative[:-1])
 
 
 # --- lists for the dashboard ----------------------------------------------------------------------
