@@ -24,7 +24,7 @@ from common import database, load_average, median, print_table
 
 def populate(url: str, history: int, recent: int) -> None:
     """`history` studies delivered 2-90 days ago, `recent` within the last hour; one image each."""
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
     from core.db import (
         Delivery,
@@ -63,6 +63,11 @@ def populate(url: str, history: int, recent: int) -> None:
                  "destination": "PACS@127.0.0.1:104", "sr_sop_instance_uid": f"1.2.826.0.10.{i}",
                  "state": DeliveryState.DELIVERED, "attempts": 1, "updated_at": received[i],
                  "delivered_at": received[i] + timedelta(seconds=9)} for i, _ in chunk])
+    if url.startswith("postgresql"):
+        # A live PostgreSQL has statistics (autovacuum analyses tables as they grow); SQLite has
+        # none unless someone runs ANALYZE, and pneumo does not.
+        with sessions() as session, session.begin():
+            session.execute(text("ANALYZE"))
     sessions.kw["bind"].dispose()
 
 
