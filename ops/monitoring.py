@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -367,7 +368,9 @@ def _histogram(session: Session, seconds: Select) -> LatencyHistogram:
     """Count, sum and cumulative bucket counts of a one-column query of seconds (NULLs are not
     counted): each value computed once (a materialised CTE) and grouped by its bucket, so the
     database returns at most one row per bucket."""
-    values = seconds.cte("latencies").prefix_with("MATERIALIZED")
+    values = seconds.cte("latencies").prefix_with("MATERIALIZED", dialect="postgresql")  # 12+
+    if sqlite3.sqlite_version_info >= (3, 35):  # older SQLite (Ubuntu 20.04: 3.31) lacks the word
+        values = values.prefix_with("MATERIALIZED", dialect="sqlite")
     value = values.c[0]
     bucket = case(*((value <= float(bound), index) for index, bound in enumerate(LATENCY_BUCKETS_S)),
                   else_=len(LATENCY_BUCKETS_S))
