@@ -122,6 +122,14 @@ class HyperParameters(CardPart):
     augmentation: str | None = None
     members: list[str] | None = None
 
+    def validation_split(self) -> tuple[float, int] | None:
+        """(validation fraction, split seed) the version was validated on; None if not recorded.
+        Cards written before split_seed existed split with `seed`; ensembles carry no `seed`."""
+        split_seed = self.split_seed if self.split_seed is not None else self.seed
+        if self.validation_fraction is None or split_seed is None:
+            return None
+        return float(self.validation_fraction), int(split_seed)
+
 
 class Data(CardPart):
     """Which images the version was trained and validated on."""

@@ -10,9 +10,15 @@ import logging
 import ssl
 
 from pynetdicom import AE, Association
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from core.settings import PeerAddress
 from core.tls import handshake_failure
+
+
+def stored(status: int) -> bool:
+    """Whether a C-STORE status means the object was kept: success or any warning (PS3.7 C)."""
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 class AssociationFailed(ConnectionError):

@@ -17,13 +17,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import tls
 from core.lifecycle import notify_ready
 from core.logsafe import printable
+from core.scu import stored
 from core.settings import Settings
 from dicom_node import contexts
 from dicom_node.receive import (
@@ -105,7 +105,7 @@ def handle_store(
              printable(calling), outcome.status, printable(outcome.reason))
     if outcome.status == SUCCESS and not outcome.duplicate and outcome.instance_id is not None:
         enqueue_after_commit(outcome.instance_id, sessions, enqueue)
-    elif code_to_category(outcome.status) not in (STATUS_SUCCESS, STATUS_WARNING):
+    elif not stored(outcome.status):
         record_refusal(sessions, calling, outcome.status, outcome.reason)
     if outcome.status == CONFLICTING_DUPLICATE:  # the sender's operator reads what the status means
         answer = Dataset()

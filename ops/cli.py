@@ -490,9 +490,8 @@ def send(
     A file that cannot be read is named with its reason and the others are still sent; the exit
     status is 1 if any file was not stored, 2 if no association could be made.
     """
-    from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
-
     from core import tls
+    from core.scu import stored
     from core.settings import PeerAddress
     from ops.send import collect
     from ops.send import send as send_files
@@ -508,8 +507,7 @@ def send(
             send_files(paths, PeerAddress(to), calling_ae, group, timeout_s=timeout,
                        ssl_context=ssl_context), start=1
         ):
-            failures += (result.status is None
-                         or code_to_category(result.status) not in (STATUS_SUCCESS, STATUS_WARNING))
+            failures += result.status is None or not stored(result.status)
             if result.error is not None:
                 typer.echo(f"[{index}/{total}] {result.path}: not sent: {result.error}", err=True)
                 continue

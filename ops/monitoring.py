@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
 
 from core import registry, scope
-from core.contract import score_histogram
+from core.contract import POSITIVE_CLASS, score_histogram
 from core.db import (
     TERMINAL_STATES,
     AuditEvent,
@@ -161,7 +161,7 @@ def drift(
                 false_alarm_rate, min_n)
             rows.append(DriftDay(
                 name, version, day, n,
-                sum(label == "PNEUMONIA" for _, label in scores) / n if n else float("nan"),
+                sum(label == POSITIVE_CLASS for _, label in scores) / n if n else float("nan"),
                 value, alert, threshold,
             ))
     return rows

@@ -26,17 +26,11 @@ class ValidationMismatch(registry.RegistryError):
 
 def split_of(card: ModelCard) -> tuple[float, int, str]:
     """(validation fraction, split seed, train fingerprint) a version was validated on."""
-    hyper = card.hyper_parameters
-    # Cards written before split_seed existed split with `seed`; ensembles carry no `seed`.
-    split_seed = hyper.split_seed if hyper.split_seed is not None else hyper.seed
-    if hyper.validation_fraction is None or split_seed is None or card.data.train_fingerprint is None:
+    split = card.hyper_parameters.validation_split()
+    if split is None or card.data.train_fingerprint is None:
         raise registry.CardError(f"{card.label}: its card does not say which validation split it "
                                  f"was scored on (hyper_parameters, data.train_fingerprint)")
-    return (
-        float(hyper.validation_fraction),
-        int(split_seed),
-        card.data.train_fingerprint,
-    )
+    return (*split, card.data.train_fingerprint)
 
 
 def shared_validation(

@@ -8,9 +8,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from core.scu import AssociationFailed, associate
+from core.scu import AssociationFailed, associate, stored
 from core.settings import PeerAddress
 
 
@@ -37,5 +36,5 @@ def send_sr(
     code = getattr(status, "Status", None)
     if code is None:
         raise DeliveryError(f"no C-STORE response from {destination!r}")
-    if code_to_category(code) not in (STATUS_SUCCESS, STATUS_WARNING):  # a warning is stored
+    if not stored(code):
         raise DeliveryError(f"{destination!r} answered C-STORE status 0x{code:04X}")
