@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 SESSION_COOKIE = "pneumo_session"
 SESSION_MAX_AGE_S = 8 * 3600  # one shift
+MAX_ROW_ID = 2**63 - 1  # the largest primary key either database stores (BIGINT)
 SECURITY_HEADERS = {
     # The page has one inline <style> and no script; nothing may frame it (clickjacking of the
     # re-send and re-run buttons) and forms post only to the dashboard itself.
@@ -201,6 +202,8 @@ def create_app(settings: Settings) -> Starlette:
             if (refused := refusal(request)) is not None:
                 return refused
             entity_id = int(request.path_params[key])
+            if entity_id > MAX_ROW_ID:  # no such row; the database would raise on the number
+                return PlainTextResponse(f"{what} {entity_id} not found", status_code=404)
             if not requeue(sessions, entity_id, enqueue, by="dashboard"):
                 return back(f"{what} {entity_id} {refused_text}")
             log.info("dashboard: %s %s queued again", what.lower(), entity_id)
