@@ -17,12 +17,24 @@ WITHHELD = "<withheld>"
 OWN_LOGGERS = ("core", "worker", "dicom_node", "training")
 # From the first quote to the last (a value may itself hold a quote: O'Brien); a lone quote: to the end.
 _QUOTED = re.compile(r"""['"](?:.*['"]|.*)""", re.DOTALL)
+# Library messages that quote only what the library itself named, kept whole when the rendered text
+# matches in full (so no header value can ride along): which Celery pool child died, and of which
+# signal, is what an operator needs to read ("Process <withheld>" told nothing).
+KEPT = (
+    re.compile(r"Process '[A-Za-z]{0,16}(?:PoolWorker|Process)-\d+(?::\d+)*' pid:\d+ exited with "
+               r"'(?:signal \d+(?: \(SIG[A-Z0-9+-]+\))?|exitcode -?\d+)'"),  # billiard's pool supervisor
+)
 _installed = False
 
 
 def scrub(text: str) -> str:
     """`text` with everything it quotes withheld."""
     return _QUOTED.sub(WITHHELD, text)
+
+
+def kept(text: str) -> bool:
+    """Whether `text` is a library message known to quote nothing from a header (KEPT)."""
+    return any(pattern.fullmatch(text) for pattern in KEPT)
 
 
 def describe(error: BaseException) -> str:
@@ -71,7 +83,7 @@ def install() -> None:
                 message = record.getMessage()
             except Exception:  # arguments that do not fit the format: logging reports those later
                 message = f"{record.msg} {record.args}"
-            record.msg, record.args = scrub(message), None
+            record.msg, record.args = (message if kept(message) else scrub(message)), None
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = scrub_traceback(logging.Formatter().formatException(record.exc_info))
         return record
