@@ -183,6 +183,16 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+class OperatorSession(Base):
+    """A signed-in dashboard operator (the cookie holds the key; only its SHA-256 is stored), so
+    signing out ends the session on the server and a copied cookie stops working with it."""
+
+    __tablename__ = "operator_sessions"
+    key_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 def audit(session: Session, entity: str, entity_id: int, event_name: str, detail: str | None = None) -> None:
     session.add(AuditEvent(entity=entity, entity_id=entity_id, event=event_name, detail=detail))
 
