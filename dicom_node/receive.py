@@ -283,6 +283,9 @@ def inflates_past(path: Path, limit_bytes: int) -> bool:
     Why: pydicom inflates a deflated data set whole, in memory, to read even its header, so
     `DEFER_SIZE` bounds nothing there: a 1.2 MB file inflating to 1 GiB took the node 2.1 GB and
     6-7 s to read. Here it is inflated 1 MiB at a time and thrown away, stopping past the limit.
+    The loop ends at the end of the deflate stream: what follows it (the even-length pad byte)
+    stays in `unconsumed_tail` once the stream has ended and `decompress` returns b'' for ever,
+    which spun a node thread at 100% CPU holding its association slot (issue 23 row 1).
     """
     meta = read_file_meta_info(path)
     if not meta.TransferSyntaxUID.is_deflated:
@@ -290,11 +293,14 @@ def inflates_past(path: Path, limit_bytes: int) -> bool:
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     with path.open("rb") as handle:
         handle.seek(132 + 12 + int(meta.FileMetaInformationGroupLength))  # after the file meta
-        while chunk := handle.read(1 << 16):
-            while chunk:
-                total += len(inflater.decompress(chunk, 1 << 20))
+        while not inflater.eof and (chunk := handle.read(1 << 16)):
+            while chunk and not inflater.eof:
+                inflated = len(inflater.decompress(chunk, 1 << 20))
+                total += inflated
                 if total > limit_bytes:
                     return True
+                if not inflated and len(inflater.unconsumed_tail) == len(chunk):
+                    break  # no progress: never expected, but this loop must end on any input
                 chunk = inflater.unconsumed_tail
     return False
 
