@@ -1,5 +1,6 @@
 """The node's durable receive, in-process, with a real pynetdicom association."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,19 @@ def test_unknown_calling_ae_is_rejected_at_association(node) -> None:
     settings, _ = node
     assoc = associate(settings, calling="STRANGER")
     assert assoc.is_rejected
+
+
+def test_a_wrong_called_ae_title_is_rejected_with_its_reason_logged(node, caplog) -> None:
+    """pynetdicom refused it with "Rejecting Association" and no reason (issue 23 row 11)."""
+    settings, _ = node
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title="NOTPNEUMO")
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.diagnostic == 0x07  # called AE title not recognised
+    assert any("called AE 'NOTPNEUMO', this node is PNEUMO" in record.getMessage()
+               for record in caplog.records), caplog.text
 
 
 def test_known_ae_from_wrong_address_is_rejected(node) -> None:
