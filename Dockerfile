@@ -19,6 +19,7 @@ COPY alembic.ini ./
 COPY core core
 COPY ops ops
 COPY dicom_node dicom_node
+COPY serving serving
 COPY worker worker
 COPY training training
 COPY migrations migrations

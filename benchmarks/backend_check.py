@@ -21,8 +21,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from training import models
-from training.preprocess import preprocess_many
+from serving import models
+from serving.image import preprocess_many
 
 
 def throughput(model, tensors: np.ndarray, batch_size: int, seconds: float = 5.0) -> float:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from core import registry
-from training import models
-from training.preprocess import preprocess_many
+from serving import models
+from serving.image import preprocess_many
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

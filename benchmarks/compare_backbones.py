@@ -21,8 +21,9 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from serving.image import preprocess_many
+from serving.models import input_layer
 from training import data, metrics, models
-from training.preprocess import preprocess_many
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = {
@@ -32,7 +33,7 @@ WEIGHTS = {
 
 
 def feature_model(backbone: str) -> keras.Model:
-    inputs = models.input_layer()
+    inputs = input_layer()
     x = keras.layers.Concatenate()([inputs, inputs, inputs])
     x = keras.layers.Rescaling(2.0, offset=-1.0)(x)
     x = models.build_backbone(backbone, str(WEIGHTS[backbone]))(x, training=False)

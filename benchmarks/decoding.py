@@ -37,8 +37,8 @@ def measure(mode: str, path: Path) -> dict:
     """Run in a fresh process: decode `path` in process or apart; seconds, peak RSS, outcome."""
     from pydicom import dcmread
 
-    from training.preprocess import preprocess
-    from worker.decode import DecodeError, grayscale_pixels
+    from serving.decode import DecodeError, grayscale_pixels
+    from serving.image import preprocess
     from worker.isolation import decode_in_child
 
     started = time.perf_counter()

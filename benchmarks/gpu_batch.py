@@ -37,8 +37,8 @@ def load_tensor(path: Path) -> np.ndarray:
     """Exactly the worker's CPU steps for one stored file."""
     from pydicom import dcmread
 
-    from training.preprocess import preprocess
-    from worker.decode import grayscale_pixels
+    from serving.decode import grayscale_pixels
+    from serving.image import preprocess
 
     return preprocess(grayscale_pixels(dcmread(path)))
 

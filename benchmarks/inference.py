@@ -76,8 +76,8 @@ def tensors_of(paths: list[str]):
     import numpy as np
     from pydicom import dcmread
 
-    from training.preprocess import preprocess
-    from worker.decode import grayscale_pixels
+    from serving.decode import grayscale_pixels
+    from serving.image import preprocess
 
     return np.stack([preprocess(grayscale_pixels(dcmread(path))) for path in paths])
 

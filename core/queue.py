@@ -87,3 +87,15 @@ def task_sender(settings: Settings, task_name: str, app: Celery | None = None) -
     """Queue a task by name on the broker these settings name (routes as the workers have them)."""
     app = app or make_app(settings)
     return lambda object_id: app.send_task(task_name, args=[object_id])
+
+
+def queue_depths(settings: Settings) -> dict[str, int | str]:
+    """Messages waiting per queue (Redis list lengths); 'unreachable' when the broker is down.
+
+    Here, not in ops/status.py, so monitoring and status both read it without importing each other."""
+    try:
+        with make_app(settings).connection_for_read() as connection:
+            client = connection.default_channel.client
+            return {queue: int(client.llen(queue)) for queue in QUEUES}
+    except Exception as error:  # the status view must work while the broker is down
+        return dict.fromkeys(QUEUES, f"unreachable ({type(error).__name__})")

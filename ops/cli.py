@@ -204,10 +204,10 @@ def accept(
     files go through the worker's filters and decoding."""
     require_keras_backend()
     _logging()
+    from serving.pixelcheck import ScopeError
     from training import site
     from training.accept import accept as run_accept
     from training.accept import format_report
-    from training.ood import ScopeError
     from worker.scope import decode_site_file
 
     try:
@@ -243,10 +243,10 @@ def calibrate(
     """A site's own threshold as a new version; the rule is in CALIBRATE_HELP (shown by --help)."""
     require_keras_backend()
     _logging()
+    from serving.pixelcheck import ScopeError
     from training import site
     from training.calibrate import calibrate as run_calibrate
     from training.calibrate import format_report
-    from training.ood import ScopeError
     from worker.scope import decode_site_file
 
     try:

@@ -36,6 +36,7 @@ from core.db import (
     Study,
     utcnow,
 )
+from core.queue import queue_depths as read_queue_depths
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,6 @@ def not_classified_by_reason(session: Session) -> dict[tuple[str, str], int]:
 
 
 def snapshot(settings: Settings, sessions: sessionmaker[Session], queue_depths=None) -> Snapshot:
-    from ops.status import queue_depths as read_queue_depths
-
     snap = Snapshot(min_free_disk_mb=settings.min_free_disk_mb)
     settings.ensure_dirs()
     snap.free_disk_mb = shutil.disk_usage(settings.storage_dir).free / (1024 * 1024)

@@ -23,7 +23,7 @@ from pynetdicom import AE
 
 from core.scu import AssociationFailed, associate
 from core.settings import PeerAddress
-from training.preprocess import load_grayscale
+from serving.image import load_grayscale
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 

@@ -21,19 +21,9 @@ from core.db import (
     session_factory,
     utcnow,
 )
-from core.queue import DELIVER, QUEUES, make_app, task_sender
+from core.queue import DELIVER, queue_depths, task_sender
 from core.settings import Settings
 from ops.monitoring import not_classified_by_reason, sr_status, study_reasons
-
-
-def queue_depths(settings: Settings) -> dict[str, int | str]:
-    """Messages waiting per queue (Redis list lengths); 'unreachable' when the broker is down."""
-    try:
-        with make_app(settings).connection_for_read() as connection:
-            client = connection.default_channel.client
-            return {queue: int(client.llen(queue)) for queue in QUEUES}
-    except Exception as error:  # the status view must work while the broker is down
-        return dict.fromkeys(QUEUES, f"unreachable ({type(error).__name__})")
 
 
 class DatabaseNotFound(RuntimeError):

@@ -137,8 +137,8 @@ def register_with_scope(model, name: str, folder: Path, version: str, accept_all
     import numpy as np
 
     from core import registry
-    from training import ood
-    from training.preprocess import preprocess_many
+    from serving import pixelcheck
+    from serving.image import preprocess_many
     from training.scope import fit_detector, kermany_site, scope_card
 
     files = {c: sorted((DATA / "train" / c).iterdir())[::20][: 2 * images] for c in ("NORMAL", "PNEUMONIA")}
@@ -148,11 +148,11 @@ def register_with_scope(model, name: str, folder: Path, version: str, accept_all
     detector, summary = fit_detector(model, preprocess_many(fit_paths), groups, preprocess_many(held_paths))
     site = kermany_site(len(fit_paths))
     if accept_all:
-        detector = ood.Detector(detector.layers, detector.means, detector.precision, 1e30, 0.0)
+        detector = pixelcheck.Detector(detector.layers, detector.means, detector.precision, 1e30, 0.0)
         summary = {**summary, "threshold": 1e30, "false_refusal_rate": 0.0}
         site = {**site, "views": [], "age_years": None}
     with tempfile.TemporaryDirectory() as staging:
-        detector_file = ood.save(detector, Path(staging))
+        detector_file = pixelcheck.save(detector, Path(staging))
         return registry.register(name, model, {"threshold": 0.5, **(card or {}),
                                                "scope": scope_card(summary, [site])},
                                  folder, version=version, detector_file=detector_file)

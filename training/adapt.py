@@ -20,8 +20,10 @@ import keras
 import numpy as np
 
 from core import contract, registry
-from training import data, metrics, models, ood, site
-from training.preprocess import preprocess_many
+from serving import pixelcheck
+from serving.image import preprocess_many
+from serving.models import load_version
+from training import data, metrics, models, site
 from training.scope import fit_detector, kermany_groups, kermany_site, recorded_split, scope_card
 from training.train import (
     Split,
@@ -53,7 +55,7 @@ class AdaptConfig:
     seed: int = 1337
     split_seed: int = 1337
     max_base_images: int | None = None  # tests only: cap the base training images
-    false_refusal_rate: float = ood.DEFAULT_FALSE_REFUSAL_RATE
+    false_refusal_rate: float = pixelcheck.DEFAULT_FALSE_REFUSAL_RATE
 
 
 def site_weights(site_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -104,7 +106,7 @@ def adapt(
     started = time.monotonic()
     commit = code_commit()
     keras.utils.set_random_seed(config.seed)
-    model, base = models.load_version(name, models_dir)
+    model, base = load_version(name, models_dir)
     if not base.scope:
         raise registry.RegistryError(f"{base.label} has no scope; run `pneumo scope fit` first")
 
@@ -200,7 +202,7 @@ def adapt(
         "scope": scope_card(summary, [kermany_site(len(base_train)), site_entry]),
     }
     with tempfile.TemporaryDirectory() as folder:
-        detector_file = ood.save(detector, Path(folder))
+        detector_file = pixelcheck.save(detector, Path(folder))
         version = registry.register(name, model, card, models_dir, detector_file=detector_file)
     log.info("registered %s: validation %s", version.label,
              {k: round(v["roc_auc"], 4) for k, v in per_site.items()})

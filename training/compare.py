@@ -16,8 +16,9 @@ from sklearn.metrics import roc_auc_score
 
 from core import registry
 from core.card import ModelCard
-from training import data, metrics, models
-from training.preprocess import preprocess_many
+from serving import models
+from serving.image import preprocess_many
+from training import data, metrics
 
 
 class ValidationMismatch(registry.RegistryError):

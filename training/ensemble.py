@@ -17,7 +17,7 @@ from typing import Any
 import keras
 
 from core import contract, registry
-from training import models
+from serving import models
 from training.compare import shared_validation, split_of
 from training.train import code_commit, load_split, provenance, register_evaluated
 

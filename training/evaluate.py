@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from core import registry
-from training import data, metrics, models
-from training.preprocess import preprocess_many
+from serving import models
+from serving.image import preprocess_many
+from training import data, metrics
 from training.train import code_commit
 
 REPORT_KEYS = (

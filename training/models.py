@@ -1,4 +1,5 @@
-"""The two model families, written in backend-neutral Keras 3 (TensorFlow, JAX or PyTorch).
+"""The two model families, built and trained here (serving.models loads and runs them), written in
+backend-neutral Keras 3 (TensorFlow, JAX or PyTorch).
 
 Both take the contract's input, (224, 224, 1) in [0, 1], and give one sigmoid probability of
 pneumonia. Augmentation is a separate block used only while training, so saved models are pure.
@@ -6,15 +7,11 @@ pneumonia. Augmentation is a separate block used only while training, so saved m
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any
-
 import keras
-import numpy as np
 from keras import layers
 
-from core import contract, registry
+from core import contract
+from serving.models import backbone_of, input_layer
 
 BACKBONES = {
     # name: (constructor, keyword arguments); all take [-1, 1] inputs.
@@ -22,12 +19,6 @@ BACKBONES = {
     "mobilenet_v2_0.35": (keras.applications.MobileNetV2, {"alpha": 0.35}),
     "xception": (keras.applications.Xception, {}),
 }
-
-
-def input_layer() -> keras.KerasTensor:
-    shape = (contract.INPUT_HEIGHT, contract.INPUT_WIDTH, contract.INPUT_CHANNELS)
-    return keras.Input(shape=shape, name="image")
-
 
 AUGMENTATIONS = {
     "standard": (
@@ -160,14 +151,6 @@ def build_transfer(backbone: str, weights: str | None, dropout_rate: float = 0.3
     return keras.Model(inputs, outputs, name="pneumonia_transfer")
 
 
-def backbone_of(model: keras.Model) -> keras.Model:
-    """The nested backbone of a transfer model."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            return layer
-    raise ValueError(f"model {model.name} has no nested backbone")
-
-
 def unfreeze_top(model: keras.Model, layer_count: int) -> int:
     """Make the top `layer_count` backbone layers trainable, batch norm excepted; return count."""
     base = backbone_of(model)
@@ -186,67 +169,3 @@ def with_augmentation(model: keras.Model, seed: int, recipe: str = "standard") -
     inputs = input_layer()
     outputs = model(build_augmentation(seed, recipe)(inputs))
     return keras.Model(inputs, outputs, name=f"{model.name}_training")
-
-
-def feature_layers(model: keras.Model) -> tuple[str, ...]:
-    """The middle blocks whose pooled activations the pixel check reads (training.ood)."""
-    from training.ood import TRANSFER_LAYERS, ScopeError
-
-    names = {layer.name for layer in model.layers}
-    if {"to_rgb", "to_signed", "pool", "pneumonia_probability"} <= names:
-        base = backbone_of(model)
-        if all(any(layer.name == n for layer in base.layers) for n in TRANSFER_LAYERS):
-            return TRANSFER_LAYERS
-    pools = [layer.name for layer in model.layers if re.fullmatch(r"block\d+_pool", layer.name)]
-    if pools:
-        middle = pools[1:-1] or pools  # a CNN's blocks between the first and the last
-        return tuple(middle)
-    raise ScopeError(f"no known feature layers in model {model.name!r} (an ensemble?): "
-                     f"a pixel check needs a single transfer or CNN model")
-
-
-def with_features(model: keras.Model) -> tuple[keras.Model, tuple[str, ...]]:
-    """The same model with a second output: the pooled middle-block activations, concatenated.
-
-    One call gives the probability and what the pixel check scores, so checking costs no second
-    pass. The probability output reuses the model's own layers and weights unchanged.
-    """
-    chosen = feature_layers(model)
-    if "to_rgb" in {layer.name for layer in model.layers}:
-        base = backbone_of(model)
-        multi = keras.Model(base.input, [base.get_layer(n).output for n in chosen] + [base.output])
-        inputs = input_layer()
-        x = model.get_layer("to_rgb")([inputs, inputs, inputs])
-        x = model.get_layer("to_signed")(x)
-        *middle, last = multi(x)
-        probability = model.get_layer("pneumonia_probability")(model.get_layer("pool")(last))
-    else:
-        inputs = model.input
-        middle = [model.get_layer(n).output for n in chosen]
-        probability = model.output
-    pooled = [layers.GlobalAveragePooling2D()(m) for m in middle]
-    features = pooled[0] if len(pooled) == 1 else layers.Concatenate()(pooled)
-    return keras.Model(inputs, [probability, features], name=f"{model.name}_with_features"), chosen
-
-
-def predict_with_features(scoring: keras.Model, images: np.ndarray, batch_size: int = 64):
-    """(probabilities (N,), features (N, F)) in batches."""
-    probabilities, features = [], []
-    for start in range(0, len(images), batch_size):
-        p, f = scoring.predict_on_batch(images[start:start + batch_size])
-        probabilities.append(np.asarray(p).reshape(-1))
-        features.append(np.asarray(f))
-    if not probabilities:
-        return np.zeros(0), np.zeros((0, 0))
-    return np.concatenate(probabilities), np.concatenate(features)
-
-
-def load_version(
-    spec: str, models_dir: Path = registry.DEFAULT_MODELS_DIR
-) -> tuple[Any, registry.ModelVersion]:
-    """A registered version's Keras model, after its hashes and contract are verified (here, not in
-    core.registry: the ground never imports Keras)."""
-    model_version = registry.resolve(spec, models_dir)
-    registry.verify(model_version)
-    model = keras.saving.load_model(model_version.model_file, compile=False)
-    return model, model_version

@@ -16,8 +16,9 @@ import numpy as np
 
 from core import registry, scope
 from core.card import HyperParameters
-from training import data, models, ood
-from training.preprocess import preprocess_many
+from serving import models, pixelcheck
+from serving.image import preprocess_many
+from training import data
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ def fit_detector(
     train_groups: np.ndarray,
     held_out_images: np.ndarray,
     held_out_sites: np.ndarray | None = None,
-    false_refusal_rate: float = ood.DEFAULT_FALSE_REFUSAL_RATE,
-) -> tuple[ood.Detector, dict[str, Any]]:
+    false_refusal_rate: float = pixelcheck.DEFAULT_FALSE_REFUSAL_RATE,
+) -> tuple[pixelcheck.Detector, dict[str, Any]]:
     """The pixel check of `model`: Gaussians on its training images, threshold on held-out ones."""
     scoring, layers = models.with_features(model)
     _, train_features = models.predict_with_features(scoring, train_images)
     _, held_features = models.predict_with_features(scoring, held_out_images)
-    return ood.fit(train_features, train_groups, held_features, layers, false_refusal_rate,
+    return pixelcheck.fit(train_features, train_groups, held_features, layers, false_refusal_rate,
                    held_out_sites)
 
 
@@ -57,7 +58,7 @@ def recorded_split(hyper: HyperParameters) -> tuple[float, int]:
 
 
 def fit_existing(
-    spec: str, models_dir: Path, false_refusal_rate: float = ood.DEFAULT_FALSE_REFUSAL_RATE
+    spec: str, models_dir: Path, false_refusal_rate: float = pixelcheck.DEFAULT_FALSE_REFUSAL_RATE
 ) -> registry.ModelVersion:
     """Fit and record the scope of a Kermany-trained version registered without one."""
     model, version = models.load_version(spec, models_dir)
@@ -80,6 +81,6 @@ def fit_existing(
         preprocess_many([s.path for s in carved.validation]), None, false_refusal_rate,
     )
     with tempfile.TemporaryDirectory() as folder:
-        path = ood.save(detector, Path(folder))
+        path = pixelcheck.save(detector, Path(folder))
         registry.record_scope(version, scope_card(summary, [kermany_site(len(carved.train))]), path)
     return registry.resolve(spec, models_dir)

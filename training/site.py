@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from core import contract, registry, scope
-from training import data, models, ood
-from training.preprocess import preprocess_file
+from serving import models, pixelcheck
+from serving.header import Decoded
+from serving.image import preprocess_file
+from training import data
 
 LABELS_FILE = "labels.csv"
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
@@ -30,16 +32,6 @@ class SiteImage:
     path: Path
     label: int  # 1 = pneumonia
     patient_id: str
-    age_years: float | None = None
-    view: str | None = None
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """What the worker's decoding made of a DICOM file: a tensor, or why there is none."""
-
-    tensor: np.ndarray | None
-    reason: str | None = None  # ignored/failed reason (not a chest radiograph, undecodable, ...)
     age_years: float | None = None
     view: str | None = None
 
@@ -157,7 +149,7 @@ def assess(spec: str, loaded: Loaded, models_dir: Path) -> Assessment:
     use = scope_of.intended_use if scope_of else None
     if not use:
         raise registry.RegistryError(f"{version.label} has no scope; run `pneumo scope fit`")
-    detector = ood.load(version.path, scope_of.detector_sha256)
+    detector = pixelcheck.load(version.path, scope_of.detector_sha256)
     scoring, _ = models.with_features(model)
     probabilities, features = models.predict_with_features(scoring, loaded.tensors)
     pixel_scores = detector.score(features) if len(features) else np.zeros(0)

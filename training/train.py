@@ -21,9 +21,10 @@ import keras
 import numpy as np
 
 from core import contract, registry
-from training import data, metrics, models, ood
+from serving import pixelcheck
+from serving.image import preprocess_many
+from training import data, metrics, models
 from training.pipeline import fit_inputs
-from training.preprocess import preprocess_many
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def register_evaluated(
     """Threshold and metrics on validation, the test split once if asked, then register.
 
     Shared by `train` and `ensemble`, so every version is scored and recorded the same way.
-    With `detector` (training.ood), its file is registered with the card's scope.
+    With `detector` (serving.pixelcheck), its file is registered with the card's scope.
     """
     validation_probabilities = predict(model, validation.images)
     threshold = metrics.choose_threshold(validation.labels, validation_probabilities)
@@ -359,7 +360,7 @@ def register_evaluated(
         card["data"]["test_fingerprint"] = data.fingerprint(test_split.samples, data_root)
         plots = metrics.save_plots(test_split.labels, test_probabilities, threshold, staging, "test")
     with tempfile.TemporaryDirectory() as folder:
-        detector_file = ood.save(detector, Path(folder)) if detector is not None else None
+        detector_file = pixelcheck.save(detector, Path(folder)) if detector is not None else None
         model_version = registry.register(name, model, card, models_dir, plots,
                                           detector_file=detector_file)
     for plot in plots:

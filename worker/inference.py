@@ -13,7 +13,7 @@ import numpy as np
 from core import contract, registry
 from core.card import IntendedUse
 from core.queue import BATCH_TIMEOUT_S  # a batch this slow means the model is stuck: fail the task
-from training import models, ood
+from serving import models, pixelcheck
 from worker.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Classifier:
 
     With `batch_size` > 1, concurrent `predict` calls (Celery's thread pool) are batched together
     (see worker.batching); otherwise each call runs the model on its own image. One model call
-    gives the probability and the pixel check's features (training.models.with_features).
+    gives the probability and the pixel check's features (serving.models.with_features).
     """
 
     def __init__(self, spec: str, models_dir: Path, batch_size: int = 1, batch_wait_s: float = 0.01) -> None:
@@ -44,8 +44,8 @@ class Classifier:
                 f"{self.version.label} has no pixel check, so no image can be checked against what "
                 f"it was validated on; run `pneumo scope fit --model {self.version.label}`")
         try:
-            self.detector = ood.load(self.version.path, scope.detector_sha256)
-        except ood.ScopeError as error:
+            self.detector = pixelcheck.load(self.version.path, scope.detector_sha256)
+        except pixelcheck.ScopeError as error:
             raise registry.RegistryError(f"{self.version.label}: {error}") from error
         self.model, _ = models.with_features(model)
         self._lock = threading.Lock()

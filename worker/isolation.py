@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from core.queue import DECODE_TIMEOUT_S
-from worker.decode import DecodeError
+from serving.decode import DecodeError
 
 # The largest image the filters admit (8192x8192, 16-bit, JPEG 2000 or uncompressed) peaks at
 # ~1.0 GB of address space decoded and preprocessed (docs/benchmarks.md): twice that is the limit.
@@ -78,8 +78,8 @@ def _confine() -> None:
 def main(argv: list[str]) -> int:
     from pydicom import dcmread
 
-    from training.preprocess import preprocess
-    from worker.decode import grayscale_pixels
+    from serving.decode import grayscale_pixels
+    from serving.image import preprocess
 
     source, output = argv
     _confine()

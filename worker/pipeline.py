@@ -40,14 +40,14 @@ from core.db import (
 from core.queue import LOST_DELIVERY_S, MAX_WORKER_DEATHS, STALE_INSTANCE_S
 from core.settings import Settings
 from core.tls import TLSConfigError
-from training.preprocess import preprocess
+from serving.decode import DecodeError, grayscale_pixels
+from serving.header import header_age, header_view
+from serving.image import preprocess
 from worker import filters
-from worker.decode import DecodeError, grayscale_pixels
 from worker.delivery import DeliveryError
 from worker.inference import Classifier
 from worker.isolation import decode_in_child
 from worker.report import ImageFinding, build_sr, drop_invalid_values, sr_uids
-from worker.scope import header_age, header_view
 
 log = logging.getLogger(__name__)
 LOCAL_DESTINATION = "local"  # no PACS configured: the SR is only written to disk

@@ -1,30 +1,15 @@
-"""What a DICOM header says about scope (age, view), and site files decoded as the worker does."""
+"""Site files decoded as the worker decodes them: its filters, then the serving path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 
-from core import scope
-from training.preprocess import preprocess
-from training.site import Decoded
+from serving.decode import DecodeError, grayscale_pixels
+from serving.header import Decoded, header_age, header_view
+from serving.image import preprocess
 from worker import filters
-from worker.decode import DecodeError, grayscale_pixels
-
-_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
-
-
-def header_age(dataset: Dataset) -> float | None:
-    """Patient's Age, else Birth Date against the first date the study carries."""
-    seen = next((str(dataset.get(k) or "") for k in _DATES if dataset.get(k)), None)
-    return scope.age_in_years(str(dataset.get("PatientAge") or ""),
-                              str(dataset.get("PatientBirthDate") or ""), seen)
-
-
-def header_view(dataset: Dataset) -> str | None:
-    return str(dataset.get("ViewPosition") or "").strip().upper() or None
 
 
 def decode_site_file(path: Path) -> Decoded:

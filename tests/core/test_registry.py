@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from core import registry
+from serving.models import load_version
 from training import models
 
 
@@ -21,7 +22,7 @@ def test_save_load_round_trip_gives_identical_predictions(
 ) -> None:
     images = np.random.default_rng(0).random((3, 224, 224, 1), dtype=np.float32)
     original = keras.saving.load_model(registered.model_file, compile=False)
-    loaded, version = models.load_version("pneumonia-cnn", tmp_path)
+    loaded, version = load_version("pneumonia-cnn", tmp_path)
     assert version.version == "v1"
     np.testing.assert_array_equal(original.predict(images, verbose=0), loaded.predict(images, verbose=0))
 
@@ -47,7 +48,7 @@ def test_hash_mismatch_is_refused(registered: registry.ModelVersion, tmp_path: P
     with open(registered.model_file, "ab") as handle:
         handle.write(b"tampered")
     with pytest.raises(registry.ModelIntegrityError, match="changed after registration"):
-        models.load_version("pneumonia-cnn@v1", tmp_path)
+        load_version("pneumonia-cnn@v1", tmp_path)
 
 
 def test_other_preprocessing_contract_is_refused(
@@ -59,7 +60,7 @@ def test_other_preprocessing_contract_is_refused(
     card_path.chmod(0o644)
     card_path.write_text(json.dumps(card))
     with pytest.raises(registry.RegistryError, match="another preprocessing contract"):
-        models.load_version("pneumonia-cnn@v1", tmp_path)
+        load_version("pneumonia-cnn@v1", tmp_path)
 
 
 def test_unknown_model_names_what_exists(registered: registry.ModelVersion, tmp_path: Path) -> None:

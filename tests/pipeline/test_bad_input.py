@@ -59,11 +59,11 @@ from dicom_node.receive import (
     SUCCESS,
 )
 from ops.send import wrap_image
+from serving.decode import grayscale_pixels
+from serving.image import preprocess
 from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import dcmtk, free_port, wait_for
-from training.preprocess import preprocess
 from worker import pipeline
-from worker.decode import grayscale_pixels
 from worker.inference import Classifier
 
 PATIENT_NAME, PATIENT_ID = "Doe^Secret", "PID-SECRET-123"

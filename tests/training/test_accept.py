@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from core import registry
 from ops.cli import app
 from ops.send import wrap_image
+from serving import pixelcheck
+from serving.image import preprocess_many
 from tests.conftest import DATA, REAL_DICOM, SMALL_MOBILENET
-from training import accept, data, ood
-from training.preprocess import preprocess_many
+from training import accept, data
 from training.scope import fit_detector, kermany_site, scope_card
 
 NAME = "pneumonia-transfer"
@@ -51,7 +52,7 @@ def build_registry(folder: Path) -> Path:
             "data": {"root": str(DATA)}, "scope": scope_card(summary, [kermany_site(len(fit))])}
     for version, threshold in (("base", 0.5), ("low", 0.3)):
         registry.register(NAME, model, {**card, "threshold": threshold}, folder, version=version,
-                          detector_file=ood.save(detector, stash))
+                          detector_file=pixelcheck.save(detector, stash))
     return folder
 
 

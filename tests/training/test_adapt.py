@@ -84,7 +84,7 @@ def test_site_split_is_by_patient(site_folder: Path) -> None:
 
 def test_adapt_registers_a_version_for_both_sites(base: Path, site_folder: Path) -> None:
     from ops.cli import app
-    from training.preprocess import preprocess
+    from serving.image import preprocess
     from worker.inference import Classifier
 
     result = CliRunner().invoke(app, [

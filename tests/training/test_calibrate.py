@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from core import registry
+from serving import models
+from serving.image import preprocess_many
 from tests.training.test_accept import NAME, build_registry, run_cli, spread, write_labels
-from training import calibrate, data, metrics, models, site
-from training.preprocess import preprocess_many
+from training import calibrate, data, metrics, site
 
 SEED = 20261202
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from core import registry
+from serving.image import preprocess_many
+from serving.models import load_version
 from tests.training.test_training_run import pneumo
 from training import data, models
-from training.preprocess import preprocess_many
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +50,9 @@ def test_ensemble_is_the_mean_of_its_members(tiny_data: Path, tmp_path: Path) ->
     assert card.data.train_images + card.data.validation_images == 48
 
     images = preprocess_many([s.path for s in data.read_split(tiny_data, "test")])
-    averaged, _ = models.load_version(ensemble.label, tmp_path)
+    averaged, _ = load_version(ensemble.label, tmp_path)
     expected = np.mean(
-        [models.load_version(m.label, tmp_path)[0].predict(images, verbose=0) for m in members], axis=0
+        [load_version(m.label, tmp_path)[0].predict(images, verbose=0) for m in members], axis=0
     )
     np.testing.assert_allclose(averaged.predict(images, verbose=0), expected, atol=1e-6)
 

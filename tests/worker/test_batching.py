@@ -94,8 +94,8 @@ def test_batched_classification_equals_unbatched(
     assert len(rows) == 8
     from pydicom import dcmread
 
-    from training.preprocess import preprocess
-    from worker.decode import grayscale_pixels
+    from serving.decode import grayscale_pixels
+    from serving.image import preprocess
 
     for path, probability in rows:
         expected = single.predict(preprocess(grayscale_pixels(dcmread(path)))).probability

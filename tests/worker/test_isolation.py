@@ -16,12 +16,12 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from core.db import Instance, InstanceState, Result
+from serving.decode import DecodeError, grayscale_pixels
+from serving.image import preprocess
 from tests.conftest import REAL_DICOM
 from tests.pipeline.test_bad_input import j2k_bomb
 from tests.worker.test_worker import store
-from training.preprocess import preprocess
 from worker import pipeline
-from worker.decode import DecodeError, grayscale_pixels
 from worker.inference import Classifier
 from worker.isolation import decode_in_child
 

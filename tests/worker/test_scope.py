@@ -108,7 +108,7 @@ def synthetic_images() -> dict[str, np.ndarray]:
 
 
 def test_served_pixel_check_refuses_synthetic_images_and_passes_test_images(served) -> None:
-    from training.preprocess import preprocess, preprocess_file
+    from serving.image import preprocess, preprocess_file
 
     for name, image in synthetic_images().items():
         prediction = served.predict(preprocess(image))

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from core import contract
+from serving.image import load_grayscale, preprocess, preprocess_file
 from tests.conftest import DATA
-from training.preprocess import load_grayscale, preprocess, preprocess_file
 
 SAMPLE = sorted((DATA / "test" / "PNEUMONIA").iterdir())[0]
 

@@ -1,4 +1,4 @@
-"""The one preprocessing function, shared by training and serving (the worker imports it).
+"""The one preprocessing function: training, the site tools and the worker all call it.
 
 A grayscale image of any size and dtype (JPEG pixels, or a decoded DICOM frame after the
 Modality LUT, VOI window and MONOCHROME1 inversion) becomes the model's input tensor.
