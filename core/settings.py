@@ -131,6 +131,18 @@ class Settings(BaseSettings):
     dashboard_token: SecretStr = Field(
         SecretStr(""), description="Token for the dashboard's state-changing actions")
     dashboard_token_file: Path | None = Field(None, description="File holding the token instead")
+    dashboard_trusted_proxies: str = Field(
+        "", description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For/-Proto the dashboard believes; empty: none, the connecting address is the "
+        "client (a forged header changes nothing, e.g. the sign-in throttle's key)"
+    )
+    dashboard_tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) of the dashboard; set with dashboard_tls_key_file: "
+        "HTTPS only, and the session cookie is marked Secure"
+    )
+    dashboard_tls_key_file: Path | None = Field(
+        None, description="Unencrypted PEM key of dashboard_tls_cert_file (mode 600)"
+    )
     show_patient_names: bool = Field(False, description="Show patient names on the dashboard")
     drift_psi_alert: float = Field(
         0.1, ge=0, description="Smallest PSI (production scores vs the card's validation scores) worth "
@@ -159,6 +171,20 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("PNEUMO_AE_TITLE must not be empty")
         return value.strip()
+
+    @field_validator("dashboard_trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        """Addresses or networks only: uvicorn would take a typo for a literal host name that
+        never matches, silently trusting no one (or, worse, the wrong one)."""
+        import ipaddress
+
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP address or network: {part!r}") from None
+        return value
 
     @field_validator("pacs")
     @classmethod

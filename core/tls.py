@@ -136,7 +136,22 @@ def handshake_failure(host: str, port: int, context: ssl.SSLContext, timeout_s: 
         return None
 
 
+def dashboard_context(settings: Settings) -> ssl.SSLContext | None:
+    """The dashboard's HTTPS context; None (plain HTTP) unless its certificate and key are set."""
+    cert_file, key_file = settings.dashboard_tls_cert_file, settings.dashboard_tls_key_file
+    if cert_file is None and key_file is None:
+        return None
+    names = ("PNEUMO_DASHBOARD_TLS_CERT_FILE", "PNEUMO_DASHBOARD_TLS_KEY_FILE")
+    if cert_file is None or key_file is None:
+        raise TLSConfigError(f"{names[0]} and {names[1]} must be set together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MINIMUM_VERSION
+    _load_identity(context, cert_file, key_file, names)
+    return context
+
+
 def check(settings: Settings) -> None:
     """Build every configured context once, so a bad file stops startup with a clear message."""
     server_context(settings)
     pacs_context(settings)
+    dashboard_context(settings)

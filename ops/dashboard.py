@@ -2,28 +2,36 @@
 
 Server-rendered (Starlette + Jinja2, no JavaScript). Reading is open; re-send and re-run change
 state and need the operator token (PNEUMO_DASHBOARD_TOKEN or _FILE), given once on the page; the
-browser then holds a signed session (HttpOnly, SameSite=Strict), never the token itself. Wrong
-tokens are throttled per client (429). With no token configured the actions are disabled.
-Patient names are not shown unless PNEUMO_SHOW_PATIENT_NAMES is set.
+browser then holds a signed cookie (HttpOnly, SameSite=Strict, Secure over HTTPS) with the key of
+a session kept in the database, never the token itself; signing out deletes the session, so a
+copied cookie dies with it. Wrong tokens are throttled per client address (429): the address that
+connected, or, only from a configured proxy (PNEUMO_DASHBOARD_TRUSTED_PROXIES), the one it
+forwards. With no token configured the actions are disabled, and the dashboard will not listen
+beyond loopback. Patient names are not shown unless PNEUMO_SHOW_PATIENT_NAMES is set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -31,8 +39,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from core.db import Instance, session_factory
+from core.db import Instance, OperatorSession, session_factory, utcnow
 from core.logsafe import printable
 from core.queue import CLASSIFY, DELIVER, make_app, task_sender
 from core.settings import Settings
@@ -56,15 +65,33 @@ SECURITY_HEADERS = {
 }
 
 
+def throttle_key(host: str) -> str:
+    """Whom the sign-in throttle counts: an IPv4 address, or an IPv6 client's /64 (one site or
+    host is given a whole /64, so counting single IPv6 addresses would give it 2**64 tries)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 class LoginThrottle:
     """At most `attempts` wrong tokens per client in `window_s`; then 429 until the oldest ages out.
 
-    Without it the operator token could be guessed at the speed of the network.
+    Without it the operator token could be guessed at the speed of the network. Keyed by the
+    client's address (throttle_key), which a request cannot choose: an attacker's failures lock
+    out only the attacker, never an operator elsewhere.
     """
+
+    MAX_CLIENTS = 10_000  # past this, the clients that failed longest ago are forgotten first
 
     def __init__(self, attempts: int = 5, window_s: float = 300.0) -> None:
         self.attempts, self.window_s = attempts, window_s
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def retry_after(self, client: str) -> int:
@@ -83,9 +110,63 @@ class LoginThrottle:
 
     def failed(self, client: str) -> None:
         with self._lock:
-            if len(self._failures) > 10_000:  # a flood of addresses must not grow this for ever
-                self._failures.clear()
+            if client not in self._failures and len(self._failures) >= self.MAX_CLIENTS:
+                self._forget_one()
             self._failures.setdefault(client, deque(maxlen=self.attempts)).append(time.monotonic())
+            self._failures.move_to_end(client)
+
+    def _forget_one(self) -> None:
+        """Make room: a flood of addresses must not grow this for ever, nor wipe the count of a
+        throttled client (clearing all let a burst of new addresses reset one). The client that
+        failed longest ago and is not throttled goes; only if every one is, the oldest."""
+        now = time.monotonic()
+        for client, failures in self._failures.items():
+            if len(failures) < self.attempts or now - failures[-1] > self.window_s:
+                del self._failures[client]
+                return
+        self._failures.popitem(last=False)
+
+
+class OperatorSessions:
+    """Signed-in operators, on the server: the browser holds a random key, the database its
+    SHA-256 and when it expires. Signing out deletes the row, so the cookie stops working at
+    once, not when its Max-Age runs out (issue 23); a restart keeps the sessions."""
+
+    def __init__(self, sessions: sessionmaker[Session], max_age_s: float = SESSION_MAX_AGE_S) -> None:
+        self._sessions, self.max_age_s = sessions, max_age_s
+
+    @staticmethod
+    def _digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def open(self) -> str:
+        """A new session's key (expired ones are removed on the way)."""
+        key = secrets.token_urlsafe(32)
+        now = utcnow()
+        with self._sessions() as session, session.begin():
+            session.execute(delete(OperatorSession).where(OperatorSession.expires_at <= now))
+            session.add(OperatorSession(key_sha256=self._digest(key), created_at=now,
+                                        expires_at=now + timedelta(seconds=self.max_age_s)))
+        return key
+
+    def valid(self, key: object) -> bool:
+        """Whether `key` names an open, unexpired session; False when the database cannot say."""
+        if not isinstance(key, str) or not key:
+            return False
+        try:
+            with self._sessions() as session:
+                expires_at = session.scalar(select(OperatorSession.expires_at)
+                                            .where(OperatorSession.key_sha256 == self._digest(key)))
+        except SQLAlchemyError as error:
+            log.warning("dashboard: cannot check a session (%s)", type(error).__name__)
+            return False
+        return expires_at is not None and expires_at > utcnow()
+
+    def close(self, key: object) -> None:
+        if isinstance(key, str) and key:
+            with self._sessions() as session, session.begin():
+                session.execute(delete(OperatorSession)
+                                .where(OperatorSession.key_sha256 == self._digest(key)))
 
 
 def session_secret(token: str) -> str:
@@ -110,8 +191,18 @@ def operator_token(settings: Settings) -> str:
     return settings.dashboard_token.get_secret_value().strip()
 
 
+def trusted_proxies(settings: Settings) -> list[str]:
+    """The proxies whose forwarded headers are believed (PNEUMO_DASHBOARD_TRUSTED_PROXIES)."""
+    return [entry.strip() for entry in settings.dashboard_trusted_proxies.split(",") if entry.strip()]
+
+
+def tls_enabled(settings: Settings) -> bool:
+    return settings.dashboard_tls_cert_file is not None or settings.dashboard_tls_key_file is not None
+
+
 def create_app(settings: Settings) -> Starlette:
     sessions = session_factory(settings.sqlalchemy_url)
+    operators = OperatorSessions(sessions)
     token = operator_token(settings)
     producer = make_app(settings)
     send_delivery = task_sender(settings, DELIVER, producer)
@@ -120,13 +211,15 @@ def create_app(settings: Settings) -> Starlette:
     throttle = LoginThrottle()
 
     def client_of(request: Request) -> str:
-        return request.client.host if request.client else "?"
+        """The client's address: the peer of the connection, or what a trusted proxy forwarded
+        (ProxyHeadersMiddleware rewrites it only for those)."""
+        return throttle_key(request.client.host) if request.client else "?"
 
     def token_matches(given: str) -> bool:
         return bool(token) and hmac.compare_digest(given.encode(), token.encode())
 
     def signed_in(request: Request) -> bool:
-        return bool(token) and request.session.get("operator") is True
+        return bool(token) and operators.valid(request.session.get("operator"))
 
     def refusal(request: Request) -> Response | None:
         """None if the request may change state: a signed-in session, or the token as a Bearer
@@ -180,12 +273,24 @@ def create_app(settings: Settings) -> Starlette:
             throttle.failed(client_of(request))
             log.warning("dashboard sign-in refused from %s", printable(client_of(request)))
             return back("Sign-in refused: wrong operator token")
+        previous = request.session.get("operator")
         request.session.clear()
-        request.session["operator"] = True
+        try:
+            await run_in_threadpool(operators.close, previous)
+            request.session["operator"] = await run_in_threadpool(operators.open)
+        except SQLAlchemyError as error:
+            log.warning("dashboard sign-in failed: the database is unreachable (%s)", type(error).__name__)
+            return back("Sign-in failed: the database is unreachable")
         return back("Signed in")
 
     async def logout(request: Request) -> Response:
+        key = request.session.get("operator")
         request.session.clear()
+        try:
+            await run_in_threadpool(operators.close, key)
+        except SQLAlchemyError as error:
+            log.warning("dashboard sign-out: the database is unreachable (%s)", type(error).__name__)
+            return back("Signed out here, but the database is unreachable: the session may live on")
         return back("Signed out")
 
     def refuse(request: Request) -> Response:
@@ -229,6 +334,7 @@ def create_app(settings: Settings) -> Starlette:
             "node": node,
         }, status_code=200 if healthy else 503)
 
+    proxies = trusted_proxies(settings)
     return Starlette(routes=[
         Route("/", page),
         Route("/login", login, methods=["POST"]),
@@ -238,9 +344,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics),
         Route("/healthz", healthz),
     ], middleware=[
+        # Outermost: the client address every later layer sees. No trusted proxy: none is believed.
+        *([Middleware(ProxyHeadersMiddleware, trusted_hosts=proxies)] if proxies else []),
         Middleware(BaseHTTPMiddleware, dispatch=_security_headers),
         Middleware(SessionMiddleware, secret_key=session_secret(token), session_cookie=SESSION_COOKIE,
-                   max_age=SESSION_MAX_AGE_S, same_site="strict"),
+                   max_age=SESSION_MAX_AGE_S, same_site="strict", https_only=tls_enabled(settings)),
     ])
 
 
@@ -274,7 +382,18 @@ def _add_patient_names(session, studies: list[monitoring.StudyRow]) -> None:
 
 
 class CannotListen(RuntimeError):
-    """The dashboard's port cannot be bound: restarting will not help."""
+    """The dashboard cannot listen as configured (port in use, TLS files, no token beyond
+    loopback): restarting will not help."""
+
+
+def beyond_loopback(host: str) -> bool:
+    """Whether listening on `host` is reachable from other machines (0.0.0.0, ::, a LAN address)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, assume the network
+        return True
 
 
 def serve(settings: Settings) -> None:
@@ -283,7 +402,17 @@ def serve(settings: Settings) -> None:
 
     import uvicorn
 
+    from core import tls
+
     host, port = settings.dashboard_host, settings.dashboard_port
+    if beyond_loopback(host) and not operator_token(settings):
+        raise CannotListen(f"the dashboard would listen on {host}, beyond loopback, with no operator "
+                           f"token: set PNEUMO_DASHBOARD_TOKEN (or PNEUMO_DASHBOARD_TOKEN_FILE), or "
+                           f"PNEUMO_DASHBOARD_HOST=127.0.0.1")
+    try:
+        context = tls.dashboard_context(settings)
+    except tls.TLSConfigError as error:
+        raise CannotListen(str(error)) from None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -293,9 +422,15 @@ def serve(settings: Settings) -> None:
     except OSError as error:
         raise CannotListen(f"cannot listen on {host}:{port} (PNEUMO_DASHBOARD_HOST/PNEUMO_DASHBOARD_PORT): "
                            f"{error.strerror or error}") from None
-    log.info("dashboard on http://%s:%d/ (metrics at /metrics)", host, port)
+    scheme = "https" if context is not None else "http"
+    log.info("dashboard on %s://%s:%d/ (metrics at /metrics)", scheme, host, port)
     from core.lifecycle import notify_ready
 
     notify_ready()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", access_log=False))
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: a local attacker (or anything
+    # on the host) could pick its own address. Forwarded headers are create_app's business alone.
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), log_level="warning", access_log=False, proxy_headers=False,
+        ssl_context_factory=(lambda _config, _default: context) if context is not None else None,
+    ))
     server.run(sockets=[sock])
