@@ -1,5 +1,5 @@
 """The worker's path on a GPU by batch size: dcmread + decode + preprocess on the CPU (as
-`worker.pipeline` does it), predict on the GPU through `Classifier.predict_batch` (Keras on JAX).
+`worker.classify` does it), predict on the GPU through `Classifier.predict_batch` (Keras on JAX).
 
 The worker classifies one image per task today; this measures what batching the GPU queue would
 give and where the bottleneck moves (CPU decode). No database on the GPU host: the Result-row

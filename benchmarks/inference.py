@@ -90,7 +90,7 @@ def timed(function: Callable[[], object], count: int) -> float:
 
 def breakdown(sessions, ids: list[int], classifier: Callable, count: int) -> list[tuple[str, str, str]]:
     """Per-image milliseconds of each step of `classify_instance`, timers wrapped around the real calls."""
-    from worker import filters, pipeline
+    from worker import classify, filters
 
     totals: dict[str, float] = {}
 
@@ -106,9 +106,9 @@ def breakdown(sessions, ids: list[int], classifier: Callable, count: int) -> lis
 
     model = classifier()
     saved = {
-        (pipeline, "dcmread"): pipeline.dcmread,
-        (pipeline, "grayscale_pixels"): pipeline.grayscale_pixels,
-        (pipeline, "preprocess"): pipeline.preprocess,
+        (classify, "dcmread"): classify.dcmread,
+        (classify, "grayscale_pixels"): classify.grayscale_pixels,
+        (classify, "preprocess"): classify.preprocess,
         (filters, "ignore_reason"): filters.ignore_reason,
         (filters, "failure_reason"): filters.failure_reason,
     }
@@ -127,7 +127,7 @@ def breakdown(sessions, ids: list[int], classifier: Callable, count: int) -> lis
         reset(sessions)
         started = time.perf_counter()
         for instance_id in ids[:count]:
-            pipeline.classify_instance(sessions, instance_id, lookup)
+            classify.classify_instance(sessions, instance_id, lookup)
         total = time.perf_counter() - started
     finally:
         for (module, attribute), function in saved.items():
@@ -164,7 +164,7 @@ def main() -> None:
 
     from core.db import Instance, session_factory
     from core.registry import DEFAULT_MODELS_DIR
-    from worker import pipeline
+    from worker import classify
     from worker.inference import Classifier, served_classifier
 
     work = Path(tempfile.mkdtemp(prefix="pneumo-inference-"))
@@ -192,14 +192,14 @@ def main() -> None:
 
             def worker_path() -> None:
                 for instance_id in ids:
-                    pipeline.classify_instance(sessions, instance_id, classifier)
+                    classify.classify_instance(sessions, instance_id, classifier)
 
             batching = Classifier(model.version.label, DEFAULT_MODELS_DIR, args.batch, 0.01)
             threads = ThreadPoolExecutor(2 * args.batch)  # as `pneumo worker --pool threads`
 
             def worker_path_batched() -> None:
                 list(threads.map(
-                    lambda i: pipeline.classify_instance(sessions, i, lambda: batching), ids
+                    lambda i: classify.classify_instance(sessions, i, lambda: batching), ids
                 ))
 
             def bare_predict_on_batch() -> None:
@@ -228,7 +228,7 @@ def main() -> None:
             }
             # Warm-up: every traced function once, every cache filled.
             reset(sessions)
-            pipeline.classify_instance(sessions, ids[0], classifier)
+            classify.classify_instance(sessions, ids[0], classifier)
             reset(sessions)
             worker_path_batched()
             for name, function in passes.items():

@@ -140,7 +140,7 @@ def time_finalise(url: str, env: dict[str, str]) -> float:
     """Seconds of one `finalise_stable_studies` call, the task the scheduler runs every tick."""
     from core.db import session_factory
     from core.settings import Settings
-    from worker.pipeline import finalise_stable_studies
+    from worker.housekeeping import finalise_stable_studies
 
     settings = Settings(pacs=env["PNEUMO_PACS"], quiet_seconds=float(env["PNEUMO_QUIET_SECONDS"]))
     sessions = session_factory(url)

@@ -38,6 +38,7 @@ from core.db import (
 )
 from core.queue import queue_depths as read_queue_depths
 from core.settings import Settings
+from worker.delivery import LOCAL_DESTINATION
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ LATENCY_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 LATENCY_WINDOW = timedelta(hours=24)  # stage latencies (/metrics) cover the last 24 h
 WAITING_INSTANCE_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED)
 WAITING_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
-LOCAL_DESTINATION = "local"  # as worker.pipeline names it (not imported here: it loads model code)
 
 
 # --- model score drift ---------------------------------------------------------------------------

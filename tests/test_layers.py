@@ -157,3 +157,17 @@ def test_the_cycle_check_finds_a_late_import_cycle(tmp_path: Path) -> None:
     graph = import_graph(tmp_path, ["ops"])
     assert graph["ops.cli"] == {"ops.status", "ops.monitoring"}
     assert cycles(graph) == [["ops.monitoring", "ops.status"]]
+
+
+def test_delivery_and_housekeeping_load_no_model_code() -> None:
+    """The SR delivery and finalise/sweep modules (and monitoring, which names the local
+    destination from worker.delivery) import without Keras: a delivery or housekeeping worker
+    and the dashboard never load the model."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ops.monitoring, worker.delivery, worker.housekeeping; "
+            "print(sorted(m for m in ('keras', 'tensorflow', 'worker.inference') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

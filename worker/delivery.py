@@ -1,16 +1,45 @@
-"""C-STORE of an SR to the PACS (pynetdicom SCU), over TLS when given a context."""
+"""Delivery of one SR, the whole state machine: build it from the database and the stored
+headers (or reuse the kept one), C-STORE it to the PACS (pynetdicom SCU, over TLS when
+configured), record the outcome whatever fails: `retrying` with a backoff, then `dead`.
+
+Finalise (worker.housekeeping) creates the deliveries; the deliver task (worker.tasks) runs
+`attempt_delivery` with `pacs_sender(settings)`. Loads no model code.
+"""
 
 from __future__ import annotations
 
+import logging
 import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from core import phi, tls
+from core.contract import POSITIVE_CLASS
+from core.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    ModelVersionRow,
+    Result,
+    audit,
+    utcnow,
+)
 from core.scu import AssociationFailed, associate, stored
-from core.settings import PeerAddress
+from core.settings import PeerAddress, Settings
+from core.tls import TLSConfigError
+from worker.report import ImageFinding, build_sr, drop_invalid_values
+
+log = logging.getLogger(__name__)
+LOCAL_DESTINATION = "local"  # no PACS configured: the SR is only written to disk
 
 
 class DeliveryError(Exception):
@@ -38,3 +67,185 @@ def send_sr(
         raise DeliveryError(f"no C-STORE response from {destination!r}")
     if not stored(code):
         raise DeliveryError(f"{destination!r} answered C-STORE status 0x{code:04X}")
+
+
+def pacs_sender(settings: Settings) -> Callable[[Path, str], None]:
+    """`send(path, destination)` for `attempt_delivery`: C-STORE with these settings' AE title,
+    timeout and TLS."""
+
+    def send(path: Path, destination: str) -> None:
+        # TLS built per try: a TLS file fixed after a failure is picked up without a restart.
+        send_sr(path, PeerAddress(destination), settings.ae_title, settings.network_timeout_s,
+                tls.pacs_context(settings))
+
+    return send
+
+
+def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) -> Path:
+    """Build the SR from every image of the study the version classified or refused; write it.
+
+    Header values invalid for their VR are left out of the SR and audited (keywords only). When
+    stored images are gone (`pneumo retention --apply`), the SR written before is used if it
+    reports every image; otherwise the SR cannot be built and this raises.
+    """
+    with sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        rows = session.execute(
+            select(Instance.path, Instance.sop_instance_uid, Result.probability, Result.label,
+                   Result.threshold)
+            .join(Result).where(
+                Instance.study_id == delivery.study_id,
+                Result.model_name == delivery.model_name,
+                Result.model_version == delivery.model_version,
+            ).order_by(Instance.id)
+        ).all()
+        refused = session.execute(
+            select(Instance.path, Instance.sop_instance_uid, Instance.reason).where(
+                Instance.study_id == delivery.study_id,
+                Instance.state == InstanceState.OUT_OF_SCOPE,
+                Instance.scope_model_name == delivery.model_name,
+                Instance.scope_model_version == delivery.model_version,
+            ).order_by(Instance.id)
+        ).all()
+        model_name, model_version, stored = delivery.model_name, delivery.model_version, delivery.sr_path
+        threshold = rows[0].threshold if rows else session.scalar(
+            select(ModelVersionRow.threshold).where(ModelVersionRow.name == model_name,
+                                                    ModelVersionRow.version == model_version))
+    missing = sum(not Path(row.path).exists() for row in [*rows, *refused])
+    if missing:
+        reported = {row.sop_instance_uid for row in [*rows, *refused]}
+        return _stored_sr(sessions, delivery_id, stored, reported, missing)
+    findings, dropped = [], Counter()
+    for row, not_assessed in [*((r, None) for r in rows), *((r, r.reason) for r in refused)]:
+        header = dcmread(row.path, stop_before_pixels=True, defer_size=1 << 20)  # no pixel data
+        dropped.update(set(drop_invalid_values(header)))
+        if not_assessed:
+            findings.append(ImageFinding(header, None, None, not_assessed))
+        else:
+            findings.append(ImageFinding(header, row.probability, row.label == POSITIVE_CLASS))
+    report = build_sr(findings, model_name, model_version, threshold)
+    sr_dir.mkdir(parents=True, exist_ok=True)
+    path = sr_dir / f"{report.SOPInstanceUID}.dcm"
+    report.save_as(path, enforce_file_format=True)
+    with sessions() as session, session.begin():
+        session.get(Delivery, delivery_id).sr_path = str(path)
+        if dropped:
+            keywords = ", ".join(f"{k} ({n} image(s))" for k, n in sorted(dropped.items()))
+            audit(session, "delivery", delivery_id, "sr_values_dropped",
+                  f"not valid for their VR, left out of the SR: {keywords}")
+    return path
+
+
+def _stored_sr(
+    sessions: sessionmaker[Session], delivery_id: int, stored: str | None, reported: set[str],
+    missing: int,
+) -> Path:
+    """The SR written before, when it covers every classified image (their files are gone)."""
+    gone = f"{missing} stored image(s) of the study removed (retention)"
+    if not stored or not Path(stored).exists():
+        raise SRBuildError(f"cannot rebuild the SR: {gone} and no SR file was kept")
+    sr = dcmread(stored, stop_before_pixels=True)
+    referenced = {
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for instance in series.get("ReferencedSOPSequence", [])
+    }
+    if not reported <= referenced:
+        raise SRBuildError(f"cannot rebuild the SR: {gone}, and the kept SR does not report "
+                           f"{len(reported - referenced)} of the images it reported")
+    with sessions() as session, session.begin():
+        audit(session, "delivery", delivery_id, "stored_sr_used", f"{gone}: sending the kept SR")
+    return Path(stored)
+
+
+class SRBuildError(Exception):
+    """The SR cannot be built; the message is recorded as the delivery's error."""
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one attempt did; `retry_in_s` is set when it must be tried again after that delay."""
+
+    state: str
+    retry_in_s: float | None = None
+    error: str | None = None
+
+
+def attempt_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, settings: Settings,
+    send: Callable[[Path, str], None],
+) -> DeliveryOutcome:
+    """One try of one delivery: build (or reuse) the SR, C-STORE it with `send(path, destination)`.
+
+    Any failure, building included, ends in a recorded state with its reason: `retrying` while
+    attempts remain, then `dead`; never an exception that leaves the delivery `pending`.
+    """
+    delivery = start_delivery_attempt(sessions, delivery_id, settings.delivery_max_attempts)
+    if delivery is None:
+        return DeliveryOutcome("nothing to do")
+    try:
+        path = write_sr(sessions, delivery_id, settings.home_dir / "sr")
+    except Exception as error:  # any failure: recorded with its (scrubbed) reason, retried, dead
+        reason = str(error) if isinstance(error, SRBuildError) else phi.describe(error)
+        return _failed_attempt(sessions, delivery, settings, f"SR could not be built: {reason}")
+    if delivery.destination == LOCAL_DESTINATION:
+        mark_delivery(sessions, delivery_id, DeliveryState.DELIVERED, None)
+        return DeliveryOutcome("stored locally")
+    try:
+        send(path, delivery.destination)
+    except Exception as error:  # DeliveryError, TLS, OS, or anything unforeseen: recorded
+        reason = str(error) if isinstance(error, DeliveryError | TLSConfigError) else phi.describe(error)
+        return _failed_attempt(sessions, delivery, settings, reason)
+    mark_delivery(sessions, delivery_id, DeliveryState.DELIVERED, None)
+    return DeliveryOutcome("delivered")
+
+
+def _failed_attempt(
+    sessions: sessionmaker[Session], delivery: Delivery, settings: Settings, reason: str
+) -> DeliveryOutcome:
+    if delivery.attempts >= settings.delivery_max_attempts:
+        mark_delivery(sessions, delivery.id, DeliveryState.DEAD, reason)
+        log.error("delivery %s dead after %d attempts: %s", delivery.id, delivery.attempts, reason)
+        return DeliveryOutcome("dead", error=reason)
+    mark_delivery(sessions, delivery.id, DeliveryState.RETRYING, reason)
+    countdown = settings.delivery_backoff_s * 2 ** (delivery.attempts - 1)
+    log.warning("delivery %s attempt %d failed, retrying in %.0f s: %s", delivery.id,
+                delivery.attempts, countdown, reason)
+    return DeliveryOutcome("retrying", countdown, reason)
+
+
+def mark_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, state: DeliveryState, error: str | None
+) -> None:
+    with sessions() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        delivery.state = state
+        delivery.last_error = error
+        delivery.updated_at = utcnow()
+        if state == DeliveryState.DELIVERED:
+            delivery.delivered_at = utcnow()
+        audit(session, "delivery", delivery_id, str(state), error)
+
+
+def start_delivery_attempt(
+    sessions: sessionmaker[Session], delivery_id: int, max_attempts: int | None = None
+) -> Delivery | None:
+    """Count one attempt; None when there is nothing to do.
+
+    Nothing to do: delivered, or dead (an operator's re-send or new images make it pending again;
+    a stale message does not). Past `max_attempts`, the attempts before never recorded an
+    outcome (the worker died or was stopped each time): dead, with that reason.
+    """
+    with sessions() as session, session.begin():
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.state in (DeliveryState.DELIVERED, DeliveryState.DEAD):
+            return None
+        delivery.attempts += 1
+        if max_attempts is not None and delivery.attempts > max_attempts:
+            reason = f"gave up after {delivery.attempts - 1} attempts that never recorded an outcome"
+            delivery.state, delivery.last_error, delivery.updated_at = DeliveryState.DEAD, reason, utcnow()
+            audit(session, "delivery", delivery_id, str(DeliveryState.DEAD), reason)
+            log.error("delivery %s dead: %s", delivery_id, reason)
+            return None
+        return delivery

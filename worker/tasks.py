@@ -1,4 +1,4 @@
-"""Thin Celery tasks: take ids, call worker.pipeline, leave retries to Celery.
+"""Thin Celery tasks: take ids, call the job's module (classify, housekeeping, delivery).
 
 Registered on an app by `register(app, settings)` (worker.celery_app.make_worker_app): the
 settings a worker loaded at start are passed in, none are read at import.
@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import logging
 from functools import cache
-from pathlib import Path
 
 from celery import Celery
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import tls
 from core.db import session_factory
 from core.queue import CLASSIFY, DELIVER, FINALISE, SWEEP
-from core.settings import PeerAddress, Settings
-from worker import pipeline
-from worker.delivery import DeliveryError, send_sr
+from core.settings import Settings
+from worker import classify as classify_job
+from worker import delivery, housekeeping
 from worker.inference import served_classifier
 
 log = logging.getLogger(__name__)
@@ -43,17 +41,17 @@ def register(app: Celery, settings: Settings) -> None:
     @app.task(name=CLASSIFY, autoretry_for=(OperationalError,), retry_backoff=2,
               max_retries=settings.classify_max_retries)
     def classify(instance_id: int) -> str:
-        return str(pipeline.classify_instance(sessions(), instance_id, classifier))
+        return str(classify_job.classify_instance(sessions(), instance_id, classifier))
 
     @app.task(name=FINALISE)
     def finalise() -> list[int]:
-        return pipeline.finalise_stable_studies(
+        return housekeeping.finalise_stable_studies(
             sessions(), settings, lambda delivery_id: deliver.delay(delivery_id)
         )
 
     @app.task(name=SWEEP)
     def sweep() -> list[int]:
-        return pipeline.sweep(sessions(), lambda instance_id: classify.delay(instance_id))
+        return housekeeping.sweep(sessions(), lambda instance_id: classify.delay(instance_id))
 
     @app.task(name=DELIVER, bind=True, max_retries=None)
     def deliver(self, delivery_id: int) -> str:
@@ -61,13 +59,10 @@ def register(app: Celery, settings: Settings) -> None:
 
         Not Celery's autoretry_for/retry_backoff: the attempt count, the next try and `dead` live
         in the delivery's row (shown on the dashboard, kept when a retry message is lost and
-        finalise re-queues it), so the pipeline decides the countdown, not the message's count."""
-        outcome = pipeline.attempt_delivery(sessions(), delivery_id, settings, send)
+        finalise re-queues it), so worker.delivery decides the countdown, not the message's count."""
+        outcome = delivery.attempt_delivery(sessions(), delivery_id, settings, send)
         if outcome.retry_in_s is not None:
-            raise self.retry(countdown=outcome.retry_in_s, exc=DeliveryError(outcome.error))
+            raise self.retry(countdown=outcome.retry_in_s, exc=delivery.DeliveryError(outcome.error))
         return outcome.state
 
-    def send(path: Path, destination: str) -> None:
-        # Built per try: a TLS file fixed after a failure is picked up without a restart.
-        send_sr(path, PeerAddress(destination), settings.ae_title, settings.network_timeout_s,
-                tls.pacs_context(settings))
+    send = delivery.pacs_sender(settings)

@@ -51,7 +51,7 @@ def test_library_records_warnings_and_tracebacks_are_scrubbed(captured: io.Strin
     except ValueError:
         logging.getLogger("celery.app.trace").exception("Task raised: %s", "ValueError('Zyx')")
         logging.getLogger("worker.tasks").exception("delivery 7 failed")
-    logging.getLogger("worker.pipeline").info("instance 1.2.3 classified: 'kept as written'")
+    logging.getLogger("worker.classify").info("instance 1.2.3 classified: 'kept as written'")
     text = captured.getvalue().replace('value = "Zyx 01/02/1970"', "")
     assert "zyx" not in text.lower()
     assert "Invalid value for VR DA: <withheld>." in text and "is unlikely to represent" in text

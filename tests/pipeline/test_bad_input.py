@@ -63,7 +63,8 @@ from serving.decode import grayscale_pixels
 from serving.image import preprocess
 from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import dcmtk, free_port, wait_for
-from worker import pipeline
+from worker import classify, housekeeping
+from worker import delivery as sr_delivery
 from worker.inference import Classifier
 
 PATIENT_NAME, PATIENT_ID = "Doe^Secret", "PID-SECRET-123"
@@ -213,7 +214,7 @@ def instances(node: Node) -> dict[str, Instance]:
 def classify_queued(node: Node, classifier: Callable[[], Classifier]) -> dict[str, str]:
     """Run the worker on every queued instance; {SOP Instance UID: terminal state}."""
     by_id = {i.id: uid for uid, i in instances(node).items()}
-    return {by_id[i]: pipeline.classify_instance(node.sessions, i, classifier) for i in node.queued}
+    return {by_id[i]: classify.classify_instance(node.sessions, i, classifier) for i in node.queued}
 
 
 def stored_files(node: Node) -> list[Path]:
@@ -423,8 +424,8 @@ def test_stored_then_ignored_or_failed_with_reason(
         decode_calls.append(str(dataset.SOPInstanceUID))
         return decode(dataset)
 
-    decode = pipeline.grayscale_pixels
-    monkeypatch.setattr(pipeline, "grayscale_pixels", watched)
+    decode = classify.grayscale_pixels
+    monkeypatch.setattr(classify, "grayscale_pixels", watched)
     before, bad, after = chest(IMAGES[0]), build(), chest(IMAGES[1])
 
     assert send_all(node, [before, bad, after]) == [SUCCESS, SUCCESS, SUCCESS]
@@ -597,10 +598,10 @@ def test_sr_built_whatever_the_header_values(
 
     node.settings.quiet_seconds = 0
     deliveries: list[int] = []
-    pipeline.finalise_stable_studies(node.sessions, node.settings, deliveries.append)
+    housekeeping.finalise_stable_studies(node.sessions, node.settings, deliveries.append)
     assert len(deliveries) == 3
     for delivery_id in deliveries:
-        outcome = pipeline.attempt_delivery(node.sessions, delivery_id, node.settings, None)
+        outcome = sr_delivery.attempt_delivery(node.sessions, delivery_id, node.settings, None)
         assert outcome.state == "stored locally"
     with node.sessions() as session:
         delivery = session.scalar(select(Delivery).join(Study).where(

@@ -31,7 +31,7 @@ from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.helpers import free_port, wait_for
 from tests.pipeline.conftest import REPO
-from worker import pipeline
+from worker import housekeeping
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +111,9 @@ def test_delivery_whose_message_was_lost_is_queued_again(sessions) -> None:
         session.add_all(rows.values())
     settings = Settings(quiet_seconds=0, delivery_backoff_s=5, delivery_max_attempts=6)
     queued: list[int] = []
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == queued
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == queued
     assert sorted(queued) == sorted([rows["lost"].id, rows["never-queued"].id])
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == []  # not every second
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == []  # not every second
     with sessions() as session:
         events = session.scalars(select(AuditEvent.entity_id).where(AuditEvent.event == "requeued")).all()
     assert sorted(events) == sorted(queued)

@@ -15,7 +15,7 @@ from core.db import Instance, InstanceState, Result
 from ops.send import wrap_image
 from tests.conftest import DATA
 from tests.worker.test_worker import store
-from worker import pipeline
+from worker import classify
 from worker.batching import MicroBatcher
 from worker.inference import Classifier
 
@@ -85,7 +85,7 @@ def test_batched_classification_equals_unbatched(
     single = Classifier("pneumonia-transfer", tiny_registry)
 
     with ThreadPoolExecutor(8) as pool:
-        states = list(pool.map(lambda i: pipeline.classify_instance(sessions, i, lambda: batched), ids))
+        states = list(pool.map(lambda i: classify.classify_instance(sessions, i, lambda: batched), ids))
     assert states == [InstanceState.CLASSIFIED] * 8
     assert max(batched._batcher.batch_sizes) > 1
 

@@ -21,7 +21,7 @@ from serving.image import preprocess
 from tests.conftest import REAL_DICOM
 from tests.pipeline.test_bad_input import j2k_bomb
 from tests.worker.test_worker import store
-from worker import pipeline
+from worker import classify
 from worker.inference import Classifier
 from worker.isolation import decode_in_child
 
@@ -126,7 +126,7 @@ def no_decoding_in_the_worker(monkeypatch) -> None:
     def refuse(dataset):
         raise AssertionError("decoded in the worker's own process")
 
-    monkeypatch.setattr(pipeline, "grayscale_pixels", refuse)
+    monkeypatch.setattr(classify, "grayscale_pixels", refuse)
 
 
 def test_first_attempt_decodes_in_the_worker(
@@ -134,14 +134,14 @@ def test_first_attempt_decodes_in_the_worker(
 ) -> None:
     instance_id = store(CHEST, sessions, tmp_path)
     with pytest.raises(AssertionError, match="worker's own process"):
-        pipeline.classify_instance(sessions, instance_id, classifier)
+        classify.classify_instance(sessions, instance_id, classifier)
 
 
 def test_suspect_is_decoded_apart_and_classified(
     sessions, classifier, tmp_path: Path, no_decoding_in_the_worker
 ) -> None:
     instance_id = suspect(sessions, tmp_path)
-    assert pipeline.classify_instance(sessions, instance_id, classifier) == InstanceState.CLASSIFIED
+    assert classify.classify_instance(sessions, instance_id, classifier) == InstanceState.CLASSIFIED
     with sessions() as session:
         assert session.get(Instance, instance_id).attempts == 2
         result = session.scalars(select(Result).where(Result.instance_id == instance_id)).one()
@@ -154,9 +154,9 @@ def test_suspect_that_crashes_its_decoder_fails_alone_with_the_signal(
 ) -> None:
     crasher = suspect(sessions, tmp_path)
     other = suspect(sessions, tmp_path, "fuji_cr_chest_mono1_explicit.dcm")
-    outcome = crash_the_decoder_while(lambda: pipeline.classify_instance(sessions, crasher, classifier))
+    outcome = crash_the_decoder_while(lambda: classify.classify_instance(sessions, crasher, classifier))
     assert outcome.get("value") == InstanceState.FAILED, outcome
-    assert pipeline.classify_instance(sessions, other, classifier) == InstanceState.CLASSIFIED
+    assert classify.classify_instance(sessions, other, classifier) == InstanceState.CLASSIFIED
     with sessions() as session:
         failed = session.get(Instance, crasher)
         assert failed.attempts == 2
@@ -187,7 +187,7 @@ def test_a_burst_of_suspects_on_the_thread_pool_is_classified_a_few_children_at_
     try:
         with ThreadPoolExecutor(len(suspects)) as pool:
             states = list(pool.map(
-                lambda instance_id: pipeline.classify_instance(sessions, instance_id, lambda: model),
+                lambda instance_id: classify.classify_instance(sessions, instance_id, lambda: model),
                 suspects))
     finally:
         done.set()

@@ -16,7 +16,8 @@ from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM, register_with_scope
 from tests.worker.test_worker import store
 from training import models
-from worker import filters, pipeline
+from worker import classify, filters, housekeeping
+from worker import delivery as sr_delivery
 from worker.inference import Classifier
 
 KERMANY_USE = scope.intended_use([scope.KERMANY_SITE])
@@ -128,7 +129,7 @@ def test_served_model_refuses_what_it_was_not_validated_on(served, sessions, tmp
     }
     for name, reason in expected.items():
         instance_id = store(REAL_DICOM / name, sessions, tmp_path)
-        assert pipeline.classify_instance(sessions, instance_id, lambda: served) == InstanceState.OUT_OF_SCOPE
+        assert classify.classify_instance(sessions, instance_id, lambda: served) == InstanceState.OUT_OF_SCOPE
         with sessions() as session:
             instance = session.get(Instance, instance_id)
             assert reason in instance.reason and served.version.label in instance.reason
@@ -151,12 +152,12 @@ def _study_sr(sessions, tmp_path: Path, classifier, paths: list[Path]):
         dataset = wrap_image(path, first)
         dataset.ViewPosition = "AP"
         instance_id = store(dataset, sessions, tmp_path)
-        states.append(pipeline.classify_instance(sessions, instance_id, classifier))
+        states.append(classify.classify_instance(sessions, instance_id, classifier))
     queued: list[int] = []
-    pipeline.finalise_stable_studies(sessions, Settings(home=tmp_path / "home", quiet_seconds=0),
+    housekeeping.finalise_stable_studies(sessions, Settings(home=tmp_path / "home", quiet_seconds=0),
                                      queued.append)
     assert len(queued) == 1  # one SR for the study, whatever was refused
-    return states, srread(pipeline.write_sr(sessions, queued[0], tmp_path / "sr"))
+    return states, srread(sr_delivery.write_sr(sessions, queued[0], tmp_path / "sr"))
 
 
 def _evaluations(report) -> list[tuple[str, str | None]]:
@@ -238,7 +239,7 @@ def test_refusals_are_counted_by_rule_on_metrics_and_status(served, database_url
     from ops import metrics, monitoring, status
 
     for name in ("canine_dx_thorax.dcm", "dx_16bit_j2k_flipped.dcm", "cr_hip_jpeg_lossless.dcm"):
-        pipeline.classify_instance(sessions, store(REAL_DICOM / name, sessions, tmp_path), lambda: served)
+        classify.classify_instance(sessions, store(REAL_DICOM / name, sessions, tmp_path), lambda: served)
     with sessions() as session:
         counts = monitoring.not_classified_by_reason(session)
     assert counts == {("out_of_scope", "out of scope (pixel check)"): 1,

@@ -12,7 +12,8 @@ from core.settings import Settings
 from dicom_node.receive import store_instance
 from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
-from worker import pipeline
+from worker import classify, housekeeping
+from worker import delivery as sr_delivery
 
 # The README of ../shared/dicom/real: expected handling per file.
 EXPECTED = {
@@ -47,7 +48,7 @@ def test_expected_handling_covers_every_real_file() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_real_file_gets_its_handling(name, sessions, classifier, tmp_path: Path) -> None:
     instance_id = store(REAL_DICOM / name, sessions, tmp_path)
-    state = pipeline.classify_instance(sessions, instance_id, classifier)
+    state = classify.classify_instance(sessions, instance_id, classifier)
     expected_state, expected_reason = EXPECTED[name]
     with sessions() as session:
         instance = session.get(Instance, instance_id)
@@ -64,8 +65,8 @@ def test_real_file_gets_its_handling(name, sessions, classifier, tmp_path: Path)
 
 def test_classification_is_idempotent(sessions, classifier, tmp_path: Path) -> None:
     instance_id = store(REAL_DICOM / "fuji_cr_chest_mono1_explicit.dcm", sessions, tmp_path)
-    pipeline.classify_instance(sessions, instance_id, classifier)
-    pipeline.classify_instance(sessions, instance_id, classifier)
+    classify.classify_instance(sessions, instance_id, classifier)
+    classify.classify_instance(sessions, instance_id, classifier)
     with sessions() as session:
         assert session.scalar(select(func.count(Result.id))) == 1
 
@@ -81,7 +82,7 @@ def test_a_run_that_loses_the_race_writes_nothing(sessions, classifier, tmp_path
                 state=InstanceState.FAILED, reason="finished by the other run"))
         return classifier()
 
-    assert pipeline.classify_instance(sessions, instance_id, finished_meanwhile) == InstanceState.FAILED
+    assert classify.classify_instance(sessions, instance_id, finished_meanwhile) == InstanceState.FAILED
     with sessions() as session:
         assert session.get(Instance, instance_id).reason == "finished by the other run"
         assert session.scalar(select(func.count(Result.id))) == 0
@@ -93,8 +94,8 @@ def test_instance_that_keeps_killing_workers_fails_with_reason(
     instance_id = store(REAL_DICOM / "fuji_cr_chest_mono1_explicit.dcm", sessions, tmp_path)
     with sessions() as session, session.begin():
         instance = session.get(Instance, instance_id)
-        instance.state, instance.attempts = InstanceState.PROCESSING, pipeline.MAX_WORKER_DEATHS
-    assert pipeline.classify_instance(sessions, instance_id, classifier) == InstanceState.FAILED
+        instance.state, instance.attempts = InstanceState.PROCESSING, classify.MAX_WORKER_DEATHS
+    assert classify.classify_instance(sessions, instance_id, classifier) == InstanceState.FAILED
     with sessions() as session:
         assert "never finished" in session.get(Instance, instance_id).reason
 
@@ -115,7 +116,7 @@ def test_filters_record_reasons(change, state, reason, sessions, classifier, tmp
         setattr(dataset, keyword, value)
     dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     instance_id = store(dataset, sessions, tmp_path)
-    assert pipeline.classify_instance(sessions, instance_id, classifier) == state
+    assert classify.classify_instance(sessions, instance_id, classifier) == state
     with sessions() as session:
         assert reason in session.get(Instance, instance_id).reason
 
@@ -127,23 +128,23 @@ def test_finalise_reads_only_studies_with_news_and_refreshes_on_a_late_image(
     image arriving after the SR was scheduled must refresh that same SR (same delivery)."""
     images = sorted((DATA / "test" / "NORMAL").iterdir())[:2]
     first = wrap_image(images[0])
-    pipeline.classify_instance(sessions, store(first, sessions, tmp_path), classifier)
+    classify.classify_instance(sessions, store(first, sessions, tmp_path), classifier)
     settings = Settings(home=tmp_path / "home", quiet_seconds=0)
     queued: list[int] = []
-    pipeline.finalise_stable_studies(sessions, settings, queued.append)
+    housekeeping.finalise_stable_studies(sessions, settings, queued.append)
     assert len(queued) == 1
     with sessions() as session:
         assert session.scalar(select(func.count()).where(Study.report_pending)) == 0
 
     late = store(wrap_image(images[1], study=first), sessions, tmp_path)
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == []  # still classifying
-    pipeline.classify_instance(sessions, late, classifier)
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == [queued[0]]
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == []  # still classifying
+    classify.classify_instance(sessions, late, classifier)
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == [queued[0]]
     with sessions() as session:
         assert session.get(Delivery, queued[0]).instances_reported == 2
         session.execute(update(Study).values(report_pending=True, changes=Study.changes + 1))
         session.commit()
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == []  # nothing new
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == []  # nothing new
     with sessions() as session:
         assert session.scalar(select(func.count()).where(Study.report_pending)) == 0
 
@@ -156,15 +157,15 @@ def test_stable_study_gets_one_sr_with_every_classified_image(
     second = wrap_image(images[1], study=first)
     ids = [store(d, sessions, tmp_path) for d in (first, second)]
     for instance_id in ids:
-        pipeline.classify_instance(sessions, instance_id, classifier)
+        classify.classify_instance(sessions, instance_id, classifier)
 
     settings = Settings(home=tmp_path / "home", quiet_seconds=0)
     queued: list[int] = []
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == queued
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == queued
     assert len(queued) == 1
-    assert pipeline.finalise_stable_studies(sessions, settings, queued.append) == []  # once
+    assert housekeeping.finalise_stable_studies(sessions, settings, queued.append) == []  # once
 
-    path = pipeline.write_sr(sessions, queued[0], tmp_path / "sr")
+    path = sr_delivery.write_sr(sessions, queued[0], tmp_path / "sr")
     report = srread(path)
     assert report.StudyInstanceUID == first.StudyInstanceUID
     assert report.SeriesInstanceUID != first.SeriesInstanceUID
@@ -192,7 +193,7 @@ def test_stable_study_gets_one_sr_with_every_classified_image(
         ("pneumonia-transfer", "test-1")]
 
     # Re-building gives the same UIDs: a re-send replaces the SR at the PACS.
-    again = dcmread(pipeline.write_sr(sessions, queued[0], tmp_path / "sr2"))
+    again = dcmread(sr_delivery.write_sr(sessions, queued[0], tmp_path / "sr2"))
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (
         report.SOPInstanceUID, report.SeriesInstanceUID)
 
@@ -204,10 +205,10 @@ def test_sweep_requeues_recorded_but_unqueued_instances(sessions, tmp_path: Path
 
     instance_id = store(REAL_DICOM / "fuji_cr_chest_mono1_explicit.dcm", sessions, tmp_path)
     queued: list[int] = []
-    assert pipeline.sweep(sessions, queued.append) == []  # too fresh: the node may still queue it
+    assert housekeeping.sweep(sessions, queued.append) == []  # too fresh: the node may still queue it
     with sessions() as session, session.begin():
         session.get(Instance, instance_id).received_at = utcnow() - timedelta(seconds=30)
-    assert pipeline.sweep(sessions, queued.append) == [instance_id] == queued
+    assert housekeeping.sweep(sessions, queued.append) == [instance_id] == queued
     with sessions() as session:
         assert session.get(Instance, instance_id).state == InstanceState.QUEUED
 
@@ -226,4 +227,4 @@ def test_transcoded_real_file_is_classified(syntax, sessions, classifier, tmp_pa
     instance_id = store(dataset, sessions, tmp_path)
     with sessions() as session:
         assert session.get(Instance, instance_id).transfer_syntax_uid == uid
-    assert pipeline.classify_instance(sessions, instance_id, classifier) == InstanceState.CLASSIFIED
+    assert classify.classify_instance(sessions, instance_id, classifier) == InstanceState.CLASSIFIED

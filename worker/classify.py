@@ -1,0 +1,158 @@
+"""Classify one stored instance: filter -> scope (header) -> decode -> the serving path's
+preprocessing -> predict and pixel check -> one result row, or `out_of_scope` with the reason.
+
+A plain function over a session factory (worker.tasks registers it; tests call it directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import scope
+from core.db import (
+    TERMINAL_STATES,
+    Instance,
+    InstanceState,
+    ModelVersionRow,
+    Result,
+    Study,
+    audit,
+    insert_ignoring_duplicates,
+    utcnow,
+)
+from core.queue import MAX_WORKER_DEATHS
+from serving.decode import DecodeError, grayscale_pixels
+from serving.header import header_age, header_view
+from serving.image import preprocess
+from worker import filters
+from worker.inference import Classifier
+from worker.isolation import decode_in_child
+
+log = logging.getLogger(__name__)
+
+
+def _finish(session: Session, instance_id: int, state: InstanceState, reason: str | None) -> bool:
+    """Make a non-terminal instance terminal and flag its study for a report; False if it
+    already was terminal (another delivery of the same job got there first)."""
+    study_id = session.scalar(
+        update(Instance).where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
+        .values(state=state, reason=reason, finished_at=utcnow()).returning(Instance.study_id)
+    )
+    if study_id is None:
+        return False
+    session.execute(update(Study).where(Study.id == study_id).values(
+        report_pending=True, changes=Study.changes + 1))
+    audit(session, "instance", instance_id, str(state), reason)
+    return True
+
+
+def classify_instance(
+    sessions: sessionmaker[Session], instance_id: int, classifier: Callable[[], Classifier]
+) -> str:
+    """Classify one instance; idempotent. Returns the terminal state it ends in.
+
+    Two short transactions around the model: claim, then record. Both change the instance only
+    while it is not terminal (a conditional UPDATE), so two deliveries of the same job, in two
+    processes or two threads of one batching worker, record one outcome.
+    """
+    with sessions() as session, session.begin():
+        claimed = session.execute(
+            update(Instance).where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
+            .values(attempts=Instance.attempts + 1, state=InstanceState.PROCESSING)
+            .returning(Instance.path, Instance.sop_instance_uid, Instance.attempts)
+        ).one_or_none()
+        if claimed is None:
+            state = session.scalar(select(Instance.state).where(Instance.id == instance_id))
+            if state is None:
+                raise LookupError(f"instance {instance_id} does not exist")
+            return state
+        path, sop_uid, attempts = claimed
+        if attempts > MAX_WORKER_DEATHS:
+            # Redelivered this often: the job itself kills workers (memory, a decoder crash).
+            _finish(session, instance_id, InstanceState.FAILED,
+                    f"gave up after {attempts - 1} attempts that never finished")
+            return InstanceState.FAILED
+
+    if attempts > 1:
+        # An attempt before this one never finished: this image may be what killed it, so it is
+        # decoded apart (worker.isolation) and can take down nothing but its own child process.
+        log.warning("instance %s: attempt %d after one that never finished; decoding it apart",
+                    sop_uid, attempts)
+    state, reason, result, model = _classify_file(Path(path), classifier, isolated=attempts > 1)
+    with sessions() as session, session.begin():
+        if not _finish(session, instance_id, state, reason):
+            # Another delivery of the same job finished it first: keep what that one recorded.
+            return session.scalar(select(Instance.state).where(Instance.id == instance_id))
+        if model is not None:
+            _record_model_version(session, model)
+        if state == InstanceState.OUT_OF_SCOPE:
+            session.execute(update(Instance).where(Instance.id == instance_id).values(**result))
+        elif result is not None:
+            session.execute(insert_ignoring_duplicates(session, Result).values(
+                instance_id=instance_id, **result))
+    log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
+    return state
+
+
+def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: bool = False):
+    """(state, reason, result or refusal columns or None, the model used or None); never raises
+    for bad input. A result carries a label only when the image is within the model's scope."""
+    started = time.perf_counter()
+    try:
+        # Values over 1 MB (pixel data, large private elements) are read only when used: the
+        # filters refuse on the header alone, before any pixel data is loaded or decoded.
+        dataset = dcmread(path, defer_size=1 << 20)
+    except Exception as error:
+        return InstanceState.FAILED, f"stored file unreadable: {type(error).__name__}", None, None
+    reason = filters.ignore_reason(dataset)
+    if reason:
+        return InstanceState.IGNORED, reason, None, None
+    reason = filters.failure_reason(dataset)
+    if reason:
+        return InstanceState.FAILED, reason, None, None
+    try:
+        tensor = decode_in_child(path) if isolated else preprocess(grayscale_pixels(dataset))
+    except (DecodeError, ValueError) as error:
+        return InstanceState.FAILED, str(error)[:500], None, None
+    decode_ms = (time.perf_counter() - started) * 1000
+    model = classifier()
+    reason = scope.header_reason(model.intended_use, header_age(dataset), header_view(dataset))
+    if reason:
+        return InstanceState.OUT_OF_SCOPE, f"{reason} ({model.version.label})", _refusal(model), model
+    prediction = model.predict(tensor)
+    if prediction.scope_score > model.scope_threshold:
+        reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)
+        return InstanceState.OUT_OF_SCOPE, reason, _refusal(model, prediction.scope_score), model
+    return InstanceState.CLASSIFIED, None, {
+        "model_name": model.name,
+        "model_version": model.version.version,
+        "probability": prediction.probability,
+        "threshold": model.threshold,
+        "label": prediction.label,
+        "decode_ms": decode_ms,
+        "inference_ms": prediction.inference_ms,
+        "scope_score": prediction.scope_score,
+        "scope_threshold": model.scope_threshold,
+    }, model
+
+
+def _refusal(model: Classifier, score: float | None = None) -> dict:
+    """The instance columns that name the version that refused an image, and its pixel score."""
+    return {"scope_model_name": model.name, "scope_model_version": model.version.version,
+            "scope_score": score}
+
+
+def _record_model_version(session: Session, model: Classifier) -> None:
+    """The served version's card in `model_versions` (one statement; a no-op once it is there)."""
+    session.execute(insert_ignoring_duplicates(session, ModelVersionRow).values(
+        name=model.name, version=model.version.version,
+        model_sha256=model.version.card.model_sha256, threshold=model.threshold,
+        card=model.version.card.dump(exclude={"training"}),
+    ))
