@@ -91,7 +91,9 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the file as received
+    # Of the image whatever its transfer syntax (dicom_node.content): what a re-send is compared on.
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED, index=True)
     reason: Mapped[str | None] = mapped_column(Text)

@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Instance, InstanceState, RefusedStore, Series, Study, audit, utcnow
+from dicom_node.content import Malformed, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,9 @@ def store_instance(
         transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
         modality = str(dataset.get("Modality", "") or "")[:16]
         accession = str(dataset.get("AccessionNumber", "") or "")[:64] or None
+        content = content_digest(spool_path, dataset, max(max_inflated_mb << 20, spool_path.stat().st_size))
+    except Malformed as error:
+        return StoreOutcome(CANNOT_UNDERSTAND, f"dataset malformed: {error}")
     except EOFError:  # an undefined-length value (encapsulated pixel data) without its end
         return StoreOutcome(CANNOT_UNDERSTAND, "dataset truncated: data ends inside an element")
     except Exception as error:  # any parse failure: the peer sent something we cannot read
@@ -219,7 +223,7 @@ def store_instance(
         with sessions() as session:
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
             if existing is not None:
-                return _duplicate(session, existing, digest)
+                return _duplicate(session, existing, digest, content)
     except SQLAlchemyError as error:
         return StoreOutcome(OUT_OF_RESOURCES, f"database unavailable: {type(error).__name__}")
 
@@ -235,7 +239,7 @@ def store_instance(
     try:
         instance_id = _record_retrying(sessions, ReceivedInstance(
             study_uid, series_uid, sop_uid, str(sop_class), transfer_syntax, modality, accession,
-            final_path, size, digest, calling_ae_title,
+            final_path, size, digest, calling_ae_title, content,
         ))
     except IntegrityError:
         # Another association stored the same SOP Instance UID at the same moment.
@@ -246,17 +250,19 @@ def store_instance(
             if existing is None:
                 final_path.unlink(missing_ok=True)
                 return StoreOutcome(OUT_OF_RESOURCES, "database conflict while recording")
-            return _duplicate(session, existing, digest)
+            return _duplicate(session, existing, digest, content)
     except SQLAlchemyError as error:
         final_path.unlink(missing_ok=True)  # nothing half-stored: the sender will retry
         return StoreOutcome(OUT_OF_RESOURCES, f"database unavailable: {type(error).__name__}")
     return StoreOutcome(SUCCESS, "stored", instance_id)
 
 
-def _duplicate(session: Session, existing: Instance, digest: str) -> StoreOutcome:
+def _duplicate(session: Session, existing: Instance, digest: str, content: str) -> StoreOutcome:
     """A re-sent SOP Instance UID: never stored or classified twice.
 
-    Identical content is a plain success (a PACS re-send). Different content is a conflict: the
+    Identical content is a plain success (a PACS re-send), in whatever transfer syntax it comes:
+    compared on the content digest (dicom_node.content); an instance stored before it was kept,
+    on the file's sha256. Different content is a conflict: the
     first copy is kept (its result and SR refer to it), the new one refused with 0xC211 (failure,
     "cannot understand" family) and the reason recorded and audited. Not 0xB006: PS3.4 defines that
     warning as "elements discarded", which dcmtk shows the sender's operator, and a warning reads
@@ -264,7 +270,7 @@ def _duplicate(session: Session, existing: Instance, digest: str) -> StoreOutcom
     under the old UID, two devices issuing the same UID); a retry gets the same answer, and the fix
     is at the sender: a new SOP Instance UID for changed content (PS3.3 C.12.1.1.1).
     """
-    same = existing.sha256 == digest
+    same = existing.content_sha256 == content if existing.content_sha256 else existing.sha256 == digest
     event_name = "duplicate_received" if same else "conflicting_duplicate"
     detail = ("identical content" if same else
               f"different content (sha256 {digest[:12]}): refused, the first copy kept")
@@ -384,6 +390,7 @@ class ReceivedInstance:
     size: int
     digest: str
     calling_ae_title: str
+    content: str | None = None
 
 
 def _record_retrying(sessions: sessionmaker[Session], received: ReceivedInstance) -> int:
@@ -422,6 +429,7 @@ def _record(session: Session, received: ReceivedInstance) -> int:
         study_id=study.id, series_id=series.id, sop_instance_uid=received.sop_uid,
         sop_class_uid=received.sop_class, transfer_syntax_uid=received.transfer_syntax,
         path=str(received.path), size_bytes=received.size, sha256=received.digest,
+        content_sha256=received.content,
         calling_ae_title=received.calling_ae_title[:16], state=InstanceState.RECEIVED, attempts=0,
         received_at=now,
     )

@@ -5,18 +5,26 @@ limit, the association deadline and per-address connection rates.
 
 from __future__ import annotations
 
+import subprocess
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from sqlalchemy import func, select
 
-from dicom_node.receive import SUCCESS, inflates_past, store_instance
+from core.db import AuditEvent, Instance
+from core.settings import Settings
+from dicom_node import scp
+from dicom_node.receive import CONFLICTING_DUPLICATE, SUCCESS, inflates_past, store_instance
 from ops.send import wrap_image
-from tests.conftest import DATA
+from tests.conftest import DATA, REAL_DICOM
+from tests.helpers import dcmtk, free_port, requires_program
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
 
@@ -66,3 +74,68 @@ def test_a_deflated_data_set_ending_in_its_pad_byte_is_read_to_its_end(tmp_path:
     outcome = store_instance(path, dataset.SOPClassUID, dataset.SOPInstanceUID, "SENDER",
                              tmp_path / "storage", sessions)
     assert outcome.status == SUCCESS, outcome.reason
+
+
+@pytest.fixture
+def node(tmp_path: Path, sessions):
+    queued: list[int] = []
+    settings = Settings(home=tmp_path / "home", port=free_port(), host="127.0.0.1", allowed_peers="*")
+    server = scp.start(settings, sessions, queued.append)
+    yield settings, queued
+    server.shutdown()
+
+
+def send(settings: Settings, dataset: Dataset, syntax: str) -> int:
+    """C-STORE `dataset` over a context offering only `syntax` (pynetdicom re-encodes it)."""
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(dataset.SOPClassUID, [syntax])
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+    assert assoc.is_established
+    status = assoc.send_c_store(dataset).Status
+    assoc.release()
+    return status
+
+
+@requires_program("storescu", "dcmtk")
+@pytest.mark.parametrize("option", ["+te", "+td", "+tb"])
+@pytest.mark.parametrize("name", ["nih_cxr14_dx_implicit.dcm", "fuji_cr_chest_mono1_explicit.dcm"])
+def test_an_identical_image_re_sent_in_another_transfer_syntax_is_a_no_op_success(
+    node, sessions, tmp_path: Path, name: str, option: str
+) -> None:
+    """Issue 23 row 2: an image stored in one transfer syntax (dcmtk's dcmconv: Explicit VR,
+    deflated, big endian), then sent again by dcmtk's storescu in Implicit VR (-xi, its only
+    single-syntax choice) was refused 0xC211: the file's sha256 was compared."""
+    settings, queued = node
+    converted = tmp_path / "converted.dcm"
+    subprocess.run([dcmtk("dcmconv"), option, str(REAL_DICOM / name), str(converted)], check=True)
+    dataset = dcmread(converted)
+    first = dataset.file_meta.TransferSyntaxUID
+    assert send(settings, dataset, first) == SUCCESS
+    answer = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", settings.ae_title, "-xi",
+                             "127.0.0.1", str(settings.port), str(REAL_DICOM / name)],
+                            capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0 and "0xc211" not in answer.stderr.lower(), answer.stderr
+    with sessions() as session:
+        (instance,) = session.scalars(select(Instance)).all()
+        events = session.scalars(select(AuditEvent.event)).all()
+    assert instance.transfer_syntax_uid == first
+    assert events == ["received", "duplicate_received"]
+    assert len(queued) == 1
+    assert len(list(settings.storage_dir.rglob("*.dcm"))) == 1
+
+
+def test_the_same_uid_with_other_pixels_in_another_syntax_is_still_a_conflict(node, sessions) -> None:
+    settings, _ = node
+    first = wrap_image(IMAGE)
+    second = dcmread(REAL_DICOM / "nih_cxr14_dx_implicit.dcm")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        setattr(second, keyword, first.get(keyword))
+    second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    assert send(settings, first, ExplicitVRLittleEndian) == SUCCESS
+    assert send(settings, first, ImplicitVRLittleEndian) == SUCCESS
+    assert send(settings, second, ImplicitVRLittleEndian) == CONFLICTING_DUPLICATE
+    changed = dcmread(settings.storage_dir.glob("*/*/*.dcm").__next__())
+    changed.StudyDescription = "CHEST PA"  # header only: other content too
+    assert send(settings, changed, ImplicitVRLittleEndian) == CONFLICTING_DUPLICATE
+    with sessions() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 1
