@@ -7,11 +7,13 @@ Reasons start with a fixed class, then ': ' and the details (monitoring groups b
 
 from __future__ import annotations
 
+import io
 import re
 
 import openjpeg
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import generate_frames, parse_basic_offsets, parse_fragments
 from pydicom.multival import MultiValue
 from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (
@@ -123,6 +125,9 @@ def failure_reason(dataset: Dataset) -> str | None:
     """Problems that make a would-be chest radiograph unclassifiable: terminal `failed`."""
     if "PixelData" not in dataset:
         return "no pixel data"
+    empty = _pixel_data_empty(dataset)
+    if empty:
+        return f"no pixel data: {empty}"
     for keyword in ("NumberOfFrames", "SamplesPerPixel"):
         if _integer(dataset, keyword, 1) is None:
             return f"invalid image header: {keyword} is not a number"
@@ -150,6 +155,29 @@ def failure_reason(dataset: Dataset) -> str | None:
     if declared and declared != (rows, columns):
         return (f"compressed image does not match the header: its codestream declares "
                 f"{declared[1]}x{declared[0]} pixels, the header {columns}x{rows}")
+    return None
+
+
+def _pixel_data_empty(dataset: Dataset) -> str | None:
+    """How Pixel Data is empty, None when it is not: zero bytes, or encapsulated without a
+    fragment. Read from the element as stored: a value over `defer_size` is not loaded (it is
+    not empty either).
+
+    Why: the decoder failed on these with "object of type 'NoneType' has no len()" or a list of
+    every plugin's complaint, which told nobody that the image simply was not there.
+    """
+    element = dataset.get_item("PixelData", keep_deferred=True)
+    raw = isinstance(element, RawDataElement)
+    if (element.length == 0) if raw else element.is_empty:
+        return "Pixel Data is empty (0 bytes)"
+    if raw and element.length == 0xFFFFFFFF and isinstance(element.value, bytes):
+        try:
+            buffer = io.BytesIO(element.value)
+            parse_basic_offsets(buffer)
+            if parse_fragments(buffer)[0] == 0:
+                return "encapsulated Pixel Data holds no fragment"
+        except Exception:  # malformed: left to the decoder, which reports it in its own words
+            return None
     return None
 
 

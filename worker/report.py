@@ -27,14 +27,12 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from pydicom import config
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from pydicom.valuerep import validate_value
+
+from worker.sr_header import PATIENT_STUDY_TYPE2, drop_invalid_values
 
 MANUFACTURER = "Pneumo"
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
@@ -44,13 +42,6 @@ CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = Code("PNEUMO-P", "99PNEUMO", "Pneumonia probability")
 NO_UNITS = Code("1", "UCUM", "no units")
 SR_SERIES_NUMBER = 990
-
-# Type 2 attributes highdicom copies from the evidence; some modalities leave them out.
-_PATIENT_STUDY_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)
-_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 
 @dataclass(frozen=True)
@@ -72,49 +63,6 @@ def sr_uids(study_instance_uid: str, model_name: str, model_version: str) -> tup
     )
 
 
-def drop_invalid_values(dataset: Dataset) -> list[str]:
-    """Remove values not valid for their VR, in place, nested items included; the keywords removed.
-
-    Why: highdicom copies the patient and study attributes into the SR and converts some (a birth
-    date of '01/02/1970' or a 56-character hash raised "Unable to convert ... to 'DA'", so the SR
-    was never built), and a value copied as it is would make the SR invalid DICOM. A type 2
-    patient/study attribute is kept empty, anything else removed. The values are never returned.
-    """
-    dropped = []
-    for tag in list(dataset.keys()):
-        if tag.group == 0x7FE0:  # pixel data: never loaded here
-            continue
-        try:
-            element = dataset[tag]  # a raw value is converted here, and may not convert at all
-        except Exception:
-            dropped.append(keyword_for_tag(tag) or str(tag))
-            del dataset[tag]
-            continue
-        if element.VR == "SQ":
-            for item in element.value or []:
-                dropped += drop_invalid_values(item)
-            continue
-        if element.VR in _BINARY_VRS:
-            continue
-        value = element.value
-        values = value if isinstance(value, MultiValue | list | tuple) else [value]
-        try:
-            for item in values:
-                # What pydicom could not convert stays text (a date, a number); names are
-                # checked as text too (component lengths, characters).
-                text = str(item) if element.VR == "PN" and item is not None else item
-                if isinstance(text, str) and text:
-                    validate_value(element.VR, text, config.RAISE)
-        except (ValueError, TypeError):
-            keyword = element.keyword or str(element.tag)
-            dropped.append(keyword)
-            if keyword in _PATIENT_STUDY_TYPE2:
-                element.value = None
-            else:
-                del dataset[element.tag]
-    return dropped
-
-
 def _evidence(source: Dataset) -> Dataset:
     """The header highdicom references: values invalid for their VR dropped (see
     `drop_invalid_values`), missing type 2 patient/study attributes added empty."""
@@ -123,7 +71,7 @@ def _evidence(source: Dataset) -> Dataset:
         if element.tag.group != 0x7FE0:
             evidence.add(element)
     drop_invalid_values(evidence)
-    for keyword in _PATIENT_STUDY_TYPE2:
+    for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in evidence:
             setattr(evidence, keyword, None)
     return evidence
@@ -139,7 +87,8 @@ def _image_group(
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[sop_uid, model_name, model_version]),
-            identifier=f"pneumonia classification of {sop_uid}"[:64],
+            # A TEXT item (UT): the whole UID, never cut (issue 22 found it cut mid-UID).
+            identifier=f"pneumonia classification of {sop_uid}",
         ),
         finding_type=PNEUMONIA,
         algorithm_id=algorithm,
@@ -153,10 +102,17 @@ def _image_group(
     )
     if not assessed:
         group[0].ContentSequence.append(TextContentItem(
-            name=codes.DCM.Comment, value=f"not assessed: {finding.not_assessed}"[:1024],
+            name=codes.DCM.Comment, value=f"not assessed: {finding.not_assessed}",
             relationship_type=RelationshipTypeValues.CONTAINS,
         ))
     return group
+
+
+def _series_description(model_name: str, model_version: str) -> str:
+    """'AI pneumonia <model> <version>' where it fits Series Description (LO, 64 characters);
+    otherwise without them, as a name or version cut short would identify another one."""
+    description = f"AI pneumonia {model_name} {model_version}"
+    return description if len(description) <= 64 else "AI pneumonia classification"
 
 
 def build_sr(
@@ -205,5 +161,5 @@ def build_sr(
         is_final=False,
         is_verified=False,
         contributing_equipment=[equipment],
-        series_description=f"AI pneumonia {model_name} {model_version}"[:64],
+        series_description=_series_description(model_name, model_version),
     )
