@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         400, ge=0, description="`pneumo run`'s delivery worker replaces a pool child whose resident "
         "memory passes this after a task (0: never); bounds its slow growth (~10 MiB/hour measured)"
     )
+    stop_timeout_s: float = Field(
+        8.0, gt=0, description="`pneumo run` stops its children at once; one still running this long "
+        "after SIGTERM is killed (its unfinished task is handed out again). Below a service "
+        "manager's stop timeout (docker: 10 s, systemd: 90 s)"
+    )
     sweep_interval_s: float = Field(10.0, description="How often stuck instances are re-queued")
     finalise_interval_s: float = Field(1.0, description="How often stable studies are looked for")
     dashboard_host: str = Field("127.0.0.1", description="Address the dashboard/metrics service binds")

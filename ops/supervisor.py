@@ -6,12 +6,16 @@ worker, the beat scheduler and the dashboard as child processes. "Listening" is 
 the node and the dashboard have bound their ports (each says so on a pipe, PNEUMO_READY_FD). A
 child that dies is restarted, unless it exits with a status that says a restart cannot help
 (PERMANENT_EXIT_CODES: port in use, invalid settings): then the run stops with its reason on the
-terminal. Ctrl-C or SIGTERM stops them in order: node and dashboard, workers, scheduler, then
-Redis, which runs in its own session so the terminal's Ctrl-C does not reach it first.
+terminal. Ctrl-C or SIGTERM stops them all at once (each child in its own session, so the
+terminal's Ctrl-C reaches only `pneumo run`), whatever still runs after PNEUMO_STOP_TIMEOUT_S is
+killed, and Redis goes last. However `pneumo run` ends, SIGKILL included, nothing it started
+outlives it: every child asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG, set
+before it execs its command; Celery's pool processes set it themselves).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -31,9 +35,26 @@ __all__ = ["EXIT_CANNOT_START", "PERMANENT_EXIT_CODES", "child_commands", "run"]
 log = logging.getLogger(__name__)
 
 STARTUP_WAIT_S = 180.0  # for the node and dashboard to bind (imports take a while on a busy host)
-# Stop order: nothing new comes in, then the workers finish their tasks while the broker is still
-# up, then the scheduler; the broker (stopped by the caller) goes last.
-STOP_ORDER = (("node", "dashboard"), ("worker-inference", "worker-delivery"), ("scheduler",))
+# Run as `python -I -c _PARENT_DEATH <supervisor pid> <command...>`: the kernel is to SIGKILL this
+# process when its parent dies (prctl PR_SET_PDEATHSIG; kept across exec, so it holds for the
+# command), then it becomes the command. Not a preexec_fn: that runs Python between fork and exec,
+# unsafe once the supervisor has threads.
+_PARENT_DEATH = """
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+    sys.exit("pneumo: cannot set the parent-death signal: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):  # the supervisor died before the signal was set
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dies_with_us(command: list[str]) -> list[str]:
+    """`command`, run so that it is killed when this process dies, however it dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-I", "-c", _PARENT_DEATH, str(os.getpid()), *command]
 
 
 def redis_executable() -> str:
@@ -47,9 +68,9 @@ def start_embedded_redis(settings: Settings) -> subprocess.Popen:
     socket_path = settings.redis_socket
     socket_path.unlink(missing_ok=True)
     process = subprocess.Popen(
-        [redis_executable(), "--port", "0", "--unixsocket", str(socket_path),
+        dies_with_us([redis_executable(), "--port", "0", "--unixsocket", str(socket_path),
          "--unixsocketperm", "700", "--dir", str(settings.home_dir), "--appendonly", "yes",
-         "--save", "", "--logfile", str(settings.home_dir / "redis.log")],
+         "--save", "", "--logfile", str(settings.home_dir / "redis.log")]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         # Its own session: the terminal's Ctrl-C goes to `pneumo run`, which stops Redis last.
         start_new_session=True,
@@ -134,7 +155,12 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
         if redis is not None:  # last: the workers and scheduler are stopped by now
             log.info("stopping the bundled Redis")
             redis.terminate()
-            redis.wait(timeout=10)
+            try:
+                redis.wait(timeout=settings.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("the bundled Redis did not stop within %.0f s; killed", settings.stop_timeout_s)
+                redis.kill()
+                redis.wait()
         print("pneumo: stopped", flush=True)
 
 
@@ -158,11 +184,12 @@ def _supervise(settings: Settings, inference_concurrency: int, environment: dict
             print(f"pneumo: started, but {' and '.join(late)} not listening yet after "
                   f"{STARTUP_WAIT_S:.0f} s (see {settings.home_dir}/*.log); Ctrl-C stops", flush=True)
         elif failed is None and not stopping:
+            scheme = "https" if settings.dashboard_tls_cert_file else "http"
             print(
                 f"pneumo: DICOM node {settings.ae_title} listening on {settings.host}:{settings.port}; "
                 f"home {settings.home_dir}; SRs to "
                 f"{settings.pacs or 'local folder ' + str(settings.home_dir / 'sr')}"
-                f"; dashboard http://{settings.dashboard_host}:{settings.dashboard_port}/; Ctrl-C stops",
+                f"; dashboard {scheme}://{settings.dashboard_host}:{settings.dashboard_port}/; Ctrl-C stops",
                 flush=True,
             )
         while not stopping and failed is None:
@@ -178,7 +205,7 @@ def _supervise(settings: Settings, inference_concurrency: int, environment: dict
                 time.sleep(min(30.0, 0.5 * 2 ** min(child.restarts, 6)))
                 _start(child, environment, settings.home_dir)
     finally:
-        _stop(children)
+        _stop(children, settings.stop_timeout_s)
     if failed is None:
         return 0
     child, reason = failed
@@ -239,30 +266,31 @@ def _failure_reason(child: Child, home: Path) -> str:
     return (errors or lines or ["no output"])[-1][:500]
 
 
-def _stop(children: list[Child]) -> None:
-    """Stop the children in STOP_ORDER, each group given up to 30 s to finish its work."""
-    by_name = {child.name: child for child in children}
-    groups = [[by_name[name] for name in names if name in by_name] for names in STOP_ORDER]
-    listed = {name for names in STOP_ORDER for name in names}
-    groups.append([child for child in children if child.name not in listed])
-    for group in groups:
-        running = [c for c in group if c.process is not None and c.process.poll() is None]
-        if running:
-            log.info("stopping %s", ", ".join(child.name for child in running))
-        for child in running:
+def _stop(children: list[Child], timeout_s: float) -> None:
+    """SIGTERM to every child at once (they do not depend on each other, only on the broker, which
+    the caller stops after); one still running after `timeout_s` is killed with its process group.
+    One after the other took 8-13 s when idle, past some service managers' stop timeout. A task
+    cut short is not lost: tasks are acknowledged late, so the broker hands it out again."""
+    running = [c for c in children if c.process is not None and c.process.poll() is None]
+    if running:
+        log.info("stopping %s", ", ".join(child.name for child in running))
+    for child in running:
+        with contextlib.suppress(ProcessLookupError):
             child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for child in running:
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within 30 s; killed", child.name)
-                child.process.kill()
-                child.process.wait()
-        for child in group:
-            if child.ready_fd is not None:
-                os.close(child.ready_fd)
-                child.ready_fd = None
+    deadline = time.monotonic() + timeout_s
+    for child in running:
+        try:
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killed", child.name, timeout_s)
+            # Not reaped yet, so its group id is still its own: the pool processes go with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            child.process.wait()
+    for child in children:
+        if child.ready_fd is not None:
+            os.close(child.ready_fd)
+            child.ready_fd = None
 
 
 def _start(child: Child, environment: dict[str, str], home: Path, ready: bool = False) -> None:
@@ -280,7 +308,7 @@ def _start(child: Child, environment: dict[str, str], home: Path, ready: bool = 
         env, pass_fds = {**environment, READY_ENV: str(write_end)}, (write_end,)
     try:
         child.process = subprocess.Popen(
-            child.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            dies_with_us(child.command), env=env, stdout=handle, stderr=subprocess.STDOUT,
             start_new_session=True, pass_fds=pass_fds, umask=PRIVATE_UMASK,
         )
     finally:

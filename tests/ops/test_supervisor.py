@@ -1,5 +1,5 @@
 """`pneumo run` as an operator meets it: it says "listening" only when it is, stops with the reason
-when a child cannot start (a port in use), and Ctrl-C stops the parts in order, the broker last."""
+when a child cannot start (a port in use), and Ctrl-C stops the parts together, the broker last."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_ctrl_c_stops_node_workers_scheduler_then_the_broker(tmp_path: Path, tin
         assert "Traceback" not in log, f"{name}.log:\n{log[-3000:]}"
     assert "Received SIGINT" not in (home / "redis.log").read_text()
     order = [line.split("stopping ", 1)[1] for line in output.splitlines() if " stopping " in line]
-    assert order == ["node, dashboard", "worker-inference, worker-delivery", "scheduler",
+    # All children at once (one after the other took 8-13 s idle), the broker after them all.
+    assert order == ["node, worker-inference, worker-delivery, scheduler, dashboard",
                      "the bundled Redis"], output
 
 
