@@ -8,11 +8,17 @@ files and the logs hold patient data, so files are created private to the servic
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import re
+import threading
 import traceback
+from collections import deque
+from pathlib import Path
+from typing import TextIO
 
 PRIVATE_UMASK = 0o077  # files 0600, folders 0700
+LINE_LIMIT = 64 * 1024  # a longer line (no newline in sight) is written in pieces, never held whole
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -58,3 +64,50 @@ def install(handlers: list[logging.Handler] | None = None) -> None:
 def private_files() -> None:
     """Files this process creates from now on are 0600 and folders 0700 (and its children's)."""
     os.umask(PRIVATE_UMASK)
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """The standard size-rotating handler, its files created 0600 whatever the umask (and a file
+    from before made 0600): a log line may name a study."""
+
+    def _open(self) -> TextIO:
+        descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(descriptor, 0o600)
+        return os.fdopen(descriptor, "a", encoding=self.encoding, errors=self.errors)
+
+
+class OutputLog:
+    """One process's output (stdout and stderr, through a pipe) into `path`, rotated by size:
+    `max_bytes` per file and `backups` older files, so nothing a process prints, a flood
+    included, grows the disk past (backups + 1) * max_bytes. The last lines of the current start
+    are kept in memory for the reason a child could not start."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int, tail_lines: int = 200) -> None:
+        self.path = path
+        self.handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                  encoding="utf-8", errors="backslashreplace")
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.tail: deque[str] = deque(maxlen=tail_lines)
+        self.reader: threading.Thread | None = None
+
+    def follow(self, read_end: int, name: str) -> None:
+        """Copy what arrives on `read_end` into the log until every writer has closed it."""
+        self.tail = tail = deque(maxlen=self.tail.maxlen)  # this start's lines only
+
+        def pump() -> None:
+            with open(read_end, "rb") as stream:
+                while raw := stream.readline(LINE_LIMIT):
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    tail.append(line)
+                    # A record made directly, not through the record factory: the child has
+                    # already scrubbed and escaped its lines (core.phi, EscapeControlCharacters).
+                    self.handler.handle(logging.LogRecord(name, logging.INFO, "", 0, line, None, None))
+
+        self.reader = threading.Thread(target=pump, name=f"log {name}", daemon=True)
+        self.reader.start()
+
+    def drain(self, timeout_s: float = 5.0) -> list[str]:
+        """The lines of the current start once its writers are gone (or `timeout_s` passed)."""
+        if self.reader is not None:
+            self.reader.join(timeout_s)
+        return list(self.tail)

