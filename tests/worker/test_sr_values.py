@@ -200,6 +200,12 @@ def build_and_check(dataset: Dataset, folder: Path) -> tuple[list[str], Dataset]
     report = build_sr([ImageFinding(header, 0.25, False)], "pneumo-test", "1.0.0", 0.5)
     path = folder / "sr.dcm"
     report.save_as(path, enforce_file_format=True)
+    assert_valid(path)
+    return changes, dcmread(path)
+
+
+def assert_valid(path: Path) -> None:
+    """dsrdump without a warning; dciodvfy without an error or an unexpected warning."""
     dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, errors="replace")
     assert dump.returncode == 0 and not dump.stderr, dump.stderr
     verify = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace")
@@ -207,7 +213,6 @@ def build_and_check(dataset: Dataset, folder: Path) -> tuple[list[str], Dataset]
                 if line.startswith(("Error", "Warning"))
                 and not any(w in line for w in (*ACCEPTED_WARNINGS, *NEWER_THAN_DCIODVFY))]
     assert not findings, findings
-    return changes, dcmread(path)
 
 
 def test_the_clean_header_is_copied_unchanged(tmp_path: Path) -> None:
@@ -293,6 +298,8 @@ def test_tracking_identifier_holds_the_whole_uid(tmp_path: Path) -> None:
     dataset.save_as(stored, enforce_file_format=True)
     header = dcmread(stored)
     report = build_sr([ImageFinding(header, None, None, reason)], "pneumo-test", "1.0.0", 0.5)
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert_valid(tmp_path / "sr.dcm")
     texts = [item.TextValue for item in _content_items(report) if "TextValue" in item]
     assert f"pneumonia classification of {dataset.SOPInstanceUID}" in texts
     assert f"not assessed: {reason}" in texts
