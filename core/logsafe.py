@@ -1,8 +1,10 @@
 """What every pneumo process does before it writes a file or a log line.
 
 Peers choose AE titles and header values; a CR/LF in one must not start a forged log line, so
-control characters are escaped in every message. Stored images, SRs, the database, the broker's
-files and the logs hold patient data, so files are created private to the service user.
+control characters are escaped in every message, and one message repeated in a flood is logged a
+few times a minute, with a count. `pneumo run` writes each child's output to a log rotated by
+size. Stored images, SRs, the database, the broker's files and the logs hold patient data, so
+files are created private to the service user.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging.handlers
 import os
 import re
 import threading
+import time
 import traceback
 from collections import deque
 from pathlib import Path
@@ -54,11 +57,51 @@ def _traceback(error: BaseException) -> str:
     return "".join(chunks)
 
 
+class RepeatLimit(logging.Filter):
+    """At most `burst` identical records (logger, level, message) per `window_s`; the first one
+    after a window that suppressed some says how many. A peer that repeats one error 100,000 times
+    (pynetdicom logs each unknown PDU) must not fill the disk or bury everything else; distinct
+    messages (other studies, other peers) are never held back by this."""
+
+    def __init__(self, burst: int = 20, window_s: float = 60.0, max_keys: int = 1000) -> None:
+        super().__init__()
+        self.burst, self.window_s, self.max_keys = burst, window_s, max_keys
+        self._windows: dict[tuple[str, int, str], list[float]] = {}  # key: [start, count, suppressed]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format: logging reports it; do not count it
+            return True
+        key, now = (record.name, record.levelno, message), time.monotonic()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None or now - window[0] >= self.window_s:
+                suppressed = int(window[2]) if window is not None else 0
+                self._windows.pop(key, None)
+                while len(self._windows) >= self.max_keys:  # oldest windows go first
+                    self._windows.pop(next(iter(self._windows)))
+                self._windows[key] = [now, 1, 0]
+                if suppressed:
+                    record.msg, record.args = (f"{message} [and {suppressed} more identical in the "
+                                               f"last {self.window_s:.0f} s, not logged]"), None
+                return True
+            window[1] += 1
+            if window[1] <= self.burst:
+                return True
+            window[2] += 1
+            return False
+
+
 def install(handlers: list[logging.Handler] | None = None) -> None:
-    """Escape control characters on these handlers (default: the root logger's)."""
+    """Escape control characters and limit identical repeats on these handlers (default: the
+    root logger's)."""
     for handler in handlers if handlers is not None else logging.getLogger().handlers:
         if not any(isinstance(f, EscapeControlCharacters) for f in handler.filters):
             handler.addFilter(EscapeControlCharacters())
+        if not any(isinstance(f, RepeatLimit) for f in handler.filters):
+            handler.addFilter(RepeatLimit())
 
 
 def private_files() -> None:

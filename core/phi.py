@@ -23,6 +23,7 @@ _QUOTED = re.compile(r"""['"](?:.*['"]|.*)""", re.DOTALL)
 KEPT = (
     re.compile(r"Process '[A-Za-z]{0,16}(?:PoolWorker|Process)-\d+(?::\d+)*' pid:\d+ exited with "
                r"'(?:signal \d+(?: \(SIG[A-Z0-9+-]+\))?|exitcode -?\d+)'"),  # billiard's pool supervisor
+    re.compile(r"Unknown PDU type received '0x[0-9A-F]{2}'"),  # pynetdicom.dul: one byte from the wire
 )
 _installed = False
 

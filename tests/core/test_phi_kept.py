@@ -32,3 +32,10 @@ def test_the_same_shape_carrying_anything_else_is_still_withheld(
     logging.getLogger("billiard").error("Process %r pid:%r exited with %r", name, 7, status)
     text = captured.getvalue()
     assert "zyx" not in text.lower() and phi.WITHHELD in text
+
+
+def test_the_unknown_pdu_type_is_kept(captured: io.StringIO) -> None:  # noqa: F811
+    logging.getLogger("pynetdicom.dul").error("Unknown PDU type received '0x08'")  # as dul.py words it
+    logging.getLogger("pynetdicom.dul").error("Unknown PDU type received 'Zyx'")
+    text = captured.getvalue()
+    assert "Unknown PDU type received '0x08'" in text and "zyx" not in text.lower()
