@@ -202,43 +202,42 @@ def _check_elements(dataset: Dataset, only: frozenset[str] | None = None) -> lis
         if tag == 0x00080005 or (only is not None and keyword_for_tag(tag) not in only):
             continue  # the character set is settled last; what is not copied stays as it is
         try:
-            element = dataset[tag]  # a raw value is converted here, and may not convert at all
-        except Exception:
+            changes += _check_element(dataset, tag, root=only is not None)
+        except Exception:  # a raw value that does not convert, or anything a check trips on
             changes.append(_leave_out(dataset, tag, keyword_for_tag(tag) or str(tag)))
-            continue
-        keyword = element.keyword or str(element.tag)
-        if keyword in _REFERENCES:
-            continue
-        if element.VR == "SQ":
-            nested = [change for item in element.value or [] for change in _check_elements(item)]
-            if nested and only is not None:
-                # An item without a value it requires is invalid: the whole sequence goes.
-                changes.append(_leave_out(dataset, tag, keyword))
-            else:
-                changes += nested
-            continue
-        expected_vr = None if tag.is_private else dictionary_vr(tag)
-        if element.VR in _BINARY_VRS and (expected_vr is None or expected_vr in _BINARY_VRS):
-            continue
-        repaired = False
-        if expected_vr and expected_vr != element.VR:
-            element = _retyped(element, expected_vr)
-            if element is None:
-                changes.append(_leave_out(dataset, tag, keyword))
-                continue
-            dataset[tag], repaired = element, True
-        enumerated = ENUMERATED_VALUES.get(keyword)
-        if enumerated and not element.is_empty and str(element.value) not in enumerated:
-            fixed = str(element.value).strip().upper()
-            if element.VM != 1 or fixed not in enumerated:
-                changes.append(_leave_out(dataset, tag, keyword))
-                continue
-            element.value, repaired = type(element.value)(fixed), True
-        if not _valid(element):
-            changes.append(_leave_out(dataset, tag, keyword))
-        elif repaired:
-            changes.append(f"{keyword} repaired")
     return changes
+
+
+def _check_element(dataset: Dataset, tag: BaseTag, root: bool) -> list[str]:
+    """One element made valid in place: [] when it was, else what was done to it."""
+    element = dataset[tag]  # a raw value is converted here, and may not convert at all
+    keyword = element.keyword or str(element.tag)
+    if keyword in _REFERENCES:
+        return []
+    if element.VR == "SQ":
+        nested = [change for item in element.value or [] for change in _check_elements(item)]
+        if nested and root:
+            # An item without a value it requires is invalid: the whole sequence goes.
+            return [_leave_out(dataset, tag, keyword)]
+        return nested
+    expected_vr = None if tag.is_private else dictionary_vr(tag)
+    if element.VR in _BINARY_VRS and (expected_vr is None or expected_vr in _BINARY_VRS):
+        return []
+    repaired = False
+    if expected_vr and expected_vr != element.VR:
+        element = _retyped(element, expected_vr)
+        if element is None:
+            return [_leave_out(dataset, tag, keyword)]
+        dataset[tag], repaired = element, True
+    enumerated = ENUMERATED_VALUES.get(keyword)
+    if enumerated and not element.is_empty and str(element.value) not in enumerated:
+        fixed = str(element.value).strip().upper()
+        if element.VM != 1 or fixed not in enumerated:
+            return [_leave_out(dataset, tag, keyword)]
+        element.value, repaired = type(element.value)(fixed), True
+    if not _valid(element):
+        return [_leave_out(dataset, tag, keyword)]
+    return [f"{keyword} repaired"] if repaired else []
 
 
 def dictionary_vr(tag: BaseTag) -> str | None:

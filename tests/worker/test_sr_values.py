@@ -10,6 +10,7 @@ would, so pydicom's own checks do not tidy it up before the worker reads it.
 from __future__ import annotations
 
 import io
+import random
 import subprocess
 from pathlib import Path
 
@@ -310,3 +311,50 @@ def _content_items(dataset: Dataset):
     for item in dataset.get("ContentSequence", []):
         yield item
         yield from _content_items(item)
+
+
+MUTATION_CASES = 120
+_ALPHABET = b"AZaz09^=\\ .-:/*\x00\x07\x0a\x1b\x7f\xe9\xfc\xc3\xa9"
+
+
+def _mutation(rng: random.Random) -> list[tuple[str, str, bytes]]:
+    """1 to 3 copied attributes, each given random bytes under its own VR or another one."""
+    mutated = []
+    for keyword in rng.sample(COPIED, rng.randint(1, 3)):
+        vr = dictionary_VR(keyword)
+        if vr == "SQ":
+            continue
+        if rng.random() < 0.2:
+            vr = rng.choice(["LO", "UT", "CS", "DA", "PN", "US", "OB"])
+        length = rng.choice([0, 1, 2, 4, 8, 16, 17, 64, 65, 70])
+        mutated.append((keyword, vr, bytes(rng.choice(_ALPHABET) for _ in range(length))))
+    return mutated
+
+
+def test_random_mutations_of_the_copied_attributes(tmp_path: Path) -> None:
+    """120 headers with 1 to 3 copied attributes given random bytes (a fixed seed: the same
+    cases every run): every SR is built, and dsrdump reads them all without a warning."""
+    rng = random.Random(23)
+    paths = []
+    for case in range(MUTATION_CASES):
+        dataset = source_header(latin1_name=True)
+        mutation = _mutation(rng)
+        for keyword, vr, value in mutation:
+            put_raw(dataset, keyword, vr, value)
+        folder = tmp_path / str(case)
+        folder.mkdir()
+        save_as_is(dataset, folder / "image.dcm")
+        try:
+            header = dcmread(folder / "image.dcm", stop_before_pixels=True, defer_size=1 << 20)
+        except Exception:
+            # pydicom cannot read a file whose character set is not text (a NUL, bytes): the
+            # node reads with dcmread too, and refuses it as unreadable before any SR.
+            assert "SpecificCharacterSet" in {keyword for keyword, _, _ in mutation}
+            continue
+        drop_invalid_values(header)
+        report = build_sr([ImageFinding(header, 0.75, True)], "pneumo-test", "1.0.0", 0.5)
+        report.save_as(folder / "sr.dcm", enforce_file_format=True)
+        paths.append(str(folder / "sr.dcm"))
+    assert len(paths) > MUTATION_CASES * 0.95
+    dump = subprocess.run(["dsrdump", *paths], capture_output=True, text=True, errors="replace")
+    assert dump.returncode == 0 and not dump.stderr, dump.stderr[:2000]
