@@ -42,13 +42,14 @@ def drop_invalid_values(dataset: Dataset) -> list[str]:
     A value a modality wrote wrongly either stopped the SR ("'U' is not a valid PatientSexValues",
     "'ISO_IR 999' is not a valid SpecificCharacterSetValues", "Unable to convert ... to 'DA'"), so
     the result never reached the PACS, or was copied as it was and made the SR invalid DICOM (a
-    7-part name, a backslash in Accession Number). Each element, nested items included, is
-    checked for its VR (format, length, characters), its VM and, where the standard enumerates
-    them, its values. A value that can be repaired without guessing (a lower-case enumerated
-    value, a valid value under the wrong VR) is repaired; anything else is removed, a type 2
-    patient/study attribute kept empty. An unknown or misspelled character set is replaced by
-    UTF-8 (ISO_IR 192) when the text needs more than ASCII (the text was decoded as pydicom
-    reads it: its correction of a misspelling, else Latin-1).
+    7-part name, a backslash in Accession Number). Each attribute highdicom copies
+    (`copied_keywords`), nested items included, is checked for its VR (format, length,
+    characters), its VM and, where the standard enumerates them, its values. A value that can be
+    repaired without guessing (a lower-case enumerated value, a valid value under the wrong VR)
+    is repaired; anything else is removed, a type 2 patient/study attribute kept empty; a module
+    left without an attribute it requires goes whole. An unknown or misspelled character set is
+    replaced by one that holds the text as pydicom decoded it (its correction of a misspelling,
+    else Latin-1): none for ASCII, else ISO_IR 100, else UTF-8.
 
     Returns one entry per change, the keyword for a value left out and "<keyword> repaired" for
     one repaired: never the value itself (patient data stays out of audits and logs).
@@ -96,11 +97,12 @@ def _declared_character_set(dataset: Dataset) -> list[str]:
 
 
 @lru_cache
-def _iod_modules(sop_class_uid: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
-    """(usage, ((keyword, type), ...)) of each Patient and Study module of the IOD, root level."""
+def _iod_modules(sop_class_uid: str) -> tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...]:
+    """(key, usage, ((keyword, type), ...)) of each Patient and Study module of the IOD, root
+    level."""
     iods, modules, attributes = get_sop_class_iod_map(), get_iod_module_map(), get_module_attribute_map()
     return tuple(
-        (module["usage"], tuple((str(a["keyword"]), str(a["type"]))
+        (module["key"], module["usage"], tuple((str(a["keyword"]), str(a["type"]))
                                 for a in attributes[module["key"]] if not a["path"]))
         for module in modules.get(iods.get(sop_class_uid, ""), [])
         if module["ie"] in ("Patient", "Study")
@@ -121,11 +123,11 @@ def _settle_modules(dataset: Dataset, sop_class_uid: str, left_out: set[str]) ->
     attribute, or whose 1C attribute was left out, is left out entirely; in the Patient module,
     what a left-out 1C attribute was required by goes too. The keywords left out."""
     changes = []
-    for usage, attributes in _iod_modules(sop_class_uid):
+    for module, usage, attributes in _iod_modules(sop_class_uid):
         present = [keyword for keyword, _ in attributes if keyword in dataset]
-        if not present:
+        if not present or (usage == "M" and module != "patient"):
             continue
-        if usage == "M":
+        if module == "patient":
             for key, dependents in _REQUIRED_WITH.items():
                 if key in left_out or _empty(dataset, key):  # required (1C) by these, and missing
                     for keyword in dependents:

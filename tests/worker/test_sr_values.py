@@ -358,3 +358,33 @@ def test_random_mutations_of_the_copied_attributes(tmp_path: Path) -> None:
     assert len(paths) > MUTATION_CASES * 0.95
     dump = subprocess.run(["dsrdump", *paths], capture_output=True, text=True, errors="replace")
     assert dump.returncode == 0 and not dump.stderr, dump.stderr[:2000]
+
+
+TRIAL_SUBJECT = {"ClinicalTrialSponsorName": "Acme", "ClinicalTrialProtocolID": "P-1",
+                 "ClinicalTrialProtocolName": "Lungs", "ClinicalTrialSiteID": "S-1",
+                 "ClinicalTrialSiteName": "General", "ClinicalTrialSubjectID": "QZX-S1"}
+
+
+def test_a_module_left_without_a_required_value_goes_whole(tmp_path: Path) -> None:
+    """An over-long sponsor name (type 1 in Clinical Trial Subject) leaves the whole optional
+    module out: copied without it, the SR would be invalid (dciodvfy: missing type 1)."""
+    dataset = source_header()
+    for keyword, value in TRIAL_SUBJECT.items():
+        setattr(dataset, keyword, value)
+    dataset = reread(dataset)
+    put_raw(dataset, "ClinicalTrialSponsorName", "LO", b"S" * 65)
+    changes, report = build_and_check(dataset, tmp_path)
+    assert sorted(changes) == sorted(TRIAL_SUBJECT)
+    assert not [keyword for keyword in TRIAL_SUBJECT if keyword in report]
+
+
+def test_a_responsible_person_without_a_valid_role_is_left_out(tmp_path: Path) -> None:
+    """Responsible Person Role is required with a Responsible Person (1C): a role that is not
+    a valid CS takes the person out with it."""
+    dataset = source_header()
+    dataset.ResponsiblePerson = "Qzx^Parent"
+    dataset = reread(dataset)
+    put_raw(dataset, "ResponsiblePersonRole", "CS", b"mother")
+    changes, report = build_and_check(dataset, tmp_path)
+    assert changes == ["ResponsiblePersonRole", "ResponsiblePerson"]
+    assert "ResponsiblePerson" not in report
