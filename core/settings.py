@@ -90,8 +90,12 @@ class Settings(BaseSettings):
     network_timeout_s: float = Field(60.0, description="DIMSE/ACSE/network timeouts")
     min_free_disk_mb: int = Field(500, description="Below this free space, C-STORE answers 0xA700")
     max_inflated_mb: int = Field(
-        512, description="A deflated data set inflating past this is refused (0xC210): reading one "
-        "inflates it whole in memory"
+        512, description="A deflated data set inflating past this is refused (0xC210): the node reads "
+        "an inflated copy in the spool (disk, not memory)"
+    )
+    max_dataset_mb: int = Field(
+        1024, ge=0, description="A data set larger than this (as received) is refused 0xA700 with the "
+        "reason recorded; the rest of its transfer is read and discarded, never stored (0: no limit)"
     )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate (chain) of the node; set with tls_key_file: TLS only"

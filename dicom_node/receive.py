@@ -19,7 +19,7 @@ import threading
 import uuid
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -46,26 +48,33 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 CONFLICTING_DUPLICATE = 0xC211  # failure, "cannot understand" family: see _duplicate
 CONFLICT_COMMENT = "SOP Instance UID already stored with other content"  # Error Comment, LO
+TOO_LARGE_COMMENT = "Data set larger than this node's size limit"
 DEFER_SIZE = 1 << 20  # larger values stay on disk while headers are read: memory bounded per store
 UNDEFINED_LENGTH = 0xFFFFFFFF
 UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 INVALID_UID = "not a valid UID (digits and dots, no leading zero in a component, at most 64 characters)"
 
-_spool_errors: dict[str, str] = {}  # spool path -> why it could not be written
+_spool_errors: dict[str, tuple[int, str]] = {}  # spool path -> (status, why it was not kept)
 _spool_errors_lock = threading.Lock()
+
+
+def too_large(limit_mb: int) -> str:
+    return f"data set too large: over the node's {limit_mb} MiB limit (PNEUMO_MAX_DATASET_MB)"
 
 
 class SpoolFile:
     """Where pynetdicom's chunked receive writes a data set (replaces its NamedTemporaryFile).
 
-    A failed write (disk full) empties the file and discards the rest of the data set, so the
-    transfer still completes and `store_instance` answers 0xA700, instead of the association
-    dying mid-transfer with a partial file left filling the spool.
+    A failed write (disk full), or a data set growing past `limit_mb`, empties the file and
+    discards the rest of the data set, so the transfer still completes and `store_instance`
+    answers 0xA700 with the reason, instead of the association dying mid-transfer with a partial
+    file left filling the spool. Memory stays one P-DATA fragment whatever the size.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limit_mb: int = 0, **kwargs: Any) -> None:
         self.file = self  # pynetdicom flushes through `.file`
         self.failed = False
+        self.limit_mb, self.written = limit_mb, 0
         try:
             self._handle: Any = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
             self.name = self._handle.name
@@ -76,9 +85,12 @@ class SpoolFile:
             self._fail(error)
 
     def _fail(self, error: OSError) -> None:
+        self._discard(f"cannot write spool file: {error.strerror or type(error).__name__}")
+
+    def _discard(self, reason: str) -> None:
         self.failed = True
         with _spool_errors_lock:
-            _spool_errors[self.name] = error.strerror or type(error).__name__
+            _spool_errors[self.name] = (OUT_OF_RESOURCES, reason)
         if self._handle is not None:
             with contextlib.suppress(OSError):  # flushing its buffer may fail again; the fd closes
                 self._handle.close()
@@ -86,6 +98,9 @@ class SpoolFile:
                 os.truncate(self.name, 0)
 
     def write(self, data: bytes) -> int:
+        self.written += len(data)
+        if not self.failed and self.limit_mb and self.written > self.limit_mb << 20:
+            self._discard(too_large(self.limit_mb))
         if not self.failed:
             try:
                 return self._handle.write(data)
@@ -105,22 +120,25 @@ class SpoolFile:
             self._handle.close()
 
 
-_spool_dirs: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
+_spool_dirs: weakref.WeakKeyDictionary[AE, tuple[Path, int]] = weakref.WeakKeyDictionary()
 
 
 def _spool_file(*args: Any, **kwargs: Any) -> SpoolFile:
     """pynetdicom's call for a new spool file, made on the association's DUL thread: the file goes
-    into the spool folder of the node (AE) that association belongs to."""
+    into the spool folder of the node (AE) that association belongs to, with its size limit."""
     ae = getattr(getattr(threading.current_thread(), "assoc", None), "ae", None)
-    folder = _spool_dirs.get(ae) if ae is not None else None
-    return SpoolFile(*args, **({"dir": str(folder)} if folder is not None else {}), **kwargs)
+    target = _spool_dirs.get(ae) if ae is not None else None
+    if target is None:
+        return SpoolFile(*args, **kwargs)
+    return SpoolFile(*args, dir=str(target[0]), limit_mb=target[1], **kwargs)
 
 
-def spool_into(ae: AE, spool_dir: Path) -> None:
+def spool_into(ae: AE, spool_dir: Path, max_dataset_mb: int = 0) -> None:
     """Receive `ae`'s data sets straight into spool files in `spool_dir` (same filesystem as
-    storage, for atomic renames) instead of memory. Called when a node starts, not at import:
-    pynetdicom creates the file through a module-level name, replaced here."""
-    _spool_dirs[ae] = spool_dir
+    storage, for atomic renames) instead of memory, keeping at most `max_dataset_mb` of each
+    (0: no limit). Called when a node starts, not at import: pynetdicom creates the file through
+    a module-level name, replaced here."""
+    _spool_dirs[ae] = (spool_dir, max_dataset_mb)
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _spool_file
 
@@ -170,29 +188,49 @@ def store_instance(
     sessions: sessionmaker[Session],
     min_free_disk_mb: float = 0,
     max_inflated_mb: int = 512,
+    max_dataset_mb: int = 0,
 ) -> StoreOutcome:
     """Store one received dataset (a complete Part 10 file at `spool_path`)."""
     with _spool_errors_lock:
         spool_error = _spool_errors.pop(str(spool_path), None)
     if spool_error is not None:
-        return StoreOutcome(OUT_OF_RESOURCES, f"cannot write spool file: {spool_error}")
+        return StoreOutcome(*spool_error)
+    if max_dataset_mb and spool_path.stat().st_size > max_dataset_mb << 20:
+        return StoreOutcome(OUT_OF_RESOURCES, too_large(max_dataset_mb))
     if free_disk_mb(storage_dir) < min_free_disk_mb:
         return StoreOutcome(OUT_OF_RESOURCES, f"free disk below {min_free_disk_mb} MB floor")
+    with contextlib.ExitStack() as cleanup:
+        return _store_read(spool_path, affected_sop_class_uid, affected_sop_instance_uid,
+                           calling_ae_title, storage_dir, sessions, max_inflated_mb, cleanup)
+
+
+def _store_read(
+    spool_path: Path,
+    affected_sop_class_uid: str,
+    affected_sop_instance_uid: str,
+    calling_ae_title: str,
+    storage_dir: Path,
+    sessions: sessionmaker[Session],
+    max_inflated_mb: int,
+    cleanup: contextlib.ExitStack,
+) -> StoreOutcome:
     try:
-        if inflates_past(spool_path, max_inflated_mb << 20):
+        # A deflated data set is read from an inflated copy: pydicom inflates it whole in memory.
+        readable = inflated_copy(spool_path, max_inflated_mb << 20, cleanup)
+        if readable is None:
             return StoreOutcome(CANNOT_UNDERSTAND,
                                 f"deflated data set too large: inflates past {max_inflated_mb} MiB")
         # Pixel data and large private elements are deferred (left on disk), never loaded here.
-        dataset = dcmread(spool_path, defer_size=DEFER_SIZE)
-        problem = dataset_problem(dataset, spool_path.stat().st_size) or nul_problem(dataset)
+        dataset = dcmread(readable, defer_size=DEFER_SIZE)
+        problem = dataset_problem(dataset, readable.stat().st_size) or nul_problem(dataset)
         if problem is not None:
             return StoreOutcome(CANNOT_UNDERSTAND, problem)
         study_uid, series_uid, sop_uid = (dataset.get(keyword) for keyword in UID_KEYWORDS)
         sop_class = dataset.get("SOPClassUID")
-        transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        transfer_syntax = str(read_file_meta_info(spool_path).TransferSyntaxUID)
         modality = str(dataset.get("Modality", "") or "")[:16]
         accession = str(dataset.get("AccessionNumber", "") or "")[:64] or None
-        content = content_digest(spool_path, dataset, max(max_inflated_mb << 20, spool_path.stat().st_size))
+        content = content_digest(readable, dataset, readable.stat().st_size)
     except Malformed as error:
         return StoreOutcome(CANNOT_UNDERSTAND, f"dataset malformed: {error}")
     except EOFError:  # an undefined-length value (encapsulated pixel data) without its end
@@ -283,31 +321,67 @@ def _duplicate(session: Session, existing: Instance, digest: str, content: str) 
                         existing.id, duplicate=True)
 
 
+def _inflated(path: Path, limit_bytes: int) -> Iterator[bytes]:
+    """The deflated data set of the Part 10 file at `path`, inflated 1 MiB at a time; raises
+    InflatesPast once more than `limit_bytes` came out. Ends at the end of the deflate stream:
+    what follows it (the even-length pad byte) stays in `unconsumed_tail` once the stream has
+    ended and `decompress` returns b'' for ever, which spun a node thread at 100% CPU holding its
+    association slot (issue 23 row 1)."""
+    meta = read_file_meta_info(path)
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with path.open("rb") as handle:
+        handle.seek(132 + 12 + int(meta.FileMetaInformationGroupLength))  # after the file meta
+        while not inflater.eof and (chunk := handle.read(1 << 16)):
+            while chunk and not inflater.eof:
+                inflated = inflater.decompress(chunk, 1 << 20)
+                total += len(inflated)
+                if total > limit_bytes:
+                    raise InflatesPast
+                yield inflated
+                if not inflated and len(inflater.unconsumed_tail) == len(chunk):
+                    return  # no progress: never expected, but this loop must end on any input
+                chunk = inflater.unconsumed_tail
+
+
+class InflatesPast(Exception):
+    """A deflated data set inflates past the node's limit."""
+
+
+def inflated_copy(path: Path, limit_bytes: int, cleanup: contextlib.ExitStack) -> Path | None:
+    """`path` itself, or for a deflated data set a copy beside it in Explicit VR Little Endian
+    (removed by `cleanup`), so it is read with deferred values like any other: pydicom inflates a
+    deflated data set whole in memory. None if it inflates past `limit_bytes`."""
+    meta = read_file_meta_info(path)
+    if not meta.TransferSyntaxUID.is_deflated:
+        return path
+    copy = path.with_name(f"{path.stem}.inflated{path.suffix}")
+    cleanup.callback(copy.unlink, missing_ok=True)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with copy.open("wb") as handle:
+        handle.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(handle), meta, enforce_standard=False)
+        try:
+            for chunk in _inflated(path, limit_bytes):
+                handle.write(chunk)
+        except InflatesPast:
+            return None
+    return copy
+
+
 def inflates_past(path: Path, limit_bytes: int) -> bool:
     """Whether the Part 10 file's data set is deflated and inflates past `limit_bytes`.
 
     Why: pydicom inflates a deflated data set whole, in memory, to read even its header, so
     `DEFER_SIZE` bounds nothing there: a 1.2 MB file inflating to 1 GiB took the node 2.1 GB and
     6-7 s to read. Here it is inflated 1 MiB at a time and thrown away, stopping past the limit.
-    The loop ends at the end of the deflate stream: what follows it (the even-length pad byte)
-    stays in `unconsumed_tail` once the stream has ended and `decompress` returns b'' for ever,
-    which spun a node thread at 100% CPU holding its association slot (issue 23 row 1).
     """
-    meta = read_file_meta_info(path)
-    if not meta.TransferSyntaxUID.is_deflated:
+    if not read_file_meta_info(path).TransferSyntaxUID.is_deflated:
         return False
-    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-    with path.open("rb") as handle:
-        handle.seek(132 + 12 + int(meta.FileMetaInformationGroupLength))  # after the file meta
-        while not inflater.eof and (chunk := handle.read(1 << 16)):
-            while chunk and not inflater.eof:
-                inflated = len(inflater.decompress(chunk, 1 << 20))
-                total += inflated
-                if total > limit_bytes:
-                    return True
-                if not inflated and len(inflater.unconsumed_tail) == len(chunk):
-                    break  # no progress: never expected, but this loop must end on any input
-                chunk = inflater.unconsumed_tail
+    try:
+        for _ in _inflated(path, limit_bytes):
+            pass
+    except InflatesPast:
+        return True
     return False
 
 
@@ -324,7 +398,9 @@ def dataset_problem(dataset: Dataset, size: int) -> str | None:
     if dataset.file_meta.TransferSyntaxUID.is_deflated:
         return None  # positions refer to the inflated stream
     tag = max(dataset.keys())
-    element = dataset.get_item(tag)
+    # keep_deferred: without it the last element, Pixel Data as a rule, was read whole into memory
+    # (a 640 MB C-STORE took the node from 106 to 718 MB; issue 23 row 5).
+    element = dataset.get_item(tag, keep_deferred=True)
     value_tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
     if value_tell is None or length is None or length == UNDEFINED_LENGTH:
         return None

@@ -30,6 +30,7 @@ from dicom_node.receive import (
     CONFLICT_COMMENT,
     CONFLICTING_DUPLICATE,
     SUCCESS,
+    TOO_LARGE_COMMENT,
     enqueue_after_commit,
     record_refusal,
     spool_into,
@@ -113,7 +114,7 @@ def handle_store(
     outcome = store_instance(
         Path(event.dataset_path), str(request.AffectedSOPClassUID),
         str(request.AffectedSOPInstanceUID), calling, settings.storage_dir, sessions,
-        settings.min_free_disk_mb, settings.max_inflated_mb,
+        settings.min_free_disk_mb, settings.max_inflated_mb, settings.max_dataset_mb,
     )
     log.info("C-STORE %s from %s: 0x%04X %s", printable(request.AffectedSOPInstanceUID),
              printable(calling), outcome.status, printable(outcome.reason))
@@ -121,9 +122,11 @@ def handle_store(
         enqueue_after_commit(outcome.instance_id, sessions, enqueue)
     elif not stored(outcome.status):
         record_refusal(sessions, calling, outcome.status, outcome.reason)
-    if outcome.status == CONFLICTING_DUPLICATE:  # the sender's operator reads what the status means
+    comment = (CONFLICT_COMMENT if outcome.status == CONFLICTING_DUPLICATE
+               else TOO_LARGE_COMMENT if outcome.reason.startswith("data set too large") else None)
+    if comment is not None:  # the sender's operator reads what the status means
         answer = Dataset()
-        answer.Status, answer.ErrorComment = outcome.status, CONFLICT_COMMENT
+        answer.Status, answer.ErrorComment = outcome.status, comment
         return answer
     return outcome.status
 
@@ -392,7 +395,8 @@ def start(
         (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
     ]
     ae = build_ae(settings)
-    spool_into(ae, settings.spool_dir)  # each data set straight into a spool file (receive.py)
+    # Each data set straight into a spool file, at most max_dataset_mb of it (receive.py).
+    spool_into(ae, settings.spool_dir, settings.max_dataset_mb)
     transport = "plain TCP"
     if ssl_context is not None:
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"

@@ -27,6 +27,7 @@ from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import dcmtk, free_port, requires_program
 
 IMAGE = sorted((DATA / "test" / "NORMAL").iterdir())[0]
+IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
 
 def _deflated_body(path: Path) -> bytes:
@@ -139,3 +140,61 @@ def test_the_same_uid_with_other_pixels_in_another_syntax_is_still_a_conflict(no
     assert send(settings, changed, ImplicitVRLittleEndian) == CONFLICTING_DUPLICATE
     with sessions() as session:
         assert session.scalar(select(func.count(Instance.id))) == 1
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_storing_a_large_data_set_does_not_load_its_pixel_data(
+    sessions, tmp_path: Path, syntax: str
+) -> None:
+    """Issue 23 row 5: the truncation check read the last element, Pixel Data, whole (a 640 MB
+    C-STORE took the node from 106 to 718 MB), and pydicom inflates a deflated data set whole.
+    Memory is measured by tracemalloc (what Python allocates), not by a clock."""
+    import tracemalloc
+
+    dataset = wrap_image(IMAGE)
+    dataset.Rows, dataset.Columns = 4096, 4096
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+    dataset.PixelData = np.random.default_rng(0).integers(0, 4096, (4096, 4096), np.uint16).tobytes()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    spool = tmp_path / "spool.dcm"
+    dataset.save_as(spool, enforce_file_format=True)
+    sop_uid = dataset.SOPInstanceUID
+    del dataset
+    (tmp_path / "storage").mkdir()
+    tracemalloc.start()
+    try:
+        outcome = store_instance(spool, IMAGE_SOP_CLASS, sop_uid, "SENDER", tmp_path / "storage", sessions)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome.status == SUCCESS, outcome.reason
+    assert peak < 12 << 20, f"{peak >> 20} MiB allocated to store a 32 MiB data set"
+
+
+def test_a_data_set_over_the_size_limit_is_refused_with_its_reason(tmp_path: Path, sessions) -> None:
+    from core.db import RefusedStore
+    from dicom_node.receive import OUT_OF_RESOURCES, TOO_LARGE_COMMENT
+
+    settings = Settings(home=tmp_path / "home", port=free_port(), host="127.0.0.1", allowed_peers="*",
+                        max_dataset_mb=1)
+    server = scp.start(settings, sessions, lambda _id: None)
+    big, small = wrap_image(IMAGE), wrap_image(IMAGE)
+    big.PixelData = bytes(3 << 20)
+    big.Rows, big.Columns = 1536, 2048
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(big.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+        refused = assoc.send_c_store(big)
+        accepted = assoc.send_c_store(small)  # the association goes on
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert refused.Status == OUT_OF_RESOURCES and refused.ErrorComment == TOO_LARGE_COMMENT
+    assert accepted.Status == SUCCESS
+    with sessions() as session:
+        (reason,) = session.scalars(select(RefusedStore.reason)).all()
+        (instance,) = session.scalars(select(Instance)).all()
+    assert reason == "data set too large: over the node's 1 MiB limit (PNEUMO_MAX_DATASET_MB)"
+    assert instance.sop_instance_uid == small.SOPInstanceUID
+    assert not any(settings.spool_dir.iterdir())
