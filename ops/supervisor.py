@@ -92,6 +92,7 @@ def start_embedded_redis(settings: Settings) -> subprocess.Popen:
     finally:
         os.close(write_end)
     log_file.follow(read_end, "redis")
+    process.output_log = log_file  # type: ignore[attr-defined] - drained when it has stopped
     for _ in range(100):
         if socket_path.exists():
             return process
@@ -178,6 +179,7 @@ def run(settings: Settings, inference_concurrency: int = 1) -> int:
                 log.warning("the bundled Redis did not stop within %.0f s; killed", REDIS_STOP_S)
                 redis.kill()
                 redis.wait()
+            redis.output_log.drain(timeout_s=2)  # its last lines written before we exit
         print("pneumo: stopped", flush=True)
 
 
@@ -225,6 +227,9 @@ def _supervise(settings: Settings, inference_concurrency: int, environment: dict
                 _start(child, environment, settings.home_dir)
     finally:
         _stop(children, settings.stop_timeout_s)
+        for child in children:  # their last lines written before we exit
+            if child.log is not None:
+                child.log.drain(timeout_s=2)
     if failed is None:
         return 0
     child, reason = failed
