@@ -54,7 +54,9 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 
 def dies_with_us(command: list[str]) -> list[str]:
-    """`command`, run so that it is killed when this process dies, however it dies (Linux)."""
+    """`command`, run so that it is killed when this process dies, however it dies (Linux).
+    Start it from the main thread: the kernel sends the signal when the *thread* that forked the
+    child ends, so one started from a worker thread would die with that thread."""
     if not sys.platform.startswith("linux"):
         return command
     return [sys.executable, "-I", "-c", _PARENT_DEATH, str(os.getpid()), *command]
