@@ -81,13 +81,36 @@ class Settings(BaseSettings):
     max_associations: int = Field(10, description="Connections the node serves at once")
     max_associations_per_host: int = Field(
         0, ge=0, description="Connections one peer host may hold at once (0: max_associations - 2, "
-        "at least 1), so one host cannot take every slot"
+        "at least 1), so one host cannot take every slot; the other max_associations minus this are "
+        "kept for hosts holding none, so several hosts together cannot either"
     )
     association_request_timeout_s: float = Field(
         10.0, gt=0, description="A connection must complete its A-ASSOCIATE-RQ within this (and a "
         "rejected or aborted one is closed after it); a stalled one is closed"
     )
     network_timeout_s: float = Field(60.0, description="DIMSE/ACSE/network timeouts")
+    store_deadline_s: float = Field(
+        900.0, gt=0, description="A C-STORE (receiving it, then storing it) running longer is aborted "
+        "(A-ABORT) and its slot freed, whatever its handler is doing"
+    )
+    min_transfer_bytes_per_s: int = Field(
+        1024, ge=0, description="A C-STORE received slower than this over transfer_rate_window_s is "
+        "aborted and its slot freed (a drip holds a slot; 0: no minimum)"
+    )
+    transfer_rate_window_s: float = Field(
+        30.0, gt=0, description="Window over which min_transfer_bytes_per_s is measured"
+    )
+    connection_rate_per_host_per_s: float = Field(
+        10.0, ge=0, description="New connections one peer host may open per second, in bursts of "
+        "connection_burst_per_host; past it they are refused at once (0: no limit)"
+    )
+    connection_burst_per_host: int = Field(
+        30, ge=1, description="Connections one host may open at once before its rate applies"
+    )
+    peer_warnings_per_minute: int = Field(
+        10, ge=0, description="Warnings of one kind the node logs per peer address per minute; the "
+        "rest are counted and the count logged with the next one (0: no limit)"
+    )
     min_free_disk_mb: int = Field(500, description="Below this free space, C-STORE answers 0xA700")
     max_inflated_mb: int = Field(
         512, description="A deflated data set inflating past this is refused (0xC210): the node reads "

@@ -198,3 +198,167 @@ def test_a_data_set_over_the_size_limit_is_refused_with_its_reason(tmp_path: Pat
     assert reason == "data set too large: over the node's 1 MiB limit (PNEUMO_MAX_DATASET_MB)"
     assert instance.sop_instance_uid == small.SOPInstanceUID
     assert not any(settings.spool_dir.iterdir())
+
+
+# --- row 7: slots, rates and deadlines; row 6: repeated warnings -----------------------------------
+
+@pytest.fixture
+def guarded(tmp_path: Path):
+    """A node on SQLite with the given settings; its server, to look at its slots."""
+    from core.db import session_factory
+    from core.migrate import upgrade
+
+    servers = []
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+
+    def start(enqueue=lambda _id: None, **overrides):
+        settings = Settings(home=tmp_path / "home", port=free_port(), host="127.0.0.1",
+                            database_url=url, allowed_peers="*", **overrides)
+        server = scp.start(settings, session_factory(url), enqueue)
+        servers.append(server)
+        return settings, server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_drip_inside_a_p_data_is_aborted_and_frees_its_slot(guarded, caplog) -> None:
+    """Issue 23 row 7: an allowed AE dripping 1 byte every 20 s inside a P-DATA held its slot past
+    141 s (each byte restarted every timeout). Here: 1 byte every 0.2 s, 100 bytes/s required."""
+    import logging
+    import struct
+
+    from tests.dicom_node.test_node_guard import associate_rq, closed_within, connect
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    settings, server = guarded(min_transfer_bytes_per_s=100, transfer_rate_window_s=1.0)
+    sock = connect(settings, "127.0.0.4")
+    sock.sendall(associate_rq(b"DRIPPER", abstract=IMAGE_SOP_CLASS.encode()))
+    assert sock.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+    sock.recv(4096)
+    sock.sendall(struct.pack(">BBI", 0x04, 0, 1000))  # a P-DATA-TF of 1000 bytes ...
+    closed = False
+    for _ in range(60):  # ... sent 1 byte every 0.2 s for at most 12 s
+        try:
+            sock.sendall(b"\x00")
+        except OSError:
+            closed = True
+            break
+        if closed_within(sock, 0.2):
+            closed = True
+            break
+    assert closed, "the drip still holds its association"
+    assert not server._slots
+    assert "aborted: transfer at" in caplog.text and "PNEUMO_MIN_TRANSFER_BYTES_PER_S" in caplog.text
+
+
+def test_a_c_store_past_its_deadline_is_aborted_whatever_its_handler_does(guarded, caplog) -> None:
+    """The handler hangs (here in the broker call, after the commit): the watchdog aborts the
+    association at the deadline and frees its slot while the handler's thread is still stuck."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    stuck, release = threading.Event(), threading.Event()
+
+    def hanging_enqueue(_instance_id: int) -> None:
+        stuck.set()
+        release.wait(30)
+
+    settings, server = guarded(enqueue=hanging_enqueue, store_deadline_s=1.0)
+    dataset = wrap_image(IMAGE)
+    ae = AE(ae_title="SENDER")
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 20
+    ae.add_requested_context(dataset.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+    try:
+        answer = assoc.send_c_store(dataset)
+        assert stuck.is_set()
+        assert "Status" not in answer and not assoc.is_established  # no answer: the sender retries
+        assert not server._slots  # freed while the handler still waits
+        assert "aborted: C-STORE running past its 1 s deadline" in caplog.text
+    finally:
+        release.set()
+
+
+def test_flooding_hosts_together_cannot_take_the_last_slots(guarded) -> None:
+    """Issue 23 row 7: reconnect loops from 2 addresses took every slot (each within its own
+    per-host share): a third sender stored 0 of 15 attempts. The last slots are for hosts
+    holding none."""
+    from tests.dicom_node.test_node_guard import connect, echo_status
+
+    settings, server = guarded(max_associations=4)  # 2 per host, the last 2 for other hosts
+    held = [connect(settings, "127.0.0.2"), connect(settings, "127.0.0.3")]
+    held += [connect(settings, "127.0.0.2"), connect(settings, "127.0.0.3")]
+    try:
+        for sock in held:
+            sock.setblocking(False)
+        assert echo_status(settings, "127.0.0.1") == SUCCESS
+        assert sorted(server._per_host.values()) <= [1, 1, 1]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_connections_past_a_hosts_rate_are_refused_at_once(guarded) -> None:
+    from tests.dicom_node.test_node_guard import echo_status
+
+    settings, _ = guarded(connection_rate_per_host_per_s=0.05, connection_burst_per_host=3)
+    answers = [echo_status(settings, "127.0.0.2") for _ in range(5)]
+    assert answers == [SUCCESS, SUCCESS, SUCCESS, None, None]
+    assert echo_status(settings, "127.0.0.3") == SUCCESS  # another host keeps its own rate
+
+
+def test_repeated_warnings_from_one_peer_are_rate_limited(monkeypatch) -> None:
+    """Issue 23 row 6: one log line per connection or junk PDU (600 KB of 6-byte unknown-PDU
+    headers: node.log +6.5 MB). Per peer and kind: 10 a minute, then a count of the rest."""
+    import logging
+
+    from dicom_node import peerlog
+
+    now = [1000.0]
+    monkeypatch.setattr(peerlog.time, "monotonic", lambda: now[0])
+    limiter = peerlog.PeerLogLimit(per_minute=10)
+    logger = logging.getLogger("dicom_node.test-peerlog")
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger.setLevel(logging.INFO)
+    logger.addFilter(limiter)
+    logger.addHandler(handler)
+    try:
+        for _ in range(500):
+            logger.warning("connection from %s refused: %s", "10.0.0.1", "why", extra={"peer": "10.0.0.1"})
+        logger.warning("connection from %s refused: %s", "10.0.0.2", "why", extra={"peer": "10.0.0.2"})
+        logger.info("an informational line is not limited", extra={"peer": "10.0.0.1"})
+        now[0] += 61
+        logger.warning("connection from %s refused: %s", "10.0.0.1", "why", extra={"peer": "10.0.0.1"})
+    finally:
+        logger.removeFilter(limiter)
+        logger.removeHandler(handler)
+    lines = [record.getMessage() for record in records]
+    assert len(lines) == 13
+    assert lines[10] == "connection from 10.0.0.2 refused: why"
+    assert lines[-1] == "connection from 10.0.0.1 refused: why (490 more like this from 10.0.0.1 suppressed)"
+
+
+def test_a_junk_pdu_flood_from_one_peer_logs_ten_lines_a_minute(guarded, caplog) -> None:
+    import logging
+
+    from tests.dicom_node.test_node_guard import closed_within, connect
+
+    caplog.set_level(logging.INFO)
+    settings, _ = guarded()
+    for _ in range(25):
+        sock = connect(settings, "127.0.0.5")
+        sock.sendall(b"\x09\x00\x00\x00\x00\x00")  # an unknown PDU type: pynetdicom logs an error
+        assert closed_within(sock, 5)
+        sock.close()
+    junk = [r for r in caplog.records if r.getMessage().startswith("Unknown PDU type")]
+    assert len(junk) == 10
