@@ -287,13 +287,11 @@ def verify(model_version: ModelVersion) -> None:
             f"records {str(expected)[:16]}...; the file was changed after registration. "
             f"Restore it from git or register a new version."
         )
-    trained_with = model_version.card.preprocessing.dump()
-    if trained_with != contract.preprocessing_contract():
-        raise RegistryError(
-            f"{model_version.label} was trained with another preprocessing contract "
-            f"({trained_with}); this code serves "
-            f"{contract.preprocessing_contract()}"
-        )
+    try:
+        contract.resize_of(model_version.card.preprocessing.dump())
+    except ValueError as error:
+        raise RegistryError(f"{model_version.label} was trained with another preprocessing "
+                            f"contract: {error}") from error
 
 
 def register_copy(
@@ -302,20 +300,29 @@ def register_copy(
     models_dir: Path = DEFAULT_MODELS_DIR,
     extra_files: list[Path] = (),
     version: str | None = None,
+    detector_file: Path | None = None,
+    resize: str | None = None,
 ) -> ModelVersion:
-    """A new immutable version of `parent`'s name with the same model file and pixel check.
+    """A new immutable version of `parent`'s name with the same model file. Never marked served.
 
-    The parent's model file and detector are verified against its hashes and copied byte for byte
-    (same SHA-256s); the card's `scope` is the parent's. Never marked served (`pneumo calibrate`).
+    The parent's model file is verified against its hash and copied byte for byte. By default the
+    pixel check and preprocessing are the parent's too (`pneumo calibrate`); `detector_file` (with
+    the card's `scope`) and `resize` give the copy a pixel check and input path of its own (a
+    refit: `pneumo scope refit`).
     """
     verify(parent)
-    scope = parent.scope or Scope()
-    detector = parent.path / str(scope.detector_file or "")
-    if not scope.detector_file or not detector.is_file():
-        raise RegistryError(f"{parent.label} has no pixel check to copy; run `pneumo scope fit`")
-    if sha256_file(detector) != scope.detector_sha256:
-        raise ModelIntegrityError(f"{parent.label}: {detector.name} differs from the hash its "
-                                  f"scope records; it was changed after it was fitted")
+    if detector_file is None:
+        scope = parent.scope or Scope()
+        detector = parent.path / str(scope.detector_file or "")
+        if not scope.detector_file or not detector.is_file():
+            raise RegistryError(f"{parent.label} has no pixel check to copy; run `pneumo scope fit`")
+        if sha256_file(detector) != scope.detector_sha256:
+            raise ModelIntegrityError(f"{parent.label}: {detector.name} differs from the hash its "
+                                      f"scope records; it was changed after it was fitted")
+        scope_fields = scope.dump()
+    else:
+        detector = Path(detector_file)
+        scope_fields = dict(_card_fields(card).get("scope") or {}, detector_file=detector.name)
     version = version or new_version()
     final = Path(models_dir) / parent.name / version
     if final.exists():
@@ -328,14 +335,16 @@ def register_copy(
         shutil.copyfile(detector, staging / detector.name)
         for extra in extra_files:
             shutil.copy2(extra, staging / Path(extra).name)
+        preprocessing = (contract.preprocessing_contract(resize) if resize
+                         else parent.card.preprocessing.dump())
         card = {
             **_card_fields(card),
-            "scope": {**scope.dump(), "detector_sha256": sha256_file(staging / detector.name)},
+            "scope": {**scope_fields, "detector_sha256": sha256_file(staging / detector.name)},
             "name": parent.name,
             "version": version,
             "model_file": MODEL_FILE,
             "model_sha256": sha256_file(staging / MODEL_FILE),
-            "preprocessing": contract.preprocessing_contract(),
+            "preprocessing": preprocessing,
         }
         if card["model_sha256"] != parent.card.model_sha256:
             raise ModelIntegrityError(f"{parent.label}: the copy of {MODEL_FILE} differs from it")

@@ -335,6 +335,28 @@ def scope_fit(
                f"({check.held_out_refused_rate:.1%} of {check.held_out_images} held-out refused)")
 
 
+@scope_app.command("refit")
+def scope_refit(
+    model: str = typer.Option(..., help="NAME or NAME@VERSION whose weights the new version keeps"),
+    fullres: Path = typer.Option(..., help="Full-resolution originals: <DIR>/train/{NORMAL,PNEUMONIA}"),
+    adults: Path = typer.Option(..., help="Another population's labelled images (labels.csv): "
+                                "half shown to the check as out of scope, half reported"),
+    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+) -> None:
+    """Register a new version with the same weights, the area resize and a pixel check fitted at
+    full resolution; its card records the full-resolution validation. Serve it with `models serve`."""
+    require_keras_backend()
+    _logging()
+    from training.fullres import refit
+
+    try:
+        version = refit(model, fullres, adults, models_dir)
+    except (registry.RegistryError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    typer.echo(f"registered {version.label} (not served)")
+
+
 @app.command()
 def adapt(
     model: str = typer.Option(..., help="Model name; its served version is the base"),

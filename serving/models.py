@@ -47,13 +47,16 @@ def feature_layers(model: keras.Model) -> tuple[str, ...]:
                      f"a pixel check needs a single transfer or CNN model")
 
 
-def with_features(model: keras.Model) -> tuple[keras.Model, tuple[str, ...]]:
-    """The same model with a second output: the pooled middle-block activations, concatenated.
+def with_features(
+    model: keras.Model, chosen: tuple[str, ...] | None = None
+) -> tuple[keras.Model, tuple[str, ...]]:
+    """The same model with a second output: the pooled activations of `chosen` layers (a
+    detector's; by default `feature_layers`), concatenated.
 
     One call gives the probability and what the pixel check scores, so checking costs no second
     pass. The probability output reuses the model's own layers and weights unchanged.
     """
-    chosen = feature_layers(model)
+    chosen = tuple(chosen or feature_layers(model))
     if "to_rgb" in {layer.name for layer in model.layers}:
         base = backbone_of(model)
         multi = keras.Model(base.input, [base.get_layer(n).output for n in chosen] + [base.output])

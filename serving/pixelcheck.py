@@ -37,16 +37,40 @@ class ScopeError(Exception):
 
 
 @dataclass(frozen=True)
+class OutlierExposure:
+    """A logistic regression on standardised features, fitted with in-scope images against
+    out-of-scope ones (Hendrycks et al., "Deep Anomaly Detection with Outlier Exposure", ICLR
+    2019): adults of another site, flipped, rotated and inverted chests. The distance alone keeps
+    adult films that resemble children's (about 1 in 7 of the NIH development half)."""
+
+    center: np.ndarray  # (features,)
+    scale: np.ndarray  # (features,)
+    coef: np.ndarray  # (features,)
+    intercept: float
+    logit_threshold: float  # the logit at which an image is refused
+
+    def logit(self, features: np.ndarray) -> np.ndarray:
+        return ((features - self.center) / self.scale) @ self.coef + self.intercept
+
+
+@dataclass(frozen=True)
 class Detector:
-    """Fitted Gaussians and the refusal threshold; `score` is a squared Mahalanobis distance."""
+    """Fitted Gaussians and the refusal threshold.
+
+    Without `exposure`, `score` is the squared Mahalanobis distance and `threshold` its limit.
+    With it, `score` is the larger of the two tests, each scaled to 1 at its own threshold
+    (distance / `distance_threshold`, exp(logit - logit_threshold)), and `threshold` is 1.
+    """
 
     layers: tuple[str, ...]
     means: np.ndarray  # (groups, features)
     precision: np.ndarray  # (features, features)
     threshold: float
     false_refusal_rate: float
+    distance_threshold: float | None = None
+    exposure: OutlierExposure | None = None
 
-    def score(self, features: np.ndarray) -> np.ndarray:
+    def distance(self, features: np.ndarray) -> np.ndarray:
         features = np.atleast_2d(np.asarray(features, dtype=np.float64))
         distances = [
             np.einsum("ij,jk,ik->i", features - mean, self.precision, features - mean)
@@ -54,18 +78,39 @@ class Detector:
         ]
         return np.min(distances, axis=0)
 
+    def score(self, features: np.ndarray) -> np.ndarray:
+        distance = self.distance(features)
+        if self.exposure is None or self.distance_threshold is None:
+            return distance
+        features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        logit = self.exposure.logit(features) - self.exposure.logit_threshold
+        return np.maximum(distance / self.distance_threshold, np.exp(np.minimum(logit, 700.0)))
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
+        extra: dict[str, Any] = {}
+        if self.exposure is not None and self.distance_threshold is not None:
+            extra = {"distance_threshold": np.float64(self.distance_threshold),
+                     "oe_center": self.exposure.center, "oe_scale": self.exposure.scale,
+                     "oe_coef": self.exposure.coef, "oe_intercept": np.float64(self.exposure.intercept),
+                     "oe_logit_threshold": np.float64(self.exposure.logit_threshold)}
         np.savez(buffer, layers=np.array(self.layers), means=self.means, precision=self.precision,
                  threshold=np.float64(self.threshold),
-                 false_refusal_rate=np.float64(self.false_refusal_rate))
+                 false_refusal_rate=np.float64(self.false_refusal_rate), **extra)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, content: bytes) -> Detector:
         with np.load(io.BytesIO(content), allow_pickle=False) as stored:
+            exposure, distance_threshold = None, None
+            if "oe_coef" in stored:
+                exposure = OutlierExposure(stored["oe_center"], stored["oe_scale"], stored["oe_coef"],
+                                           float(stored["oe_intercept"]),
+                                           float(stored["oe_logit_threshold"]))
+                distance_threshold = float(stored["distance_threshold"])
             return cls(tuple(str(n) for n in stored["layers"]), stored["means"], stored["precision"],
-                       float(stored["threshold"]), float(stored["false_refusal_rate"]))
+                       float(stored["threshold"]), float(stored["false_refusal_rate"]),
+                       distance_threshold, exposure)
 
 
 def fit(
@@ -140,3 +185,72 @@ def load(folder: Path, expected_sha256: str) -> Detector:
         raise ScopeError(f"{path} has SHA-256 {actual[:16]}..., but the version records "
                          f"{str(expected_sha256)[:16]}...; it was changed after it was fitted")
     return Detector.from_bytes(content)
+
+
+EXPOSURE_METHOD = (
+    "the larger of two tests, each at its own threshold: the Mahalanobis distance to the nearest "
+    "class Gaussian (shared Ledoit-Wolf covariance; Lee et al. 2018) and a logistic regression "
+    "of in-scope against out-of-scope images (outlier exposure; Hendrycks et al. 2019), on "
+    "global-average-pooled activations of three middle blocks and the last"
+)
+
+
+def fit_with_exposure(
+    inside: np.ndarray,
+    inside_groups: np.ndarray,
+    outside: np.ndarray,
+    outside_weights: np.ndarray,
+    layers: tuple[str, ...],
+    out_of_fold_inside: tuple[np.ndarray, np.ndarray],
+    false_refusal_rate: float,
+    regularisation: float = 0.001,
+) -> Detector:
+    """A detector whose two thresholds are set on out-of-fold scores of in-scope images.
+
+    `out_of_fold_inside` is (distances, logits) of in-scope images each scored by a detector
+    fitted without that image's patient: in-sample scores are optimistic (the regression has
+    seen the very image), and a threshold on them refuses more than its stated rate on new
+    images. Each test's threshold is its (1 - rate/2) quantile, so the two together refuse about
+    `false_refusal_rate`. `outside_weights` sum to one over the out-of-scope images.
+    """
+    distance_threshold = float(np.quantile(out_of_fold_inside[0], 1 - false_refusal_rate / 2))
+    logit_threshold = float(np.quantile(out_of_fold_inside[1], 1 - false_refusal_rate / 2))
+    base = fit_parts(inside, inside_groups, outside, outside_weights, layers, regularisation)
+    exposure = OutlierExposure(base.exposure.center, base.exposure.scale, base.exposure.coef,
+                               base.exposure.intercept, logit_threshold)
+    return Detector(layers, base.means, base.precision, 1.0, false_refusal_rate,
+                    distance_threshold, exposure)
+
+
+def fit_parts(
+    inside: np.ndarray,
+    inside_groups: np.ndarray,
+    outside: np.ndarray,
+    outside_weights: np.ndarray,
+    layers: tuple[str, ...],
+    regularisation: float = 0.001,
+) -> Detector:
+    """Both tests fitted, thresholds not yet set (`distance` and `exposure.logit` are raw)."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.linear_model import LogisticRegression
+
+    inside = np.asarray(inside, dtype=np.float64)
+    outside = np.asarray(outside, dtype=np.float64)
+    groups = np.asarray(inside_groups)
+    names = sorted(set(groups.tolist()))
+    if len(inside) < 10 or len(outside) < 10:
+        raise ScopeError(f"too few images to fit a pixel check: {len(inside)} in scope, "
+                         f"{len(outside)} out of scope (at least 10 each)")
+    means = np.stack([inside[groups == name].mean(axis=0) for name in names])
+    residuals = np.concatenate([inside[groups == n] - means[i] for i, n in enumerate(names)])
+    precision = LedoitWolf().fit(residuals).precision_
+    both = np.concatenate([inside, outside])
+    center, scale = both.mean(axis=0), both.std(axis=0) + 1e-6
+    targets = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    # Each side weighs half, whatever its count; within the out-of-scope side, as the caller says.
+    weights = np.r_[np.full(len(inside), 0.5 / len(inside)), 0.5 * np.asarray(outside_weights)]
+    regression = LogisticRegression(C=regularisation, max_iter=5000)
+    regression.fit((both - center) / scale, targets, sample_weight=weights * len(targets))
+    exposure = OutlierExposure(center, scale, regression.coef_[0].astype(np.float64),
+                               float(regression.intercept_[0]), 0.0)
+    return Detector(layers, means, precision, 1.0, 0.0, 1.0, exposure)

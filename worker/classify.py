@@ -117,15 +117,18 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
     reason = filters.failure_reason(dataset)
     if reason:
         return InstanceState.FAILED, reason, None, None
-    try:
-        tensor = decode_in_child(path) if isolated else preprocess(grayscale_pixels(dataset))
-    except (DecodeError, ValueError) as error:
-        return InstanceState.FAILED, str(error)[:500], None, None
-    decode_ms = (time.perf_counter() - started) * 1000
+    # The header decides first: an image out of the version's intended use (an adult, a lateral)
+    # is refused before a single pixel is decoded (issue 21: decoding is the costly part).
     model = classifier()
     reason = scope.header_reason(model.intended_use, header_age(dataset), header_view(dataset))
     if reason:
         return InstanceState.OUT_OF_SCOPE, f"{reason} ({model.version.label})", _refusal(model), model
+    try:
+        tensor = (decode_in_child(path, model.resize) if isolated
+                  else preprocess(grayscale_pixels(dataset), model.resize))
+    except (DecodeError, ValueError) as error:
+        return InstanceState.FAILED, str(error)[:500], None, None
+    decode_ms = (time.perf_counter() - started) * 1000
     prediction = model.predict(tensor)
     if prediction.scope_score > model.scope_threshold:
         reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)

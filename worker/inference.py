@@ -47,7 +47,9 @@ class Classifier:
             self.detector = pixelcheck.load(self.version.path, scope.detector_sha256)
         except pixelcheck.ScopeError as error:
             raise registry.RegistryError(f"{self.version.label}: {error}") from error
-        self.model, _ = models.with_features(model)
+        self.model, _ = models.with_features(model, self.detector.layers)
+        # The version's own input path: the resize its card records (core.contract.RESIZE_TEXT).
+        self.resize = contract.resize_of(self.version.card.preprocessing.dump())
         self._lock = threading.Lock()
         self._batcher = (
             MicroBatcher(self._run_model, batch_size, batch_wait_s) if batch_size > 1 else None

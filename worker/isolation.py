@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core import contract
 from core.queue import DECODE_TIMEOUT_S
 from serving.decode import DecodeError
 
@@ -38,15 +39,17 @@ DECODE_FAILED = 3  # the child's exit status for an image that cannot be decoded
 _slots = threading.BoundedSemaphore(len(os.sched_getaffinity(0)))
 
 
-def decode_in_child(path: Path, timeout_s: float = DECODE_TIMEOUT_S) -> np.ndarray:
-    """`preprocess(grayscale_pixels(dcmread(path)))`, computed in a child process.
+def decode_in_child(
+    path: Path, resize: str = contract.RESIZE, timeout_s: float = DECODE_TIMEOUT_S
+) -> np.ndarray:
+    """`preprocess(grayscale_pixels(dcmread(path)), resize)`, computed in a child process.
 
     Raises DecodeError with the reason to record: the decoder's own message, the signal that
     ended the child, or the time limit.
     """
     with _slots, tempfile.TemporaryDirectory(prefix="pneumo-decode-") as folder:
         output = Path(folder) / "tensor.npy"
-        command = [sys.executable, "-m", "worker.isolation", str(path), str(output)]
+        command = [sys.executable, "-m", "worker.isolation", str(path), str(output), resize]
         try:
             child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as error:  # subprocess.run has killed the child
@@ -81,10 +84,10 @@ def main(argv: list[str]) -> int:
     from serving.decode import grayscale_pixels
     from serving.image import preprocess
 
-    source, output = argv
+    source, output, resize = argv
     _confine()
     try:
-        tensor = preprocess(grayscale_pixels(dcmread(source)))
+        tensor = preprocess(grayscale_pixels(dcmread(source)), resize)
     except (DecodeError, ValueError) as error:  # the same failures the in-process path records
         print(str(error)[:500])
         return DECODE_FAILED

@@ -22,7 +22,9 @@ def test_every_committed_card_validates_and_dumps_back_unchanged(card_path: Path
     card = ModelCard.model_validate(raw)
     assert card.label == f"{card_path.parent.parent.name}@{card_path.parent.name}"
     assert 0.0 < card.threshold < 1.0
-    assert card.preprocessing.dump() == contract.preprocessing_contract()
+    # Every committed version is served by this code with the resize its card records.
+    assert card.preprocessing.dump() == contract.preprocessing_contract(
+        contract.resize_of(card.preprocessing.dump()))
     # The same keys and values, byte for byte as JSON: nothing added, dropped or retyped.
     assert json.dumps(card.dump(), sort_keys=True) == json.dumps(raw, sort_keys=True)
 
@@ -95,3 +97,11 @@ def test_registered_card_is_the_dict_it_was_given_plus_identity(tmp_path: Path) 
     assert written["preprocessing"] == contract.preprocessing_contract()
     assert version.card.dump(exclude={"metrics"}) == registry.resolve("pneumonia-cnn@v1", tmp_path).card.dump(
         exclude={"metrics"})
+
+
+def test_a_contract_this_code_does_not_serve_is_refused_by_name() -> None:
+    recorded = {**contract.preprocessing_contract(), "resize": "nearest, aspect ratio kept"}
+    with pytest.raises(ValueError, match="does not serve"):
+        contract.resize_of(recorded)
+    assert contract.resize_of(contract.preprocessing_contract("bilinear")) == "bilinear"
+    assert contract.resize_of(contract.preprocessing_contract()) == contract.RESIZE == "area"

@@ -1,5 +1,6 @@
 """DICOM files as modalities send them, made from a JPEG/PNG: the encodings that tests, drills and
-the full-size benchmark corpus (benchmarks/decoding.py) need, written once.
+the full-size benchmark corpus need, written once (in tests/, not devtools/: it builds on the
+product's own DX wrapper, ops.send).
 
 Every variant carries the same image: 8-bit MONOCHROME2, 12-bit MONOCHROME1 (inverted, as CR
 plates store it), 16-bit with a VOI window, and the compressed syntaxes a PACS negotiates (JPEG
