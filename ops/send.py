@@ -49,7 +49,7 @@ def collect(paths: list[Path]) -> list[Path]:
 
 
 def wrap_image(path: Path, study: Dataset | None = None) -> Dataset:
-    """A DX For Presentation dataset carrying the image's 8-bit grayscale pixels unchanged."""
+    """A DX For Presentation dataset carrying the image's grayscale pixels unchanged (8 or 16 bit)."""
     pixels = load_grayscale(path)
     now = datetime.now()
     dataset = Dataset()
@@ -89,10 +89,13 @@ def wrap_image(path: Path, study: Dataset | None = None) -> Dataset:
     dataset.PhotometricInterpretation = "MONOCHROME2"
     dataset.PresentationLUTShape = "IDENTITY"
     dataset.Rows, dataset.Columns = pixels.shape
-    dataset.BitsAllocated = dataset.BitsStored = 8
-    dataset.HighBit = 7
+    # 8-bit files stay 8-bit; a 16-bit PNG keeps its depth (the one input path reads it so too).
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    dataset.BitsAllocated = dataset.BitsStored = bits
+    dataset.HighBit = bits - 1
     dataset.PixelRepresentation = 0
-    dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    dtype = np.uint8 if bits == 8 else np.uint16
+    dataset.PixelData = np.ascontiguousarray(np.clip(pixels, 0, 2**bits - 1), dtype=dtype).tobytes()
     return dataset
 
 

@@ -198,28 +198,45 @@ EXPOSURE_METHOD = (
 def fit_with_exposure(
     inside: np.ndarray,
     inside_groups: np.ndarray,
+    inside_patients: np.ndarray,
     outside: np.ndarray,
     outside_weights: np.ndarray,
     layers: tuple[str, ...],
-    out_of_fold_inside: tuple[np.ndarray, np.ndarray],
     false_refusal_rate: float,
+    folds: int = 5,
     regularisation: float = 0.001,
-) -> Detector:
-    """A detector whose two thresholds are set on out-of-fold scores of in-scope images.
+) -> tuple[Detector, np.ndarray]:
+    """A detector whose two thresholds are set on out-of-fold scores of in-scope images, and
+    those scores (1 at the threshold).
 
-    `out_of_fold_inside` is (distances, logits) of in-scope images each scored by a detector
-    fitted without that image's patient: in-sample scores are optimistic (the regression has
-    seen the very image), and a threshold on them refuses more than its stated rate on new
-    images. Each test's threshold is its (1 - rate/2) quantile, so the two together refuse about
-    `false_refusal_rate`. `outside_weights` sum to one over the out-of-scope images.
+    Each in-scope image is scored by a detector fitted without its patient (`folds` groups of
+    patients): in-sample scores are optimistic (the regression has seen the very image), and a
+    threshold on them refuses more than its stated rate on new images. Each test's threshold is
+    its (1 - rate/2) quantile, so the two together refuse about `false_refusal_rate`.
+    `outside_weights` sum to one over the out-of-scope images.
     """
-    distance_threshold = float(np.quantile(out_of_fold_inside[0], 1 - false_refusal_rate / 2))
-    logit_threshold = float(np.quantile(out_of_fold_inside[1], 1 - false_refusal_rate / 2))
+    inside = np.asarray(inside, dtype=np.float64)
+    inside_groups, inside_patients = np.asarray(inside_groups), np.asarray(inside_patients)
+    unique = np.array(sorted(set(inside_patients.tolist())))
+    np.random.default_rng(11).shuffle(unique)
+    distances, logits = np.zeros(len(inside)), np.zeros(len(inside))
+    for fold in np.array_split(unique, folds):
+        held = np.isin(inside_patients, fold)
+        part = fit_parts(inside[~held], inside_groups[~held], outside, outside_weights, layers,
+                         regularisation)
+        distances[held] = part.distance(inside[held])
+        logits[held] = part.exposure.logit(inside[held])  # type: ignore[union-attr]
+    distance_threshold = float(np.quantile(distances, 1 - false_refusal_rate / 2))
+    logit_threshold = float(np.quantile(logits, 1 - false_refusal_rate / 2))
     base = fit_parts(inside, inside_groups, outside, outside_weights, layers, regularisation)
-    exposure = OutlierExposure(base.exposure.center, base.exposure.scale, base.exposure.coef,
-                               base.exposure.intercept, logit_threshold)
-    return Detector(layers, base.means, base.precision, 1.0, false_refusal_rate,
-                    distance_threshold, exposure)
+    exposure = OutlierExposure(base.exposure.center, base.exposure.scale,  # type: ignore[union-attr]
+                               base.exposure.coef, base.exposure.intercept,  # type: ignore[union-attr]
+                               logit_threshold)
+    detector = Detector(layers, base.means, base.precision, 1.0, false_refusal_rate,
+                        distance_threshold, exposure)
+    out_of_fold = np.maximum(distances / distance_threshold,
+                             np.exp(np.minimum(logits - logit_threshold, 700.0)))
+    return detector, out_of_fold
 
 
 def fit_parts(
