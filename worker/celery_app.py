@@ -13,7 +13,7 @@ import weakref
 from functools import cache
 
 from celery import Celery
-from celery.signals import after_setup_logger, import_modules
+from celery.signals import after_setup_logger, celeryd_init, import_modules
 
 from core import phi
 from core.queue import QUEUES, make_app
@@ -42,6 +42,17 @@ def _register_tasks(sender: Celery, **_kwargs) -> None:
         from worker import tasks
 
         tasks.register(sender, settings)
+
+
+@celeryd_init.connect
+def _preload_model_code(options: dict | None = None, **_kwargs) -> None:
+    """A worker consuming an inference queue imports the model code at boot, before its pool
+    forks, as it did when worker.tasks imported it; a delivery/housekeeping worker never does."""
+    queues = (options or {}).get("queues") or ["inference-cpu"]  # no -Q: the default queue
+    if isinstance(queues, str):
+        queues = queues.split(",")
+    if any(queue.startswith("inference") for queue in queues):
+        from worker import classify  # noqa: F401 (the import is the point)
 
 
 @cache

@@ -16,9 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import session_factory
 from core.queue import CLASSIFY, DELIVER, FINALISE, SWEEP
 from core.settings import Settings
-from worker import classify as classify_job
 from worker import delivery, housekeeping
-from worker.inference import served_classifier
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +33,20 @@ def register(app: Celery, settings: Settings) -> None:
         return _sessions(settings.sqlalchemy_url)
 
     def classifier():
+        from worker.inference import served_classifier
+
         return served_classifier(settings.model_name, settings.models_dir,
                                  settings.inference_batch_size, settings.inference_batch_wait_ms / 1000)
 
     @app.task(name=CLASSIFY, autoretry_for=(OperationalError,), retry_backoff=2,
               max_retries=settings.classify_max_retries)
     def classify(instance_id: int) -> str:
+        # Imported here, not at the top: the model code (Keras, TensorFlow: ~300 MiB, seconds to
+        # import) stays out of the delivery worker, whose children passed
+        # delivery_worker_max_memory_mb with it and were replaced after nearly every SR.
+        # An inference worker imports it at boot (worker.celery_app._preload_model_code).
+        from worker import classify as classify_job
+
         return str(classify_job.classify_instance(sessions(), instance_id, classifier))
 
     @app.task(name=FINALISE)
