@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-# The registry folder of this checkout: the settings' default and the registry's (both read it here).
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+# The registry folder when PNEUMO_MODELS_DIR is not set: `models` in the working directory (as
+# PNEUMO_HOME defaults to `var`), i.e. a checkout's own registry when run from its root. Never a
+# path beside this file: an installed package has no registry next to it.
+DEFAULT_MODELS_DIR = Path("models")
 
 INPUT_HEIGHT = 224
 INPUT_WIDTH = 224

@@ -143,7 +143,10 @@ class Settings(BaseSettings):
     inference_batch_wait_ms: float = Field(
         10.0, ge=0, description="How long a batch waits for more images after its first one"
     )
-    models_dir: Path = Field(DEFAULT_MODELS_DIR)
+    models_dir: Path = Field(
+        DEFAULT_MODELS_DIR, description="The model registry (versions and served.json) every command "
+        "reads and writes; relative to the working directory: `models`. An installed product points "
+        "it at its copy of the released models/ folder (README, Install)")
     delivery_max_attempts: int = Field(6, description="SR C-STORE tries before dead-letter")
     delivery_backoff_s: float = Field(5.0, description="First retry delay; doubles each try")
     classify_max_retries: int = Field(3)

@@ -18,11 +18,28 @@ app = typer.Typer(help="Pneumonia detection on chest radiographs: DICOM node, wo
 models_app = typer.Typer(help="The model registry in models/.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
+# Training data and backbone weights of a development machine: `../shared` from the checkout's
+# root, where commands are run (relative like PNEUMO_HOME's `var`; never found from this file,
+# which an installed product keeps in site-packages). --data and --weights say otherwise.
+DEFAULT_DATA = Path("..") / "shared" / "data" / "chest_xray"
 DEFAULT_WEIGHTS = (
-    Path(__file__).resolve().parents[2] / "shared" / "weights"
-    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    Path("..") / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 )
+MODELS_DIR_HELP = "Registry folder [default: PNEUMO_MODELS_DIR, else ./models]"
+
+
+def _registry(models_dir: Path | None) -> Path:
+    """The registry a command uses: --models-dir, else the PNEUMO_MODELS_DIR setting (its env
+    file included), so every model command and the workers read the same folder."""
+    if models_dir is not None:
+        return models_dir
+    from core.settings import SettingsError, load_settings
+
+    try:
+        return load_settings().models_dir
+    except SettingsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _logging(verbose: bool = False) -> None:
@@ -40,7 +57,7 @@ def _logging(verbose: bool = False) -> None:
 def train(
     model: str = typer.Option(..., help="pneumonia-cnn or pneumonia-transfer"),
     data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
     backbone: str = typer.Option("mobilenet_v2", help="mobilenet_v2, mobilenet_v2_0.35, xception"),
     weights: str = typer.Option(
         str(DEFAULT_WEIGHTS), help="Backbone weights: a local .h5 file, or 'imagenet' to download"
@@ -67,6 +84,7 @@ def train(
     ),
 ) -> None:
     """Train a model, choose its threshold on validation and register a new version."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     from training.train import TrainConfig
     from training.train import train as run_training
@@ -92,12 +110,13 @@ def ensemble(
     model: str = typer.Option(..., help="pneumonia-cnn or pneumonia-transfer"),
     members: list[str] = typer.Argument(..., help="Versions to average (same --split-seed)"),
     data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
     report_test: bool = typer.Option(
         False, help="Evaluate the test split once into the card (final report)"
     ),
 ) -> None:
     """Average registered versions into a new version; threshold chosen on validation."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     from training.ensemble import build_ensemble
 
@@ -115,7 +134,7 @@ def evaluate(
     model: str = typer.Option(..., help="name[@version]; the served version when none is given"),
     data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),
     split: str = typer.Option("test", help="train, val or test"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
     plots: Path = typer.Option(None, help="Folder for the ROC and reliability PNGs"),
     record: bool = typer.Option(
@@ -123,6 +142,7 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a registered model on a split at its card's threshold."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     from training.evaluate import evaluate as run_evaluation
     from training.evaluate import format_table, record_test
@@ -150,12 +170,13 @@ def compare(
     reference: str = typer.Argument(..., help="Version to compare against (e.g. the served one)"),
     candidate: str = typer.Argument(..., help="Version that would replace it"),
     data: Path = typer.Option(DEFAULT_DATA, help="Root of {train,val,test}/{NORMAL,PNEUMONIA}"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
     resamples: int = typer.Option(2000, help="Paired bootstrap resamples"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ) -> None:
     """Two versions' validation ROC AUC, the difference and its paired-bootstrap SE, and how firm
     each one's threshold is on the same resamples (no test)."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     from training.compare import compare as run_compare
 
@@ -191,7 +212,7 @@ def accept(
     model: list[str] = typer.Option(
         ..., help="NAME@VERSION, or NAME for its served version; repeat to compare versions"),
     data: Path = typer.Option(..., help=SITE_DATA_HELP),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
     out: Path = typer.Option(
         None, help="Folder for the ROC and reliability PNGs (default: ./accept-SITE, SITE the name "
                    "of the --data folder)"),
@@ -202,6 +223,7 @@ def accept(
     assesses ROC AUC, accuracy, sensitivity and specificity at its card threshold, overall, per view
     and per age band. 95% intervals: Wilson for proportions, patient bootstrap for the AUC. DICOM
     files go through the worker's filters and decoding."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     _logging()
     from serving.pixelcheck import ScopeError
@@ -236,11 +258,12 @@ def calibrate(
     model: str = typer.Option(..., help="NAME@VERSION to calibrate"),
     data: Path = typer.Option(..., help=SITE_DATA_HELP),
     split_seed: int = typer.Option(20261202, help="Seed of the split by patient into halves"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON"),
     resamples: int = typer.Option(1000, help="Patient bootstrap resamples of the ROC AUC interval"),
 ) -> None:
     """A site's own threshold as a new version; the rule is in CALIBRATE_HELP (shown by --help)."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     _logging()
     from serving.pixelcheck import ScopeError
@@ -258,8 +281,9 @@ def calibrate(
 
 
 @models_app.command("list")
-def models_list(models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)) -> None:
+def models_list(models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)) -> None:
     """Every registered version, its validation/test metrics and which one is served."""
+    models_dir = _registry(models_dir)
     served = registry.served_versions(models_dir)
     try:
         rows = registry.list_versions(models_dir)
@@ -291,9 +315,10 @@ def _figure(value: float | None, missing: str = "not read") -> str:
 
 @models_app.command("serve")
 def models_serve(
-    name: str, version: str, models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR)
+    name: str, version: str, models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)
 ) -> None:
     """Mark a version as the one the workers serve."""
+    models_dir = _registry(models_dir)
     try:
         candidate = registry.resolve(f"{name}@{version}", models_dir)
         registry.verify(candidate)
@@ -317,10 +342,11 @@ def scope_fit(
     model: str = typer.Option(..., help="NAME@VERSION registered before pixel checks existed"),
     false_refusal_rate: float = typer.Option(
         0.01, help="Share of held-out in-scope (validation) images the check may refuse"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
 ) -> None:
     """Fit a version's pixel check on its own training split, threshold on its validation split,
     and record it with its intended use in scope.json (once; the card is not changed)."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     _logging()
     from training.scope import fit_existing
@@ -341,10 +367,11 @@ def scope_refit(
     fullres: Path = typer.Option(..., help="Full-resolution originals: <DIR>/train/{NORMAL,PNEUMONIA}"),
     adults: Path = typer.Option(..., help="Another population's labelled images (labels.csv): "
                                 "half shown to the check as out of scope, half reported"),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
 ) -> None:
     """Register a new version with the same weights, the area resize and a pixel check fitted at
     full resolution; its card records the full-resolution validation. Serve it with `models serve`."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     _logging()
     from training.fullres import refit
@@ -368,11 +395,12 @@ def adapt(
     learning_rate: float = typer.Option(3e-5, help="Fine-tuning learning rate"),
     seed: int = typer.Option(1337, help="Weights, augmentation and batch order (not the split)"),
     max_base_images: int = typer.Option(None, hidden=True),
-    models_dir: Path = typer.Option(registry.DEFAULT_MODELS_DIR, help="Registry folder"),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
 ) -> None:
     """A new version for the base population and the site's: fine-tuned on both, threshold on
     both sites' validation patients, pixel check refitted on both. Registered, not served:
     accept it on the site's held-back studies (`pneumo accept`), then `pneumo models serve`."""
+    models_dir = _registry(models_dir)
     require_keras_backend()
     _logging()
     from training.adapt import AdaptConfig

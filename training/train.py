@@ -74,8 +74,16 @@ def code_commit() -> str:
     Where there is no git checkout (a container image, a copy sent to a GPU host), the commit
     the copy was made from comes from PNEUMO_CODE_COMMIT, marked as declared rather than read.
     """
-    root = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve()
     try:
+        # Only a checkout that tracks this very file: an installed copy in site-packages (even one
+        # inside some other repository, a venv in a checkout) has no commit of its own.
+        subprocess.run(["git", "ls-files", "--error-unmatch", here.name], cwd=here.parent,
+                       capture_output=True, check=True)
+        root = Path(subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=here.parent, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip())
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()

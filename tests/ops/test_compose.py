@@ -39,12 +39,20 @@ def compose_client() -> list[str] | None:
     return None
 
 
-def run_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+# The secrets compose requires (no default): a deployment sets them in .env.
+REQUIRED_SECRETS = {"POSTGRES_PASSWORD": "pg-test-3k", "ORTHANC_PASSWORD": "orthanc-test-5m",
+                    "FLOWER_PASSWORD": "flower-test-8p", "PNEUMO_DASHBOARD_TOKEN": "token-test-2w"}
+
+
+def run_compose(*args: str, env: dict[str, str] | None = None,
+                secrets: bool = True) -> subprocess.CompletedProcess:
     client = compose_client()
     if client is None:
         pytest.skip("no compose client installed (.ci/run installs Debian's docker-compose)")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PNEUMO_", "POSTGRES_"))}
-    return subprocess.run([*client, "-f", str(COMPOSE_FILE), *args], cwd=REPO, env={**clean, **(env or {})},
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("PNEUMO_", "POSTGRES_")) and k not in REQUIRED_SECRETS}
+    given = {**(REQUIRED_SECRETS if secrets else {}), **(env or {})}
+    return subprocess.run([*client, "-f", str(COMPOSE_FILE), *args], cwd=REPO, env={**clean, **given},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -149,7 +157,7 @@ def test_gpu_image_installs_cuda_tensorflow_and_not_the_cpu_wheel() -> None:
     assert any("and-cuda" in r for r in requirements(["gpu"], ["tensorflow-cpu"]))
     dockerfile = (REPO / "Dockerfile.gpu").read_text()
     assert "deploy/requirements.py gpu --without tensorflow-cpu" in dockerfile
-    assert "--no-deps -e ." in dockerfile
+    assert "--no-deps /src" in dockerfile and "-e ." not in dockerfile
 
 
 def test_orthanc_mounts_the_config_and_the_lua_where_the_config_names_them(compose: dict) -> None:
@@ -189,7 +197,8 @@ def strings(value, key: str = ""):
 
 
 def test_no_secret_is_hard_coded(compose: dict) -> None:
-    """Passwords and tokens are `${VAR}` or `${VAR:-dev default}`, in compose and Orthanc's config."""
+    """Passwords and tokens come from the environment, in compose and Orthanc's config; compose
+    gives them no default (`${VAR:?...}`): orthanc.json's default is never used under compose."""
     config = json.loads(ORTHANC_CONFIG.read_text())
     documents = [compose, config]
     checked = 0
@@ -207,3 +216,30 @@ def test_no_secret_is_hard_coded(compose: dict) -> None:
                 assert credentials[0].split(":", 1)[1].startswith("${"), f"{key}: {url}"
                 checked += 1
     assert checked >= 5
+
+
+def test_compose_refuses_to_start_without_each_secret() -> None:
+    """No default password and no empty dashboard token on 0.0.0.0: each missing secret stops
+    `config` with its name (issue 22: compose shipped POSTGRES_PASSWORD:-pneumo and an empty token)."""
+    for name in REQUIRED_SECRETS:
+        given = {k: v for k, v in REQUIRED_SECRETS.items() if k != name}
+        result = run_compose("config", "-q", env=given, secrets=False)
+        assert result.returncode != 0 and name in result.stderr, name
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    for key, value in strings(compose):
+        if SECRET_KEY.search(key):
+            assert ":?" in value and ":-" not in value, f"{key}: {value!r} has a default"
+
+
+def test_the_registry_is_a_named_volume_shared_by_the_cli_and_the_workers() -> None:
+    """A version served from one container is what the workers load, and survives a re-create."""
+    services = yaml.safe_load(run_compose("--profile", "gpu", "config").stdout)["services"]
+    for name in ("migrate", "node", "worker-cpu", "worker-gpu", "scheduler", "dashboard"):
+        assert services[name]["environment"]["PNEUMO_MODELS_DIR"] == "/models", name
+        mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
+                  for v in services[name]["volumes"]]
+        assert any(m.split(":")[1:2] == ["/models"] and m.split(":")[0].endswith("models")
+                   for m in mounts), (name, mounts)
+    for dockerfile in ("Dockerfile", "Dockerfile.gpu"):
+        text = (REPO / dockerfile).read_text()
+        assert "PNEUMO_MODELS_DIR=/models" in text and "COPY models /models" in text, dockerfile
