@@ -81,3 +81,13 @@ def test_model_commands_read_the_registry_from_the_setting(
     result = CliRunner().invoke(app, command)
     assert str(registry) in result.output, result.output
     assert str(REPO / "models") not in result.output
+
+
+def test_no_other_installed_distribution_provides_our_top_level_packages() -> None:
+    """`ops` (Canonical's charm library) and `worker` are distributions on PyPI too: installed in
+    one environment, one would overwrite the other's files. README, Installing."""
+    from importlib.metadata import packages_distributions
+
+    providers = packages_distributions()
+    clashes = {name: sorted(set(providers.get(name, [])) - {"pneumo"}) for name in PRODUCT}
+    assert {name: dists for name, dists in clashes.items() if dists} == {}
