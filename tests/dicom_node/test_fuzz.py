@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
@@ -29,6 +30,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     generate_uid,
 )
 
@@ -275,11 +277,16 @@ def test_fuzz_nested_data_sets_have_one_content_in_every_syntax(
 @pytest.mark.timeout(300)
 @fuzz("nested_mutated")
 @given(body=nested, data=pixels, syntax=st.sampled_from(
-    [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]), cuts=edits)
+    [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit]),
+    cuts=edits)
 def test_fuzz_mutated_data_sets_are_stored_or_refused_never_raise(
     store: Store, body: Dataset, data: bytes, syntax: str, cuts
 ) -> None:
     dataset = whole(body, data)
+    if syntax == JPEGBaseline8Bit:  # encapsulated: the offset table and fragments mutated too
+        dataset.PixelData = encapsulate([data, data[::-1]], has_bot=True)
+        dataset["PixelData"].VR, dataset["PixelData"].is_undefined_length = "OB", True
+        dataset.NumberOfFrames = 2
     raw = encoded(dataset, syntax)
     header = 132  # mutations after the preamble and its magic: the file meta is fair game too
     outcome = store.put(raw[:header] + mutate(raw[header:], cuts), dataset.SOPInstanceUID)
