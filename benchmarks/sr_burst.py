@@ -64,11 +64,17 @@ def sr_files(pacs: Path) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--studies", type=int, default=500)
     parser.add_argument("--quiet", type=float, default=5.0, help="PNEUMO_QUIET_SECONDS")
     parser.add_argument("--split", default="test", help="chest_xray split the JPEGs come from")
     parser.add_argument("--timeout", type=float, default=3600, help="give up waiting for the SRs after this")
+    parser.add_argument("--fork", action="store_true",
+                        help="storescp --fork: the PACS takes several associations at once (plain "
+                        "storescp takes one at a time, the next waits for its release)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (home, logs, PACS)")
     parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for pneumo run")
     args = parser.parse_args()
 
@@ -81,7 +87,7 @@ def main() -> None:
     pacs = run = None
     try:
         pacs_port, node_port = free_port(), free_port()
-        pacs = start_storescp(pacs_folder, pacs_port, ae_title="PACS")
+        pacs = start_storescp(pacs_folder, pacs_port, fork=args.fork, ae_title="PACS")
         env = embedded_env(work / "home", node_port, pacs_port, args.quiet)
         env.update(item.split("=", 1) for item in args.env)
         files = write_payload("dx224", args.studies + 1, work / "files",
@@ -122,15 +128,20 @@ def main() -> None:
             ("quiet period end -> first SR at the PACS", f"{mtimes[0] - quiet_end:.1f}"),
             ("quiet period end -> last SR at the PACS", f"{mtimes[-1] - quiet_end:.1f}"),
             ("max(quiet end, last classified) -> last SR at the PACS", f"{mtimes[-1] - ready:.1f}"),
-            ("SRs per second, first to last SR", f"{(len(mtimes) - 1) / max(1e-9, mtimes[-1] - mtimes[0]):.1f}"),
+            ("SRs per second, first to last SR",
+             f"{(len(mtimes) - 1) / max(1e-9, mtimes[-1] - mtimes[0]):.1f}"),
         ]
         print(f"\n{args.studies} single-image dx224 studies in one burst, PNEUMO_QUIET_SECONDS={args.quiet}, "
+              f"storescp{' --fork' if args.fork else ''}, {' '.join(args.env) or 'default settings'}, "
               f"code from {REPO}; load before {load_before}, after {load_average()}")
         print_table(["stage", "seconds"], rows)
     finally:
         stop(run, 2)
         stop(pacs)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,15 @@ class Settings(BaseSettings):
         "it at its copy of the released models/ folder (README, Install)")
     delivery_max_attempts: int = Field(6, description="SR C-STORE tries before dead-letter")
     delivery_backoff_s: float = Field(5.0, description="First retry delay; doubles each try")
+    delivery_associations_per_destination: int = Field(
+        4, ge=1, description="SR associations one delivery worker holds open to one PACS at once: "
+        "`pneumo run` starts its delivery worker with this many pool processes, each reusing its "
+        "association across SRs (worker.delivery.AssociationPool; threads of one process share it)"
+    )
+    delivery_association_idle_s: float = Field(
+        5.0, gt=0, description="An SR association unused this long is released (a burst's SRs "
+        "share one; a PACS is not held open between bursts)"
+    )
     classify_max_retries: int = Field(3)
     delivery_worker_max_memory_mb: int = Field(
         400, ge=0, description="`pneumo run`'s delivery worker replaces a pool child whose resident "

@@ -9,14 +9,17 @@ Finalise (worker.housekeeping) creates the deliveries; the deliver task (worker.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import ComprehensiveSRStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,22 +49,8 @@ class DeliveryError(Exception):
     """The PACS could not be reached or refused the SR; the message is recorded."""
 
 
-def send_sr(
-    path: Path, destination: PeerAddress, ae_title: str, timeout_s: float = 30,
-    ssl_context: ssl.SSLContext | None = None,
-) -> None:
-    """With `ssl_context`, TLS only; the PACS's certificate must match its host as given."""
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(ComprehensiveSRStorage)
-    try:
-        assoc = associate(ae, destination, timeout_s, ssl_context)
-    except AssociationFailed as error:
-        raise DeliveryError(str(error)) from None
-    try:
-        status = assoc.send_c_store(dcmread(path))
-    finally:
-        assoc.release()
+def _check_status(status, destination: PeerAddress) -> None:
+    """DeliveryError unless the PACS answered that it kept the object (core.scu.stored)."""
     code = getattr(status, "Status", None)
     if code is None:
         raise DeliveryError(f"no C-STORE response from {destination!r}")
@@ -69,16 +58,147 @@ def send_sr(
         raise DeliveryError(f"{destination!r} answered C-STORE status 0x{code:04X}")
 
 
-def pacs_sender(settings: Settings) -> Callable[[Path, str], None]:
+def _sr_ae(ae_title: str, timeout_s: float) -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(ComprehensiveSRStorage)
+    return ae
+
+
+def send_sr(
+    path: Path, destination: PeerAddress, ae_title: str, timeout_s: float = 30,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """One SR on its own association. With `ssl_context`, TLS only; the PACS's certificate must
+    match its host as given."""
+    try:
+        assoc = associate(_sr_ae(ae_title, timeout_s), destination, timeout_s, ssl_context)
+    except AssociationFailed as error:
+        raise DeliveryError(str(error)) from None
+    try:
+        status = assoc.send_c_store(dcmread(path))
+    finally:
+        assoc.release()
+    _check_status(status, destination)
+
+
+class AssociationPool:
+    """Associations to each PACS kept open across SRs: an association per SR made a burst of 500
+    studies take ~1,100 s (issue 21). At most `per_destination` at once to one destination
+    (callers beyond it wait); one idle `idle_s` is released by a reaper thread.
+
+    Each SR still gets its own C-STORE and its own answer: `send` raises unless the PACS answered
+    success for that SR, so a failure never marks another SR of the association delivered. An
+    association that broke (peer abort, network) is dropped, never reused; a kept association
+    found broken at its next SR (the peer closed it while idle) is replaced and that SR sent once
+    more on a fresh one before the failure counts (C-STORE of the same SOP instance is idempotent).
+    """
+
+    def __init__(
+        self, ae_title: str, timeout_s: float, idle_s: float, per_destination: int,
+        ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None,
+    ) -> None:
+        self.ae_title, self.timeout_s, self.idle_s = ae_title, timeout_s, idle_s
+        self.per_destination, self.ssl_context = per_destination, ssl_context
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[tuple[Association, float]]] = {}
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._reaper: threading.Thread | None = None
+        self._owner_pid = os.getpid()
+
+    def send(self, path: Path, destination: str) -> None:
+        """C-STORE the SR at `path`; DeliveryError unless the PACS answered that it kept it."""
+        address = PeerAddress(destination)
+        dataset = dcmread(path)
+        with self._slot(destination):
+            assoc, reused = self._take(destination, address)
+            status = self._store(assoc, dataset)
+            if status is None and reused:  # a kept association the peer had closed: once more, fresh
+                assoc, _ = self._take(destination, address, fresh=True)
+                status = self._store(assoc, dataset)
+            if assoc.is_established:
+                self._give_back(destination, assoc)
+            _check_status(status, address)
+
+    def close(self) -> None:
+        """Release every idle association (worker shutdown)."""
+        with self._lock:
+            held = [assoc for entries in self._idle.values() for assoc, _ in entries]
+            self._idle.clear()
+        for assoc in held:
+            _release(assoc)
+
+    def _slot(self, destination: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            if self._owner_pid != os.getpid():  # forked (a Celery pool child): the parent's are not ours
+                self._idle, self._slots, self._reaper, self._owner_pid = {}, {}, None, os.getpid()
+            if destination not in self._slots:
+                self._slots[destination] = threading.BoundedSemaphore(self.per_destination)
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="sr-association-reaper",
+                                                daemon=True)
+                self._reaper.start()
+            return self._slots[destination]
+
+    def _take(self, destination: str, address: PeerAddress, fresh: bool = False) -> tuple[Association, bool]:
+        if not fresh:
+            with self._lock:
+                entries = self._idle.get(destination, [])
+                while entries:
+                    assoc, _ = entries.pop()
+                    if assoc.is_established:
+                        return assoc, True
+        try:
+            # TLS built per association: a TLS file fixed after a failure is used without a restart.
+            ssl_context = self.ssl_context()
+            ae = _sr_ae(self.ae_title, self.timeout_s)
+            return associate(ae, address, self.timeout_s, ssl_context), False
+        except AssociationFailed as error:
+            raise DeliveryError(str(error)) from None
+
+    @staticmethod
+    def _store(assoc: Association, dataset) -> object | None:
+        """The C-STORE's answer; None (and the association dropped) when none came."""
+        try:
+            status = assoc.send_c_store(dataset)
+        except Exception:  # a broken association raises from pynetdicom: no answer for this SR
+            status = None
+        if getattr(status, "Status", None) is None:
+            if assoc.is_established:
+                assoc.abort()
+            return None
+        return status
+
+    def _give_back(self, destination: str, assoc: Association) -> None:
+        with self._lock:
+            self._idle.setdefault(destination, []).append((assoc, time.monotonic()))
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(max(0.05, self.idle_s / 2))
+            cutoff = time.monotonic() - self.idle_s
+            with self._lock:
+                expired = [assoc for entries in self._idle.values() for assoc, at in entries if at <= cutoff]
+                for destination, entries in self._idle.items():
+                    self._idle[destination] = [(a, at) for a, at in entries if at > cutoff]
+            for assoc in expired:
+                _release(assoc)
+
+
+def _release(assoc: Association) -> None:
+    try:
+        assoc.release()
+    except Exception as error:  # a peer gone already: nothing more to release
+        log.debug("releasing an idle SR association failed: %s", type(error).__name__)
+
+
+def pacs_sender(settings: Settings) -> AssociationPool:
     """`send(path, destination)` for `attempt_delivery`: C-STORE with these settings' AE title,
-    timeout and TLS."""
-
-    def send(path: Path, destination: str) -> None:
-        # TLS built per try: a TLS file fixed after a failure is picked up without a restart.
-        send_sr(path, PeerAddress(destination), settings.ae_title, settings.network_timeout_s,
-                tls.pacs_context(settings))
-
-    return send
+    timeout and TLS, on associations kept open across SRs (`AssociationPool`)."""
+    return AssociationPool(
+        settings.ae_title, settings.network_timeout_s, settings.delivery_association_idle_s,
+        settings.delivery_associations_per_destination, lambda: tls.pacs_context(settings),
+    )
 
 
 def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) -> Path:

@@ -10,6 +10,7 @@ import logging
 from functools import cache
 
 from celery import Celery
+from celery.signals import worker_process_shutdown
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,4 +72,8 @@ def register(app: Celery, settings: Settings) -> None:
             raise self.retry(countdown=outcome.retry_in_s, exc=delivery.DeliveryError(outcome.error))
         return outcome.state
 
-    send = delivery.pacs_sender(settings)
+    # One pool per worker process (Celery forks its children after this; the pool starts afresh in
+    # each): associations to the PACS are reused across SRs and released when idle or at shutdown.
+    pacs = delivery.pacs_sender(settings)
+    send = pacs.send
+    worker_process_shutdown.connect(lambda **_kwargs: pacs.close(), weak=False)
