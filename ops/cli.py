@@ -588,12 +588,12 @@ def resend(
     study_instance_uid: str = typer.Argument(..., help="Study whose SR is sent again"),
 ) -> None:
     """Send a study's SR again (e.g. after a dead-lettered delivery)."""
-    from ops.status import DatabaseNotFound
+    from ops.status import BrokerDown, DatabaseNotFound
     from ops.status import resend as resend_study
 
     try:
         count = resend_study(_settings(), study_instance_uid)
-    except DatabaseNotFound as error:
+    except (DatabaseNotFound, BrokerDown) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     if not count:

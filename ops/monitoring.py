@@ -214,10 +214,16 @@ def served_cards(models_dir: Path) -> dict[str, dict]:
     return cards
 
 
+def one_line(text: str | None) -> str:
+    """A reason on one line: a decoder's multi-line message broke `pneumo status`'s one line per
+    study (and a metric label); runs of whitespace, newlines included, become one space."""
+    return " ".join((text or "").split())
+
+
 def reason_class(reason: str | None) -> str:
     """Group free-text reasons into a bounded label set for metrics (text before the first ':';
     out of scope by its rule: patient age, view or pixel check)."""
-    text = reason or "unknown"
+    text = one_line(reason) or "unknown"
     if text.startswith(f"{scope.OUT_OF_SCOPE}: "):
         detail = text.split(": ", 1)[1]
         rule = next((r for r in ("patient age", "view", "pixel check") if r in detail), "other")
@@ -410,21 +416,26 @@ def study_reasons(states_and_reasons: list[tuple[str, str | None]]) -> str:
     An ignored study showed a blank reason; the reason is what tells IT whether to act
     (a modality sending the wrong series) or not (a lateral view, by design).
     """
-    counts = Counter((state, reason or "no reason recorded") for state, reason in states_and_reasons
+    counts = Counter((state, one_line(reason) or "no reason recorded") for state, reason in states_and_reasons
                      if state in TERMINAL_STATES and state != InstanceState.CLASSIFIED)
     return "; ".join(f"{state}: {reason}" + (f" ({n} images)" if n > 1 else "")
                      for (state, reason), n in sorted(counts.items()))
 
 
 def sr_status(delivery_state: str | None, destination: str | None, states: list[str]) -> str:
-    """The SR column in words. A study whose every image ended without a result never gets an SR,
-    and said "no SR yet" for ever; an SR only written to the folder is not "delivered"."""
+    """The SR column in words. A study whose images were all ignored or failed never gets an SR,
+    and said "no SR yet" for ever; an SR only written to the folder is not "delivered". Images
+    refused as out of scope are reported in a "not assessed" SR (worker.housekeeping), so a study
+    of refused images is waiting for that SR, not going without one."""
     if delivery_state is not None:
         if delivery_state == DeliveryState.DELIVERED and destination == LOCAL_DESTINATION:
             return "SR written to folder"
         return f"SR {delivery_state}"
-    if states and InstanceState.CLASSIFIED not in states and all(s in TERMINAL_STATES for s in states):
+    reported = (InstanceState.CLASSIFIED, InstanceState.OUT_OF_SCOPE)
+    if states and not any(s in reported for s in states) and all(s in TERMINAL_STATES for s in states):
         return "no SR will be sent: no image was classified"
+    if states and InstanceState.CLASSIFIED not in states and InstanceState.OUT_OF_SCOPE in states:
+        return "no SR yet (it will say: not assessed)"
     return "no SR yet"
 
 

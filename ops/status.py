@@ -21,8 +21,8 @@ from core.db import (
     session_factory,
     utcnow,
 )
-from core.queue import DELIVER, queue_depths, task_sender
-from core.settings import Settings
+from core.queue import DELIVER, make_app, queue_depths, task_sender
+from core.settings import Settings, redact_url
 from ops.monitoring import not_classified_by_reason, sr_status, study_reasons
 
 
@@ -63,10 +63,47 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
     return session_factory(settings.sqlalchemy_url)
 
 
+class BrokerDown(RuntimeError):
+    """The broker does not answer: nothing can be queued (the message says what to start)."""
+
+
+def broker_down(settings: Settings) -> str | None:
+    """None when the broker answers, else one line an operator can act on.
+
+    With the embedded broker (no PNEUMO_BROKER_URL) it is `pneumo run`'s own Redis on a socket in
+    the home: no socket, or one nobody answers on, means `pneumo run` is not running, which is what
+    to say, not `unreachable (OperationalError)` per queue or a kombu traceback.
+    """
+    if not settings.broker_url:
+        if not settings.redis_socket.exists():
+            return (f"pneumo run is not running (no broker socket in {settings.home_dir}); start it, "
+                    "or set PNEUMO_HOME to the home it uses")
+        try:
+            import redis
+
+            redis.Redis(unix_socket_path=str(settings.redis_socket), socket_timeout=2,
+                        socket_connect_timeout=2).ping()
+        except (OSError, redis.RedisError):
+            return (f"pneumo run is not running (its broker socket in {settings.home_dir} does not "
+                    "answer); start it")
+        return None
+    try:
+        with make_app(settings).connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except Exception as error:  # any transport's error: said in one line, never traced
+        where = redact_url(settings.broker_url)
+        return f"the broker at {where} does not answer ({type(error).__name__}); check PNEUMO_BROKER_URL"
+    return None
+
+
 def render(settings: Settings, last: int = 10) -> str:
     sessions = open_database(settings)  # before the broker: a wrong home must not wait on it
-    lines = ["queues:"]
-    lines += [f"  {queue:<16} {depth}" for queue, depth in queue_depths(settings).items()]
+    down = broker_down(settings)
+    if down:
+        lines = [f"queues: not readable: {down}"]
+    else:
+        lines = ["queues:"]
+        lines += [f"  {queue:<16} {depth}" for queue, depth in queue_depths(settings).items()]
     with sessions() as session:
         lines.append("instances by state:")
         for state, count in session.execute(
@@ -76,7 +113,8 @@ def render(settings: Settings, last: int = 10) -> str:
         by_reason = not_classified_by_reason(session)
         if by_reason:
             lines.append("not classified, by reason:")
-            lines += [f"  {state:<16} {reason:<40} {count}"
+            # The count before the reason: a reason of any length no longer runs into it.
+            lines += [f"  {state:<16} {count:>6}  {reason}"
                       for (state, reason), count in sorted(by_reason.items())]
         lines.append("deliveries by state:")
         for state, count in session.execute(
@@ -109,12 +147,20 @@ def render(settings: Settings, last: int = 10) -> str:
 
 
 def resend(settings: Settings, study_instance_uid: str) -> int:
-    """Reset the study's deliveries to pending and queue them; returns how many."""
+    """Reset the study's deliveries to pending and queue them; returns how many.
+
+    BrokerDown, with nothing changed, when the broker does not answer: the delivery was recorded
+    as pending and "resend requested" audited though nothing could be queued."""
     sessions = open_database(settings)
     with sessions() as session:
         ids = session.scalars(
             select(Delivery.id).join(Study).where(Study.study_instance_uid == study_instance_uid)
         ).all()
+    if not ids:
+        return 0
+    down = broker_down(settings)
+    if down:
+        raise BrokerDown(f"nothing queued: {down}")
     enqueue = task_sender(settings, DELIVER)
     return sum(resend_delivery(sessions, delivery_id, enqueue) for delivery_id in ids)
 

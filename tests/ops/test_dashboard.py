@@ -206,7 +206,14 @@ def test_actions_disabled_without_a_configured_token(
     settings = _settings(tmp_path, database_url, served_registry)
     settings.dashboard_token = SecretStr("")
     client = TestClient(create_app(settings))
-    assert "disabled" in client.get("/").text
+    page = client.get("/").text
+    assert "disabled" in page
+    # No button that can only answer 401 (issue 22: Re-run showed with no token configured).
+    assert f'id="rerun-{ids[str(InstanceState.FAILED)]}"' not in page
+    assert f'id="resend-{ids["dead"]}"' not in page
+    with_token = TestClient(create_app(_settings(tmp_path, database_url, served_registry))).get("/").text
+    assert f'id="rerun-{ids[str(InstanceState.FAILED)]}"' in with_token
+    assert f'id="resend-{ids["dead"]}"' in with_token
     assert client.post(f"/deliveries/{ids['dead']}/resend",
                        headers={"Authorization": "Bearer "}).status_code == 401
 
