@@ -8,6 +8,10 @@ import logging
 import os
 from pathlib import Path
 
+# Before anything imports TensorFlow: its start-up lines (oneDNN, cpu_feature_guard) reached every
+# CLI user's terminal. Errors still print; TF_CPP_MIN_LOG_LEVEL=0 in the environment shows them all.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import typer
 
 from core import registry
@@ -26,6 +30,24 @@ DEFAULT_WEIGHTS = (
     Path("..") / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 )
 MODELS_DIR_HELP = "Registry folder [default: PNEUMO_MODELS_DIR, else ./models]"
+
+
+def settings_help(summary: str, *names: str) -> str:
+    """A command's help with the settings it reads (environment variable, default, what), taken
+    from core.settings so the list cannot drift; `run`, `node` and `dashboard` listed none."""
+    from pydantic import SecretStr
+
+    from core.settings import Settings
+
+    lines = []
+    for name in names:
+        field = Settings.model_fields[name]
+        default = field.default
+        shown = "" if default in (None, "") or isinstance(default, SecretStr) else str(default)
+        lines.append(f"PNEUMO_{name.upper()}" + (f" ({shown})" if shown else "")
+                     + f": {field.description or ''}".rstrip(": "))
+    # One paragraph per setting: typer's help keeps paragraphs apart.
+    return summary + "\n\nSettings (environment or PNEUMO_SETTINGS_FILE):\n\n" + "\n\n".join(lines)
 
 
 def _registry(models_dir: Path | None) -> Path:
@@ -155,7 +177,7 @@ def evaluate(
             result = record_test(model, data, models_dir)
         else:
             result = run_evaluation(model, data, split, models_dir, plots)
-    except registry.RegistryError as error:
+    except (registry.RegistryError, FileNotFoundError, ValueError) as error:  # ValueError: no images
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
     if as_json:
@@ -453,7 +475,11 @@ def db_upgrade() -> None:
     typer.echo(f"database at head: {settings.sqlalchemy_url.split('@')[-1]}")
 
 
-@app.command()
+@app.command(help=settings_help(
+    "The embedded default: node, workers and scheduler in one supervised process group, with the "
+    "dashboard.", "home", "ae_title", "host", "port", "allowed_peers", "pacs", "dashboard_host",
+    "dashboard_port", "dashboard_token", "models_dir", "model_name", "quiet_seconds", "database_url",
+    "broker_url"))
 def run(
     inference_concurrency: int = typer.Option(
         1, help="Inference worker processes (with PNEUMO_INFERENCE_BATCH_SIZE > 1: one process, threads)"
@@ -472,7 +498,10 @@ def run(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(help=settings_help(
+    "The DICOM node alone (production: one per site, behind the PACS).", "ae_title", "host", "port",
+    "allowed_peers", "home", "database_url", "broker_url", "inference_queue", "tls_cert_file",
+    "tls_key_file", "tls_ca_file", "min_free_disk_mb", "max_associations"))
 def node() -> None:
     """The DICOM node alone (production: one per site, behind the PACS)."""
     from core.db import session_factory
@@ -503,7 +532,7 @@ def worker(
         "prefork", help="prefork, or threads for batched inference (PNEUMO_INFERENCE_BATCH_SIZE > 1)"
     ),
 ) -> None:
-    """A Celery worker (use `-Q inference-gpu` on a GPU host)."""
+    """A Celery worker (on a GPU host: `--queues inference-gpu --pool threads`)."""
     settings = _settings()
     require_keras_backend()  # it serves the model
     from worker.celery_app import make_worker_app
@@ -602,7 +631,11 @@ def resend(
     typer.echo(f"{count} delivery(ies) queued again")
 
 
-@app.command()
+@app.command(help=settings_help(
+    "The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port).",
+    "dashboard_host", "dashboard_port", "dashboard_token", "dashboard_token_file",
+    "dashboard_tls_cert_file", "dashboard_tls_key_file", "dashboard_trusted_proxies", "home",
+    "database_url", "broker_url", "models_dir"))
 def dashboard() -> None:
     """The web dashboard for IT on call, /metrics for Prometheus and /healthz (one port)."""
     from core.lifecycle import EXIT_CANNOT_START

@@ -21,7 +21,7 @@ from core import contract, registry, scope
 from serving import models, pixelcheck
 from serving.header import Decoded
 from serving.image import preprocess_file
-from training import data
+from training import data, progress
 
 LABELS_FILE = "labels.csv"
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
@@ -103,7 +103,7 @@ def load(images: list[SiteImage], decode_dicom: DicomDecoder | None = None) -> L
     A DICOM header's age and view count where labels.csv leaves them out.
     """
     tensors, decoded, reasons, ages, views = [], [], [], [], []
-    for image in images:
+    for image in progress.track(images, "reading site images"):
         age, view = image.age_years, image.view
         if image.path.suffix.lower() in data.IMAGE_SUFFIXES:
             tensor, reason = preprocess_file(image.path), None

@@ -74,3 +74,65 @@ def test_a_study_of_refused_images_waits_for_its_not_assessed_sr() -> None:
     assert sr_status(None, None, [InstanceState.IGNORED, InstanceState.FAILED]).startswith(
         "no SR will be sent")
     assert sr_status(None, None, [InstanceState.OUT_OF_SCOPE, InstanceState.IGNORED]).startswith("no SR yet")
+
+
+def test_evaluate_with_the_wrong_layout_is_one_line_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was 9 s of loading the model, then ~40 lines of traceback ending in FileNotFoundError."""
+    from serving import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_version", no_model)
+    (tmp_path / "images").mkdir()  # a folder of images, not <root>/test/{NORMAL,PNEUMONIA}
+    result = CliRunner().invoke(app, ["evaluate", "--model", "pneumonia-cnn", "--data", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    assert "no 'test' folder under" in result.output
+
+
+def test_help_names_only_options_that_exist_and_the_settings_a_service_reads() -> None:
+    """`worker --help` said `-Q inference-gpu` ("No such option"); `run`, `node` and `dashboard`
+    listed none of the ports, the PACS or the token."""
+    runner = CliRunner()
+    worker = runner.invoke(app, ["worker", "--help"], terminal_width=200).output
+    assert "-Q" not in worker and "--queues inference-gpu" in worker
+    wanted = {"run": ["PNEUMO_PORT", "PNEUMO_AE_TITLE", "PNEUMO_PACS", "PNEUMO_DASHBOARD_PORT",
+                      "PNEUMO_DASHBOARD_TOKEN", "PNEUMO_HOME", "PNEUMO_MODELS_DIR"],
+              "node": ["PNEUMO_PORT", "PNEUMO_AE_TITLE", "PNEUMO_ALLOWED_PEERS", "PNEUMO_TLS_CERT_FILE"],
+              "dashboard": ["PNEUMO_DASHBOARD_HOST", "PNEUMO_DASHBOARD_PORT", "PNEUMO_DASHBOARD_TOKEN",
+                            "PNEUMO_DASHBOARD_TLS_CERT_FILE"]}
+    for command, settings in wanted.items():
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert [name for name in settings if name not in text] == [], command
+    assert "(11112)" in runner.invoke(app, ["node", "--help"], terminal_width=200).output
+
+
+def test_the_cli_quiets_tensorflow_start_up_lines() -> None:
+    """oneDNN and cpu_feature_guard lines reached every CLI user's terminal."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", "import ops.cli, tensorflow as tf; tf.constant(1) + 1"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cpu_feature_guard" not in result.stderr and "oneDNN" not in result.stderr, result.stderr
+
+
+def test_long_reads_show_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from training import progress
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: treat stderr as a terminal
+    assert [list(part) for part in progress.chunks(list(range(5)), 2, "reading test images")] == [
+        [0, 1], [2, 3], [4]]
+    assert list(progress.track([1, 2], "reading site images")) == [1, 2]
+    err = capsys.readouterr().err
+    assert "reading test images" in err and "5/5" in err and "reading site images" in err
+    monkeypatch.delenv("FORCE_COLOR")
+    monkeypatch.setenv("TERM", "dumb")
+    list(progress.track([1, 2], "not a terminal"))
+    assert "not a terminal" not in capsys.readouterr().err  # logs and pipes get no bar
