@@ -166,12 +166,19 @@ def evaluate(
     """Evaluate a registered model on a split at its card's threshold."""
     models_dir = _registry(models_dir)
     require_keras_backend()
-    from training.evaluate import evaluate as run_evaluation
-    from training.evaluate import format_table, record_test
+    from training.data import read_split
 
     if record and split != "test":
         typer.echo(f"error: --record is for the test split only, not {split!r}", err=True)
         raise typer.Exit(2)
+    try:  # the data's layout first: a wrong --data is one line before Keras is even imported
+        read_split(data, split)
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
+    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import format_table, record_test
+
     try:
         if record:
             result = record_test(model, data, models_dir)
