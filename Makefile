@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint
+.PHONY: install run test test-unit typecheck lint
 
 $(BIN)/pneumo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,18 @@ install: $(BIN)/pneumo
 run: install
 	$(BIN)/pneumo run
 
-test: install
+# Everything: ruff, mypy, then the whole suite (../shared, PostgreSQL and Redis needed).
+test: install typecheck
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The fast tier: the tests that need none of ../shared, PostgreSQL and Redis (markers applied by
+# tests/conftest.py from what each test uses); make test still runs them with all the others.
+test-unit: install
+	$(BIN)/pytest -m unit
+
+typecheck: install
+	$(BIN)/mypy
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -18,8 +20,101 @@ REAL_DICOM = SHARED / "dicom" / "real"
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not DATA.is_dir():
+    # The unit tier (`make test-unit`, `-m unit`) needs no ../shared; every other run does.
+    if not DATA.is_dir() and "unit" not in (config.option.markexpr or ""):
         raise pytest.UsageError(f"shared data not found at {DATA}; set PNEUMO_SHARED")
+
+
+# --- tiers: markers applied from what a test uses ----------------------------------------------
+#
+# `make test-unit` runs `-m unit`: the tests that need none of ../shared, PostgreSQL and Redis.
+# Nobody marks a test by hand: a test is `shared`, `postgres` or `redis` when it (or a fixture it
+# uses, or a tests module it imports from) uses what names them below; the rest are `unit`.
+# Full-stack folders (processes, drills) count as needing all three. `make test` deselects nothing.
+
+NEEDS_FIXTURES = {
+    "shared": {"tiny_data", "tiny_registry", "classifier"},
+    "postgres": {"postgres_url", "database_url_postgres_fresh"},
+    "redis": set(),
+}
+NEEDS_EVERYTHING = ("pipeline", "drills")  # folders under tests/ that run the whole product
+
+
+def _needs_names() -> dict[str, set[str]]:
+    """This module's names that mean a dependency when a test module imports them."""
+    return {
+        "shared": {"SHARED", "DATA", "WEIGHTS", "SMALL_MOBILENET", "REAL_DICOM", "link_subset",
+                   "register_with_scope"},
+        "postgres": {"POSTGRES_ADMIN_URL"},
+        "redis": {"REDIS_TEST_URL"},
+    }
+
+
+def _module_needs(module: ModuleType, seen: dict[str, set[str]]) -> set[str]:
+    """What a tests module needs: conftest names it imports, and (transitively) what the tests
+    modules it imports objects from need."""
+    name = getattr(module, "__name__", "")
+    if name in seen:
+        return seen[name]
+    seen[name] = needs = set()
+    relative = name.split(".")
+    if len(relative) > 1 and relative[1] in NEEDS_EVERYTHING:
+        needs |= set(NEEDS_FIXTURES)
+    this = globals()
+    for attribute, value in vars(module).items():
+        if name != __name__:
+            for need, names in _needs_names().items():
+                if attribute in names and this.get(attribute) is value:
+                    needs.add(need)
+        origin = getattr(value, "__module__", None) or getattr(getattr(value, "__wrapped__", None),
+                                                               "__module__", None)
+        loaded = _tests_module(origin) if isinstance(origin, str) else None
+        if loaded is not None and origin not in (name, __name__):
+            needs |= _module_needs(loaded, seen)
+    return needs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seen: dict[str, set[str]] = {}
+    for item in items:
+        needs: set[str] = set()
+        module = getattr(item, "module", None)
+        if module is not None:
+            needs |= _module_needs(module, seen)
+        fixture_info = getattr(item, "_fixtureinfo", None)
+        definitions = fixture_info.name2fixturedefs if fixture_info is not None else {}
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for fixture in getattr(item, "fixturenames", ()):
+            for need, names in NEEDS_FIXTURES.items():
+                if fixture in names:
+                    needs.add(need)
+            if fixture == "database_url" and params.get("database_url") == "postgresql":
+                needs.add("postgres")
+            for definition in definitions.get(fixture, ()):
+                origin = _tests_module(getattr(definition.func, "__module__", ""))
+                if origin is not None and origin.__name__ != __name__:
+                    needs |= _module_needs(origin, seen)
+        for need in sorted(needs):
+            item.add_marker(getattr(pytest.mark, need))
+        if not needs:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """In the unit tier without ../shared, a module that reads ../shared on import is skipped as
+    needing it (it is not a unit test) instead of failing the collection."""
+    report = yield
+    if (report.failed and isinstance(collector, pytest.Module) and not DATA.is_dir()
+            and "unit" in (collector.config.option.markexpr or "") and str(SHARED) in str(report.longrepr)):
+        report.outcome = "skipped"
+        report.longrepr = (str(collector.path), None, f"Skipped: needs ../shared (reads {SHARED} on import)")
+    return report
+
+
+def _tests_module(name: str) -> ModuleType | None:
+    """The loaded tests module called `name`; None for library modules."""
+    return sys.modules.get(name) if name.startswith("tests.") else None
 
 
 def link_subset(root: Path, split: str, class_name: str, count: int) -> None:
