@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # The registry folder when PNEUMO_MODELS_DIR is not set: `models` in the working directory (as
 # PNEUMO_HOME defaults to `var`), i.e. a checkout's own registry when run from its root. Never a
@@ -40,7 +41,7 @@ def score_edges(bins: int = SCORE_BINS) -> np.ndarray:
     return np.histogram_bin_edges([], bins=bins, range=SCORE_RANGE)
 
 
-def score_histogram(probabilities, bins: int = SCORE_BINS) -> list[int]:
+def score_histogram(probabilities: ArrayLike, bins: int = SCORE_BINS) -> list[int]:
     """Scores counted on the score edges: what training writes on the card and what the drift
     check compares with it (one outside [0, 1] is kept, in the end bin)."""
     return np.histogram(np.clip(probabilities, *SCORE_RANGE), bins=score_edges(bins))[0].tolist()

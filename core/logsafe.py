@@ -113,7 +113,7 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """The standard size-rotating handler, its files created 0600 whatever the umask (and a file
     from before made 0600): a log line may name a study."""
 
-    def _open(self) -> TextIO:
+    def _open(self) -> TextIO:  # type: ignore[override]  # a text file, as the base opens
         descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(descriptor, 0o600)
         return os.fdopen(descriptor, "a", encoding=self.encoding, errors=self.errors)
@@ -135,7 +135,7 @@ class OutputLog:
 
     def follow(self, read_end: int, name: str) -> None:
         """Copy what arrives on `read_end` into the log until every writer has closed it."""
-        self.tail = tail = deque(maxlen=self.tail.maxlen)  # this start's lines only
+        self.tail = tail = deque[str](maxlen=self.tail.maxlen)  # this start's lines only
 
         def pump() -> None:
             with open(read_end, "rb") as stream:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 WITHHELD = "<withheld>"
 OWN_LOGGERS = ("core", "worker", "dicom_node", "training")
@@ -47,7 +48,9 @@ def describe(error: BaseException) -> str:
 def scrub_traceback(text: str) -> str:
     """A formatted traceback with the exception messages scrubbed; file names and code lines
     (indented, from our and the libraries' sources) are kept for debugging."""
-    lines, block, out = text.splitlines(), [], []
+    lines = text.splitlines()
+    block: list[str] = []
+    out: list[str] = []
 
     def flush() -> None:
         if block:
@@ -77,7 +80,7 @@ def install() -> None:
     _installed = True
     make_record = logging.getLogRecordFactory()
 
-    def scrubbed_record(*args, **kwargs) -> logging.LogRecord:
+    def scrubbed_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
         if _foreign(record.name):
             try:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,7 +176,7 @@ def register(
     model: Any,
     card: ModelCard | dict[str, Any],
     models_dir: Path = DEFAULT_MODELS_DIR,
-    extra_files: list[Path] = (),
+    extra_files: Sequence[Path] = (),
     version: str | None = None,
     detector_file: Path | None = None,
 ) -> ModelVersion:
@@ -231,7 +232,7 @@ def ensure_test_unread(model_version: ModelVersion) -> None:
 
 
 def record_test_report(
-    model_version: ModelVersion, report: dict[str, Any], plots: list[Path] = ()
+    model_version: ModelVersion, report: dict[str, Any], plots: Sequence[Path] = ()
 ) -> Path:
     """Add the version's one test evaluation to its folder; refuse if one is already recorded.
 
@@ -298,7 +299,7 @@ def register_copy(
     parent: ModelVersion,
     card: ModelCard | dict[str, Any],
     models_dir: Path = DEFAULT_MODELS_DIR,
-    extra_files: list[Path] = (),
+    extra_files: Sequence[Path] = (),
     version: str | None = None,
     detector_file: Path | None = None,
     resize: str | None = None,

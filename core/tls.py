@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 from core.settings import Settings
 
@@ -63,7 +64,9 @@ class _DeferredHandshakeContext(ssl.SSLContext):
 
     socket_timeout_s: float | None = None
 
-    def wrap_socket(self, sock: socket.socket, server_side: bool = False, **kwargs) -> ssl.SSLSocket:
+    def wrap_socket(  # type: ignore[override]  # narrower on purpose: the node's server sockets
+        self, sock: socket.socket, server_side: bool = False, **kwargs: Any
+    ) -> ssl.SSLSocket:
         if server_side:
             kwargs["do_handshake_on_connect"] = False
             sock.settimeout(self.socket_timeout_s)

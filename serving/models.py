@@ -74,7 +74,9 @@ def with_features(
     return keras.Model(inputs, [probability, features], name=f"{model.name}_with_features"), chosen
 
 
-def predict_with_features(scoring: keras.Model, images: np.ndarray, batch_size: int = 64):
+def predict_with_features(
+    scoring: keras.Model, images: np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (N,), features (N, F)) in batches."""
     probabilities, features = [], []
     for start in range(0, len(images), batch_size):
