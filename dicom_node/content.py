@@ -160,6 +160,7 @@ def content_digest(path: Path, dataset: Dataset, limit_bytes: int) -> str:
     meta = dataset.file_meta
     syntax = meta.TransferSyntaxUID
     deferred: list[RawDataElement] = []
+    raw: DataElement | RawDataElement
     for tag in sorted(dataset.keys()):
         raw = dataset.get_item(tag, keep_deferred=True)
         if tag.group != 2 and isinstance(raw, RawDataElement) and raw.value is None and raw.length:

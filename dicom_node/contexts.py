@@ -5,9 +5,11 @@ lateral, a CT localiser or a presentation state; the worker records those as `ig
 reason. Transfer syntaxes are the ones pydicom + pylibjpeg decode.
 """
 
+from typing import cast
+
 from pydicom import uid
 from pynetdicom import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 ACCEPTED_TRANSFER_SYNTAXES = [
     uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
@@ -16,5 +18,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     uid.JPEG2000, uid.RLELossless,
 ]
 
-STORAGE_SOP_CLASSES = [context.abstract_syntax for context in StoragePresentationContexts]
+# Each of pynetdicom's storage contexts is built with its abstract syntax (never None).
+STORAGE_SOP_CLASSES = [cast(uid.UID, context.abstract_syntax) for context in StoragePresentationContexts]
 VERIFICATION_SOP_CLASS = Verification

@@ -140,7 +140,7 @@ def spool_into(ae: AE, spool_dir: Path, max_dataset_mb: int = 0) -> None:
     a module-level name, replaced here."""
     _spool_dirs[ae] = (spool_dir, max_dataset_mb)
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = _spool_file
+    dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]  # same call, a SpoolFile
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -76,6 +77,7 @@ def handle_requested(event: evt.Event, settings: Settings) -> None:
     to act on (issue 23 row 11)."""
     requestor = event.assoc.requestor
     # At EVT_REQUESTED only the A-ASSOCIATE primitive carries the AE titles.
+    assert requestor.primitive is not None  # the A-ASSOCIATE-RQ that raised this event
     ae_title = str(requestor.primitive.calling_ae_title).strip()
     called = str(requestor.primitive.called_ae_title).strip()
     if called != settings.ae_title:
@@ -113,7 +115,7 @@ def handle_store(
     sessions: sessionmaker[Session],
     enqueue: Callable[[int], None],
 ) -> int | Dataset:
-    assoc = event.assoc
+    assoc: Any = event.assoc  # carries our own attributes for the watchdog
     assoc.pneumo_in_handler = True  # the watchdog's deadline covers the handler too
     try:
         return _store(event, settings, sessions, enqueue)
@@ -128,7 +130,7 @@ def _store(
     sessions: sessionmaker[Session],
     enqueue: Callable[[int], None],
 ) -> int | Dataset:
-    request = event.request
+    request = cast(C_STORE, event.request)
     calling = str(event.assoc.requestor.ae_title).strip()
     outcome = store_instance(
         Path(event.dataset_path), str(request.AffectedSOPClassUID),
@@ -276,6 +278,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """As pynetdicom's, plus a timeout on every read: accepted sockets block for ever."""
+        assert self.socket is not None  # bound in __init__
         client, address = self.socket.accept()
         client.settimeout(self.settings.network_timeout_s)
         if self.ssl_context:  # the handshake is deferred to the association's thread (core.tls)
@@ -534,7 +537,7 @@ def start(
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_REQUEST_IDENTIFIERS = False
     peerlog.install(settings.peer_warnings_per_minute)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_ECHO, handle_echo),
@@ -548,9 +551,9 @@ def start(
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"
     address = (settings.host, settings.port)
     try:  # bind first: "listening" is said only once it is true
-        server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
-                                server_class=GuardedServer, request_handler=GuardedRequestHandler,
-                                settings=settings)
+        server = cast(GuardedServer, ae.make_server(
+            address, evt_handlers=handlers, ssl_context=ssl_context, server_class=GuardedServer,
+            request_handler=GuardedRequestHandler, settings=settings))
     except OSError as error:
         raise CannotListen(f"cannot listen on {settings.host}:{settings.port} (PNEUMO_HOST/PNEUMO_PORT): "
                            f"{error.strerror or error}") from None
