@@ -4,7 +4,7 @@
 
 For each served model, production windows of n scores are drawn from its card's validation score
 histogram (uniform within each 0.05-wide bin), then shifted, and scored by the alert the dashboard
-uses (`ops.monitoring.drift_alert`, default settings). Printed per model and n:
+uses (`ops.drift.drift_alert`, default settings). Printed per model and n:
 - false alarms: share of unshifted windows that alert (wanted: under 1%);
 - logit shift: the smallest shift of every score's log-odds, up (more confident pneumonia) and down,
   found in at least `--power` of the windows, with the positive rate at the card's threshold it
@@ -30,7 +30,7 @@ from common import REPO, load_average, print_table  # also puts the repo on sys.
 from core import registry
 from core.contract import score_histogram
 from core.settings import Settings
-from ops.monitoring import drift_threshold, psi_many
+from ops.drift import drift_threshold, psi_many
 
 WINDOW_SIZES = (50, 200, 1000)
 LOGIT_GRID = np.arange(0.25, 4.01, 0.25)

@@ -1,6 +1,6 @@
 """How long the stage-latency read of a /metrics scrape takes as history grows.
 
-Why: `ops.monitoring.stage_latencies` runs on every Prometheus scrape. A hospital keeps months of
+Why: `ops.latency.stage_latencies` runs on every Prometheus scrape. A hospital keeps months of
 studies; what it reads must not grow with them. The database gets `--history` classified and
 delivered studies older than a day (one image each) and `--recent` ones within the last hour,
 then the read is timed `--rounds` times.
@@ -73,7 +73,7 @@ def populate(url: str, history: int, recent: int) -> None:
 
 def time_read(url: str, rounds: int) -> float:
     from core.db import session_factory
-    from ops.monitoring import stage_latencies
+    from ops.latency import stage_latencies
 
     sessions = session_factory(url)
     seconds = []

@@ -47,6 +47,7 @@ from core.queue import CLASSIFY, DELIVER, make_app, task_sender
 from core.settings import Settings
 from ops import monitoring, status
 from ops.metrics import exposition
+from ops.studies import StudyRow, deliveries_needing_attention, failed_instances, recent_studies
 
 log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -253,9 +254,9 @@ def create_app(settings: Settings) -> Starlette:
         studies, failures, deliveries = [], [], []
         if snap.database_ok:
             with sessions() as session:
-                studies = monitoring.recent_studies(session)
-                failures = monitoring.failed_instances(session)
-                deliveries = monitoring.deliveries_needing_attention(session)
+                studies = recent_studies(session)
+                failures = failed_instances(session)
+                deliveries = deliveries_needing_attention(session)
                 if settings.show_patient_names:
                     _add_patient_names(session, studies)
         return TEMPLATES.TemplateResponse(request, "dashboard.html", {
@@ -371,7 +372,7 @@ def node_health(settings: Settings, stale_s: float = 15.0) -> dict:
     return {**health, "status": "running" if health.get("accepting") else "all association slots in use"}
 
 
-def _add_patient_names(session, studies: list[monitoring.StudyRow]) -> None:
+def _add_patient_names(session, studies: list[StudyRow]) -> None:
     """Names are not in the database on purpose; read them from one stored header per study."""
     for row in studies:
         path = session.scalar(select(Instance.path).where(Instance.study_id == row.study_id).limit(1))

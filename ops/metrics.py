@@ -20,7 +20,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ops.monitoring import LATENCY_BUCKETS_S, LATENCY_WINDOW, LatencyHistogram, Snapshot
+from ops.latency import LATENCY_BUCKETS_S, LATENCY_WINDOW, LatencyHistogram
+from ops.monitoring import Snapshot
 
 PREFIX = "pneumo"
 

@@ -23,7 +23,8 @@ from core.db import (
 )
 from core.queue import DELIVER, make_app, queue_depths, task_sender
 from core.settings import Settings, redact_url
-from ops.monitoring import not_classified_by_reason, sr_status, study_reasons
+from ops.monitoring import not_classified_by_reason
+from ops.studies import sr_status, study_reasons
 
 
 class DatabaseNotFound(RuntimeError):

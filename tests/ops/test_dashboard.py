@@ -30,7 +30,7 @@ from core.db import (
 from core.settings import Settings
 from dicom_node.receive import record_refusal
 from ops.dashboard import create_app
-from ops.monitoring import psi
+from ops.drift import psi
 from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL
 

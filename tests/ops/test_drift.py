@@ -13,7 +13,7 @@ import pytest
 
 from core import registry
 from core.settings import Settings
-from ops.monitoring import THRESHOLD_GRID, drift, drift_alert, drift_threshold, psi_many
+from ops.drift import THRESHOLD_GRID, drift, drift_alert, drift_threshold, psi_many
 from tests.conftest import REPO
 
 MODELS = REPO / "models"

@@ -15,7 +15,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from ops import status
 from ops.cli import app
-from ops.monitoring import sr_status
+from ops.studies import sr_status
 from tests.ops.test_dashboard_outcomes import _study
 
 LONG = "cannot decode pixel data: JPEG 2000 codestream ends before its last tile-part header"

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from itertools import count
 
 from core.db import Delivery, DeliveryState, Instance, InstanceState, Series, Study, utcnow
-from ops.monitoring import LATENCY_BUCKETS_S, LATENCY_WINDOW, LatencyHistogram, stage_latencies
+from ops.latency import LATENCY_BUCKETS_S, LATENCY_WINDOW, LatencyHistogram, stage_latencies
 
 NOW = utcnow().replace(microsecond=250_000)
 HOUR = timedelta(hours=1)
