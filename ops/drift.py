@@ -30,7 +30,7 @@ def psi(expected: list[int], actual: list[int], floor: float = 1e-4) -> float:
     return float(psi_many(expected, np.asarray([actual]), floor)[0])
 
 
-def psi_many(expected, actual: np.ndarray, floor: float = 1e-4) -> np.ndarray:
+def psi_many(expected: list[int] | np.ndarray, actual: np.ndarray, floor: float = 1e-4) -> np.ndarray:
     """psi() of each row of `actual` (counts) against `expected` (one histogram, or one per row)."""
     expected = np.asarray(expected, dtype=float)
     actual = np.asarray(actual, dtype=float)

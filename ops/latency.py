@@ -8,10 +8,12 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import accumulate
+from typing import Any
 
 from sqlalchemy import Float, Select, case, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from core.db import Delivery, DeliveryState, Instance, InstanceState, Study, utcnow
@@ -35,13 +37,13 @@ class seconds_between(FunctionElement):
 
 
 @compiles(seconds_between)  # PostgreSQL, and str() of a statement (the default dialect)
-def _seconds_between(element: seconds_between, compiler, **kw) -> str:
+def _seconds_between(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
     end, start = (compiler.process(clause, **kw) for clause in element.clauses)
     return f"CAST(EXTRACT(EPOCH FROM ({end}) - ({start})) AS DOUBLE PRECISION)"
 
 
 @compiles(seconds_between, "sqlite")
-def _seconds_between_sqlite(element: seconds_between, compiler, **kw) -> str:
+def _seconds_between_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
     end, start = (compiler.process(clause, **kw) for clause in element.clauses)
     whole = f"round((julianday(substr({end}, 1, 19)) - julianday(substr({start}, 1, 19))) * 86400)"
     micro = f"(CAST(substr({end}, 21) AS INTEGER) - CAST(substr({start}, 21) AS INTEGER))"
