@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -107,7 +108,12 @@ def not_classified_by_reason(session: Session) -> dict[tuple[str, str], int]:
     return counts
 
 
-def snapshot(settings: Settings, sessions: sessionmaker[Session], queue_depths=None) -> Snapshot:
+def snapshot(
+    settings: Settings, sessions: sessionmaker[Session],
+    queue_depths: Callable[[Settings], dict[str, int | str]] | None = None,
+) -> Snapshot:
+    """Read everything once; a database that cannot be read is reported, not raised (the page
+    and /metrics still answer). `queue_depths` stands in for the broker in tests."""
     snap = Snapshot(min_free_disk_mb=settings.min_free_disk_mb)
     settings.ensure_dirs()
     snap.free_disk_mb = shutil.disk_usage(settings.storage_dir).free / (1024 * 1024)
