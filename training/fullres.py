@@ -248,8 +248,9 @@ def refit(spec: str, fullres: Path, adults: Path, models_dir: Path) -> registry.
         "held_out_refused_rate": validation["held_out_refused"].get("as sent", {}).get("refused"),
     }
     card = {
+        # The same trained weights: the parent's training record holds (as for a calibration).
         **parent.card.dump(exclude={"name", "version", "model_file", "model_sha256",
-                                    "preprocessing", "scope", "training"}),
+                                    "preprocessing", "scope", "created", "parent"}),
         "parent": parent.label,
         "scope": {"intended_use": parent.scope.intended_use.dump() if parent.scope
                   and parent.scope.intended_use else None, "pixel_check": summary},
