@@ -67,7 +67,7 @@ def test_models_list_says_not_read_for_test_figures_never_computed() -> None:
 def test_readme_requirements_name_every_package_the_tests_need() -> None:
     readme = (REPO / "README.md").read_text()
     requirements = readme.split("Requirements:", 1)[1].split("\n\n", 1)[0]
-    for package in ("dcmtk", "orthanc", "chromium", "chromium-driver", "docker-compose"):
+    for package in ("dcmtk", "dicom3tools", "orthanc", "chromium", "chromium-driver", "docker-compose"):
         assert re.search(rf"`{re.escape(package)}`", requirements), package
     try_it = readme.split("Try it", 1)[1].split("```", 1)[0]
     assert "PNEUMO_HOME" in try_it
