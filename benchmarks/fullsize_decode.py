@@ -6,7 +6,7 @@ not built yet).
 
 Films: the largest full-resolution Kermany originals (../shared/data/chest_xray_fullres), each
 upscaled to a 2,500 px short side (a modality's size) and written in every encoding of
-tests/corpus.py (8-bit, 12-bit MONOCHROME1, 16-bit windowed, JPEG baseline, JPEG-LS, JPEG 2000
+devtools/corpus.py (8-bit, 12-bit MONOCHROME1, 16-bit windowed, JPEG baseline, JPEG-LS, JPEG 2000
 lossless and lossy, RLE). Per syntax: median ms to read the file, decode it to grey
 (serving.decode) and preprocess it (serving.image), in this process; and the served model's ms per
 image at batch 1 for comparison.
@@ -28,9 +28,10 @@ from PIL import Image
 from pydicom import dcmread
 
 from core import registry
+from devtools.corpus import KINDS, variant
+from ops.send import wrap_image
 from serving.decode import grayscale_pixels
 from serving.image import preprocess
-from tests.corpus import KINDS, variant
 
 
 def films(count: int) -> list[Path]:
@@ -53,7 +54,7 @@ def main() -> None:
         for index, film in enumerate(films(args.films)):
             for kind in KINDS:
                 path = Path(folder) / f"{kind}-{index}.dcm"
-                variant(film, kind, short_side=2500).save_as(path, enforce_file_format=True)
+                variant(wrap_image(film), kind, short_side=2500).save_as(path, enforce_file_format=True)
                 paths[kind].append(path)
         tensor = None
         for kind in KINDS:

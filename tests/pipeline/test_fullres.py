@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from devtools.corpus import variant
+from ops.send import wrap_image
 from tests.conftest import DATA, SHARED
-from tests.corpus import variant
 from tests.helpers import dcmtk, free_port, wait_for
 from tests.pipeline.conftest import REPO, sr_files
 
@@ -76,7 +77,7 @@ def test_full_resolution_films_are_classified_like_their_224_copies(
     for film in FILMS:
         sources = [(FULLRES / film, kind) for kind in KINDS] + [(DATA / "train" / film, "copy")]
         for source, kind in sources:
-            dataset = variant(source, "dx8" if kind == "copy" else kind, **CHILD)
+            dataset = variant(wrap_image(source), "dx8" if kind == "copy" else kind, **CHILD)
             dataset.save_as(outgoing / f"{len(studies)}.dcm", enforce_file_format=True)
             studies[dataset.StudyInstanceUID] = (film, kind)
     assert max(dcmread(p).Rows for p in outgoing.iterdir()) > 1000  # films, not thumbnails

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from core import contract
+from devtools.corpus import variant
 from ops.send import wrap_image
 from serving.decode import grayscale_pixels
 from serving.image import load_grayscale, preprocess, preprocess_file
 from tests.conftest import SHARED
-from tests.corpus import variant
 
 FULLRES = SHARED / "data" / "chest_xray_fullres" / "train"
 ORIGINALS = [sorted((FULLRES / c).iterdir())[i] for c in ("NORMAL", "PNEUMONIA") for i in (0, 7)]
@@ -27,7 +27,7 @@ ORIGINALS = [sorted((FULLRES / c).iterdir())[i] for c in ("NORMAL", "PNEUMONIA")
 @pytest.mark.parametrize("kind", ["dx8", "dx12_mono1", "dx16_window", "j2k_lossless", "rle"])
 def test_a_dx_of_the_same_pixels_is_the_same_tensor(original: Path, kind: str) -> None:
     as_file = preprocess_file(original)
-    as_dx = preprocess(grayscale_pixels(variant(original, kind)))
+    as_dx = preprocess(grayscale_pixels(variant(wrap_image(original), kind)))
     # Lossless encodings differ from the file's pixels by a linear map only, which the
     # percentile stretch removes: the same tensor up to float rounding.
     np.testing.assert_allclose(as_dx, as_file, atol=1e-4)

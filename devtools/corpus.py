@@ -1,6 +1,6 @@
-"""DICOM files as modalities send them, made from a JPEG/PNG: the encodings that tests, drills and
-the full-size benchmark corpus need, written once (in tests/, not devtools/: it builds on the
-product's own DX wrapper, ops.send).
+"""DICOM files as modalities send them, made from an 8-bit DX (the product's own wrapper of a
+JPEG/PNG, `ops.send.wrap_image`, which the caller passes in: devtools imports nothing of ours): the
+encodings that tests, drills and the full-size benchmark corpus need, written once.
 
 Every variant carries the same image: 8-bit MONOCHROME2, 12-bit MONOCHROME1 (inverted, as CR
 plates store it), 16-bit with a VOI window, and the compressed syntaxes a PACS negotiates (JPEG
@@ -11,8 +11,8 @@ own loss.
 
 from __future__ import annotations
 
+import copy
 import io
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -27,19 +27,16 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from ops.send import wrap_image
-
 KINDS = ("dx8", "dx12_mono1", "dx16_window", "jpeg_baseline", "jpegls", "j2k_lossless", "j2k_lossy",
          "rle")
 
 
-def resized(path: Path, short_side: int) -> np.ndarray:
-    """The file's grey pixels with the short side scaled to `short_side` (Lanczos), as uint8."""
-    with Image.open(path) as image:
-        grey = image.convert("L")
-        factor = short_side / min(grey.size)
-        size = (max(2, round(grey.width * factor)), max(2, round(grey.height * factor)))
-        return np.asarray(grey.resize(size, Image.LANCZOS))
+def resized(pixels: np.ndarray, short_side: int) -> np.ndarray:
+    """8-bit grey pixels with the short side scaled to `short_side` (Lanczos)."""
+    grey = Image.fromarray(pixels)
+    factor = short_side / min(grey.size)
+    size = (max(2, round(grey.width * factor)), max(2, round(grey.height * factor)))
+    return np.asarray(grey.resize(size, Image.Resampling.LANCZOS))
 
 
 def _with_pixels(dataset: Dataset, pixels: np.ndarray, bits: int, photometric: str) -> Dataset:
@@ -67,14 +64,15 @@ def _jpeg_baseline(dataset: Dataset, pixels: np.ndarray, quality: int = 90) -> D
     return dataset
 
 
-def variant(path: Path, kind: str, short_side: int | None = None, study: Dataset | None = None,
-            **header: object) -> Dataset:
-    """One DX of `path` in encoding `kind` (KINDS), optionally rescaled, with extra header values."""
-    dataset = wrap_image(path, study)
+def variant(dx: Dataset, kind: str, short_side: int | None = None, **header: object) -> Dataset:
+    """A copy of `dx` (8-bit MONOCHROME2, uncompressed) in encoding `kind` (KINDS), optionally
+    rescaled, with extra header values (e.g. PatientAge)."""
+    dataset = copy.deepcopy(dx)
     for keyword, value in header.items():
         setattr(dataset, keyword, value)
-    grey = (resized(path, short_side) if short_side else
-            np.frombuffer(dataset.PixelData, np.uint8).reshape(dataset.Rows, dataset.Columns))
+    grey = np.frombuffer(dx.PixelData, np.uint8).reshape(dx.Rows, dx.Columns)
+    if short_side:
+        grey = resized(grey, short_side)
     wide = grey.astype(np.uint16)
     if kind == "dx8":
         return _with_pixels(dataset, grey, 8, "MONOCHROME2")
