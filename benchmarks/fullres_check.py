@@ -7,36 +7,27 @@ files. Prints a table. Usage: python benchmarks/fullres_check.py [--model pneumo
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydicom import dcmread
 
 from core import registry
 from serving.decode import DecodeError, grayscale_pixels
 from serving.image import load_grayscale, preprocess
 from training import site
-from training.fullres import held_out_split
+from training.fullres import held_out_split, reencoded
 from worker import filters
 from worker.inference import Classifier
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def saved_as(pixels: np.ndarray, fmt: str, **options) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **options)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("L"))
-
-
 ENCODINGS = {
     "as shared": lambda p: p,
-    "PNG": lambda p: saved_as(p, "PNG"),
-    "JPEG quality 75": lambda p: saved_as(p, "JPEG", quality=75),
-    "JPEG quality 95": lambda p: saved_as(p, "JPEG", quality=95),
+    "PNG": lambda p: reencoded(p, "PNG"),
+    "JPEG quality 75": lambda p: reencoded(p, "JPEG", quality=75),
+    "JPEG quality 95": lambda p: reencoded(p, "JPEG", quality=95),
 }
 
 

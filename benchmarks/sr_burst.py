@@ -22,7 +22,6 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,23 +39,7 @@ from common import (
     wait_for,
     write_payload,
 )
-
-
-def epoch(value: datetime) -> float:
-    return value.replace(tzinfo=UTC).timestamp()
-
-
-def start_pneumo_run(env: dict[str, str], log_path: Path):
-    import subprocess
-
-    from common import echo
-
-    handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT
-    )
-    wait_for(lambda: echo(int(env["PNEUMO_PORT"])), 120, "the node to answer C-ECHO", 0.2)
-    return process
+from latency import epoch, start_pneumo_run
 
 
 def sr_files(pacs: Path) -> list[Path]:

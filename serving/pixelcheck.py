@@ -113,6 +113,17 @@ class Detector:
                        distance_threshold, exposure)
 
 
+def _gaussians(
+    features: np.ndarray, groups: np.ndarray, names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One mean per group and the precision of their shared, Ledoit-Wolf shrunk covariance."""
+    from sklearn.covariance import LedoitWolf
+
+    means = np.stack([features[groups == name].mean(axis=0) for name in names])
+    residuals = np.concatenate([features[groups == name] - means[i] for i, name in enumerate(names)])
+    return means, LedoitWolf().fit(residuals).precision_
+
+
 def fit(
     features: np.ndarray,
     groups: np.ndarray,
@@ -128,17 +139,13 @@ def fit(
     percentiles, so no site's own images are refused more often than the stated rate because
     another, larger site dominates the held-out pool. Returns the detector and a summary.
     """
-    from sklearn.covariance import LedoitWolf
-
     features = np.asarray(features, dtype=np.float64)
     groups = np.asarray(groups)
     names = sorted(set(groups.tolist()))
     if len(features) < 10 or len(held_out) < 5:
         raise ScopeError(f"too few images to fit a pixel check: {len(features)} training, "
                          f"{len(held_out)} held-out (at least 10 and 5)")
-    means = np.stack([features[groups == name].mean(axis=0) for name in names])
-    residuals = np.concatenate([features[groups == name] - means[i] for i, name in enumerate(names)])
-    precision = LedoitWolf().fit(residuals).precision_
+    means, precision = _gaussians(features, groups, names)
     detector = Detector(layers, means, precision, 0.0, false_refusal_rate)
     held_scores = detector.score(held_out)
     if held_out_groups is None:
@@ -248,7 +255,6 @@ def fit_parts(
     regularisation: float = 0.001,
 ) -> Detector:
     """Both tests fitted, thresholds not yet set (`distance` and `exposure.logit` are raw)."""
-    from sklearn.covariance import LedoitWolf
     from sklearn.linear_model import LogisticRegression
 
     inside = np.asarray(inside, dtype=np.float64)
@@ -258,9 +264,7 @@ def fit_parts(
     if len(inside) < 10 or len(outside) < 10:
         raise ScopeError(f"too few images to fit a pixel check: {len(inside)} in scope, "
                          f"{len(outside)} out of scope (at least 10 each)")
-    means = np.stack([inside[groups == name].mean(axis=0) for name in names])
-    residuals = np.concatenate([inside[groups == n] - means[i] for i, n in enumerate(names)])
-    precision = LedoitWolf().fit(residuals).precision_
+    means, precision = _gaussians(inside, groups, names)
     both = np.concatenate([inside, outside])
     center, scale = both.mean(axis=0), both.std(axis=0) + 1e-6
     targets = np.r_[np.zeros(len(inside)), np.ones(len(outside))]

@@ -56,7 +56,7 @@ def feature_layers(model: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*middle, pools[-1])))
 
 
-def _reencoded(pixels: np.ndarray, fmt: str, short_side: int | None = None, **options) -> np.ndarray:
+def reencoded(pixels: np.ndarray, fmt: str, short_side: int | None = None, **options) -> np.ndarray:
     image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
     if short_side:
         factor = short_side / min(image.size)
@@ -72,10 +72,10 @@ def _reencoded(pixels: np.ndarray, fmt: str, short_side: int | None = None, **op
 # How a PACS may hold the same film: each is a check at report time and an augmentation at fit.
 ENCODINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "as sent": lambda p: p,
-    "JPEG quality 75": lambda p: _reencoded(p, "JPEG", quality=75),
-    "JPEG quality 95, 512 px": lambda p: _reencoded(p, "JPEG", 512, quality=95),
-    "PNG, 500 px": lambda p: _reencoded(p, "PNG", 500),
-    "JPEG 2000 lossy 20:1, 1,024 px": lambda p: _reencoded(
+    "JPEG quality 75": lambda p: reencoded(p, "JPEG", quality=75),
+    "JPEG quality 95, 512 px": lambda p: reencoded(p, "JPEG", 512, quality=95),
+    "PNG, 500 px": lambda p: reencoded(p, "PNG", 500),
+    "JPEG 2000 lossy 20:1, 1,024 px": lambda p: reencoded(
         p, "JPEG2000", 1024, quality_mode="rates", quality_layers=[20], irreversible=True),
 }
 # Real-world header errors: a film the wrong way up, mirrored or with inverted polarity.
@@ -142,7 +142,7 @@ def _adults(images: Iterable[site.SiteImage], prefix: str) -> list[Item]:
 
 def _upscaled(pixels: np.ndarray, side: int = 1024) -> np.ndarray:
     image = Image.fromarray(pixels).resize((side, side), Image.Resampling.BICUBIC)
-    return _reencoded(np.asarray(image), "PNG")
+    return reencoded(np.asarray(image), "PNG")
 
 
 def _rates(scores: np.ndarray, kinds: np.ndarray) -> dict[str, dict[str, float | int]]:
@@ -192,11 +192,8 @@ def refit(spec: str, fullres: Path, adults: Path, models_dir: Path) -> registry.
     if parent.card.data.root is None:
         raise registry.CardError(f"{parent.label}: its card names no training data (data.root)")
     copies = Path(parent.card.data.root) / "train"
-    carved = data.carve_validation(Path(parent.card.data.root), *recorded_split(parent.card.hyper_parameters))
-    validation_names = {s.path.name for s in carved.validation}
-    originals = data.read_split(Path(fullres), "train")
-    fit_children = [s for s in originals if s.path.name not in validation_names]
-    held_children = [s for s in originals if s.path.name in validation_names]
+    fit_children, held_children = held_out_split(parent.label, fullres, models_dir)
+    originals = fit_children + held_children
     adult_images = site.read_site(Path(adults))
     adult_fit, adult_held = data.patient_split(adult_images, 0.5, SITE_SPLIT_SEED)
     log.info("%d originals: %d fit, %d held out (the parent's validation patients); adults %d/%d",

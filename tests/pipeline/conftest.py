@@ -40,21 +40,27 @@ def pacs(pacs_address: dict):
     process.wait(timeout=10)
 
 
-@pytest.fixture(params=["embedded", "postgresql-redis"])
-def pipeline_env(request, tmp_path: Path, tiny_registry: Path, pacs_address) -> dict[str, str]:
+def embedded_env(home: Path, pacs_ae: str, models_dir: Path) -> dict[str, str]:
+    """`pneumo run` on embedded defaults: free ports, quick settling, SRs to `pacs_ae`."""
     env = dict(os.environ)
     env.update({
-        "PNEUMO_HOME": str(tmp_path / "home"),
+        "PNEUMO_HOME": str(home),
         "PNEUMO_PORT": str(free_port()),
         "PNEUMO_DASHBOARD_PORT": str(free_port()),
         "PNEUMO_HOST": "127.0.0.1",
-        "PNEUMO_PACS": pacs_address["ae"],
+        "PNEUMO_PACS": pacs_ae,
         "PNEUMO_QUIET_SECONDS": "1",
         "PNEUMO_DELIVERY_BACKOFF_S": "1",
-        "PNEUMO_MODELS_DIR": str(tiny_registry),
+        "PNEUMO_MODELS_DIR": str(models_dir),
         "PNEUMO_ALLOWED_PEERS": "STORESCU,PNEUMO-SEND",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     })
+    return env
+
+
+@pytest.fixture(params=["embedded", "postgresql-redis"])
+def pipeline_env(request, tmp_path: Path, tiny_registry: Path, pacs_address) -> dict[str, str]:
+    env = embedded_env(tmp_path / "home", pacs_address["ae"], tiny_registry)
     if request.param == "postgresql-redis":
         import redis
 

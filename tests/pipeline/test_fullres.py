@@ -8,7 +8,6 @@ served version's validation split, so neither they nor their copies were fitted 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,8 +18,8 @@ from pydicom import dcmread
 from devtools.corpus import variant
 from ops.send import wrap_image
 from tests.conftest import DATA, SHARED
-from tests.helpers import dcmtk, free_port, wait_for
-from tests.pipeline.conftest import REPO, sr_files
+from tests.helpers import dcmtk, wait_for
+from tests.pipeline.conftest import REPO, embedded_env, sr_files
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +36,7 @@ CHILD = {"PatientAge": "003Y", "ViewPosition": "AP"}
 @pytest.fixture
 def pipeline_env(tmp_path: Path, pacs_address: dict) -> dict[str, str]:
     """The embedded run with the committed registry: the versions a site is served."""
-    env = dict(os.environ)
-    env.update({
-        "PNEUMO_HOME": str(tmp_path / "home"),
-        "PNEUMO_PORT": str(free_port()),
-        "PNEUMO_DASHBOARD_PORT": str(free_port()),
-        "PNEUMO_HOST": "127.0.0.1",
-        "PNEUMO_PACS": pacs_address["ae"],
-        "PNEUMO_QUIET_SECONDS": "1",
-        "PNEUMO_DELIVERY_BACKOFF_S": "1",
-        "PNEUMO_MODELS_DIR": str(REPO / "models"),
-        "PNEUMO_ALLOWED_PEERS": "STORESCU,PNEUMO-SEND",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
-    return env
+    return embedded_env(tmp_path / "home", pacs_address["ae"], REPO / "models")
 
 
 def studies_kind(path: Path) -> str:
