@@ -196,6 +196,30 @@ class OperatorSession(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class LabelSource(StrEnum):
+    HL7 = "hl7"  # the RIS's final report (ORU^R01 over MLLP)
+    CSV = "csv"  # `pneumo labels import`
+    DASHBOARD = "dashboard"  # a signed-in operator agreed or disagreed
+
+
+class Label(Base):
+    """What the site says a study showed (core.contract.LABELS), for the running scorecard.
+
+    Linked by Study Instance UID or Accession Number as given (a report may come before the
+    images); never updated: a later label for the same study supersedes earlier ones, which stay
+    as history (ops.labels.current_labels)."""
+
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    label: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    who: Mapped[str] = mapped_column(String(128))
+    evidence: Mapped[str] = mapped_column(Text)  # where the raw evidence is (message id, file:line)
+
+
 def audit(session: Session, entity: str, entity_id: int, event_name: str, detail: str | None = None) -> None:
     session.add(AuditEvent(entity=entity, entity_id=entity_id, event=event_name, detail=detail))
 
