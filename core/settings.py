@@ -204,6 +204,14 @@ class Settings(BaseSettings):
         0.001, gt=0, lt=0.5, description="Chance that one drift window alerts although its scores come "
         "from the validation population (sets the noise level; 8 windows per model: <1% per model)")
 
+    hl7_port: int | None = Field(
+        None, description="Port of the HL7 v2 MLLP listener for the RIS's final reports (labels); "
+        "unset: `pneumo run` starts none")
+    hl7_host: str = Field("0.0.0.0", description="Address the HL7 MLLP listener binds")
+    scorecard_alert_p: float = Field(
+        0.01, gt=0, lt=0.5, description="One-sided exact binomial p-value below which a version's site "
+        "sensitivity or specificity alerts as below what its card measured")
+
     def redacted(self) -> dict[str, object]:
         """Every setting, safe to log or print: URL passwords and tokens masked."""
         values = self.model_dump()
