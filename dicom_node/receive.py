@@ -14,31 +14,28 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
-import threading
-import uuid
-import weakref
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import BaseTag
-from pydicom.uid import UID, ExplicitVRLittleEndian
-from pynetdicom import AE, _config, dimse_messages
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Instance, InstanceState, RefusedStore, Series, Study, audit, utcnow
+from dicom_node import spool
+from dicom_node.checks import (
+    INVALID_UID,
+    UID_KEYWORDS,
+    dataset_problem,
+    inflated_copy,
+    nul_problem,
+    valid_uid,
+)
 from dicom_node.content import Malformed, content_digest
+from dicom_node.spool import too_large
 
 log = logging.getLogger(__name__)
 
@@ -50,97 +47,6 @@ CONFLICTING_DUPLICATE = 0xC211  # failure, "cannot understand" family: see _dupl
 CONFLICT_COMMENT = "SOP Instance UID already stored with other content"  # Error Comment, LO
 TOO_LARGE_COMMENT = "Data set larger than this node's size limit"
 DEFER_SIZE = 1 << 20  # larger values stay on disk while headers are read: memory bounded per store
-UNDEFINED_LENGTH = 0xFFFFFFFF
-UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-INVALID_UID = "not a valid UID (digits and dots, no leading zero in a component, at most 64 characters)"
-
-_spool_errors: dict[str, tuple[int, str]] = {}  # spool path -> (status, why it was not kept)
-_spool_errors_lock = threading.Lock()
-
-
-def too_large(limit_mb: int) -> str:
-    return f"data set too large: over the node's {limit_mb} MiB limit (PNEUMO_MAX_DATASET_MB)"
-
-
-class SpoolFile:
-    """Where pynetdicom's chunked receive writes a data set (replaces its NamedTemporaryFile).
-
-    A failed write (disk full), or a data set growing past `limit_mb`, empties the file and
-    discards the rest of the data set, so the transfer still completes and `store_instance`
-    answers 0xA700 with the reason, instead of the association dying mid-transfer with a partial
-    file left filling the spool. Memory stays one P-DATA fragment whatever the size.
-    """
-
-    def __init__(self, *args: Any, limit_mb: int = 0, **kwargs: Any) -> None:
-        self.file = self  # pynetdicom flushes through `.file`
-        self.failed = False
-        self.limit_mb, self.written = limit_mb, 0
-        try:
-            self._handle: Any = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
-            self.name = self._handle.name
-        except OSError as error:
-            self._handle = None
-            folder = kwargs.get("dir") or tempfile.gettempdir()
-            self.name = os.path.join(folder, f"unwritable-{uuid.uuid4().hex}.dcm")
-            self._fail(error)
-
-    def _fail(self, error: OSError) -> None:
-        self._discard(f"cannot write spool file: {error.strerror or type(error).__name__}")
-
-    def _discard(self, reason: str) -> None:
-        self.failed = True
-        with _spool_errors_lock:
-            _spool_errors[self.name] = (OUT_OF_RESOURCES, reason)
-        if self._handle is not None:
-            with contextlib.suppress(OSError):  # flushing its buffer may fail again; the fd closes
-                self._handle.close()
-            with contextlib.suppress(OSError):  # give the space back now, not when the janitor runs
-                os.truncate(self.name, 0)
-
-    def write(self, data: bytes) -> int:
-        self.written += len(data)
-        if not self.failed and self.limit_mb and self.written > self.limit_mb << 20:
-            self._discard(too_large(self.limit_mb))
-        if not self.failed:
-            try:
-                return self._handle.write(data)
-            except OSError as error:
-                self._fail(error)
-        return len(data)
-
-    def flush(self) -> None:
-        if not self.failed:
-            try:
-                self._handle.flush()
-            except OSError as error:
-                self._fail(error)
-
-    def close(self) -> None:
-        if not self.failed:
-            self._handle.close()
-
-
-_spool_dirs: weakref.WeakKeyDictionary[AE, tuple[Path, int]] = weakref.WeakKeyDictionary()
-
-
-def _spool_file(*args: Any, **kwargs: Any) -> SpoolFile:
-    """pynetdicom's call for a new spool file, made on the association's DUL thread: the file goes
-    into the spool folder of the node (AE) that association belongs to, with its size limit."""
-    ae = getattr(getattr(threading.current_thread(), "assoc", None), "ae", None)
-    target = _spool_dirs.get(ae) if ae is not None else None
-    if target is None:
-        return SpoolFile(*args, **kwargs)
-    return SpoolFile(*args, dir=str(target[0]), limit_mb=target[1], **kwargs)
-
-
-def spool_into(ae: AE, spool_dir: Path, max_dataset_mb: int = 0) -> None:
-    """Receive `ae`'s data sets straight into spool files in `spool_dir` (same filesystem as
-    storage, for atomic renames) instead of memory, keeping at most `max_dataset_mb` of each
-    (0: no limit). Called when a node starts, not at import: pynetdicom creates the file through
-    a module-level name, replaced here."""
-    _spool_dirs[ae] = (spool_dir, max_dataset_mb)
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[assignment]  # same call, a SpoolFile
 
 
 @dataclass(frozen=True)
@@ -149,13 +55,6 @@ class StoreOutcome:
     reason: str
     instance_id: int | None = None
     duplicate: bool = False
-
-
-def valid_uid(value: object) -> bool:
-    """PS3.5 9.1: digits and dots, no empty component, no leading zero in a component, at most 64
-    characters (pydicom's check). `999.999.01.23.45.6789` passed a looser check, was stored and
-    copied into an SR that dcmtk's dsrdump then rejected ("Invalid Value")."""
-    return bool(value) and UID(str(value)).is_valid
 
 
 def sha256_and_sync(path: Path) -> tuple[str, int]:
@@ -191,10 +90,9 @@ def store_instance(
     max_dataset_mb: int = 0,
 ) -> StoreOutcome:
     """Store one received dataset (a complete Part 10 file at `spool_path`)."""
-    with _spool_errors_lock:
-        spool_error = _spool_errors.pop(str(spool_path), None)
+    spool_error = spool.take_error(spool_path)
     if spool_error is not None:
-        return StoreOutcome(*spool_error)
+        return StoreOutcome(OUT_OF_RESOURCES, spool_error)
     if max_dataset_mb and spool_path.stat().st_size > max_dataset_mb << 20:
         return StoreOutcome(OUT_OF_RESOURCES, too_large(max_dataset_mb))
     if free_disk_mb(storage_dir) < min_free_disk_mb:
@@ -319,136 +217,6 @@ def _duplicate(session: Session, existing: Instance, digest: str, content: str) 
     return StoreOutcome(CONFLICTING_DUPLICATE, "conflicting duplicate: SOP Instance UID already stored "
                         f"with other content (sha256 {existing.sha256[:12]}, this one {digest[:12]})",
                         existing.id, duplicate=True)
-
-
-def _inflated(path: Path, limit_bytes: int) -> Iterator[bytes]:
-    """The deflated data set of the Part 10 file at `path`, inflated 1 MiB at a time; raises
-    InflatesPast once more than `limit_bytes` came out. Ends at the end of the deflate stream:
-    what follows it (the even-length pad byte) stays in `unconsumed_tail` once the stream has
-    ended and `decompress` returns b'' for ever, which spun a node thread at 100% CPU holding its
-    association slot (issue 23 row 1)."""
-    meta = read_file_meta_info(path)
-    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-    with path.open("rb") as handle:
-        handle.seek(132 + 12 + int(meta.FileMetaInformationGroupLength))  # after the file meta
-        while not inflater.eof and (chunk := handle.read(1 << 16)):
-            while chunk and not inflater.eof:
-                inflated = inflater.decompress(chunk, 1 << 20)
-                total += len(inflated)
-                if total > limit_bytes:
-                    raise InflatesPast
-                yield inflated
-                if not inflated and len(inflater.unconsumed_tail) == len(chunk):
-                    return  # no progress: never expected, but this loop must end on any input
-                chunk = inflater.unconsumed_tail
-
-
-class InflatesPast(Exception):
-    """A deflated data set inflates past the node's limit."""
-
-
-def inflated_copy(path: Path, limit_bytes: int, cleanup: contextlib.ExitStack) -> Path | None:
-    """`path` itself, or for a deflated data set a copy beside it in Explicit VR Little Endian
-    (removed by `cleanup`), so it is read with deferred values like any other: pydicom inflates a
-    deflated data set whole in memory. None if it inflates past `limit_bytes`."""
-    meta = read_file_meta_info(path)
-    if not meta.TransferSyntaxUID.is_deflated:
-        return path
-    copy = path.with_name(f"{path.stem}.inflated{path.suffix}")
-    cleanup.callback(copy.unlink, missing_ok=True)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    with copy.open("wb") as handle:
-        handle.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(DicomFileLike(handle), meta, enforce_standard=False)
-        try:
-            for chunk in _inflated(path, limit_bytes):
-                handle.write(chunk)
-        except InflatesPast:
-            return None
-    return copy
-
-
-def inflates_past(path: Path, limit_bytes: int) -> bool:
-    """Whether the Part 10 file's data set is deflated and inflates past `limit_bytes`.
-
-    Why: pydicom inflates a deflated data set whole, in memory, to read even its header, so
-    `DEFER_SIZE` bounds nothing there: a 1.2 MB file inflating to 1 GiB took the node 2.1 GB and
-    6-7 s to read. Here it is inflated 1 MiB at a time and thrown away, stopping past the limit.
-    """
-    if not read_file_meta_info(path).TransferSyntaxUID.is_deflated:
-        return False
-    try:
-        for _ in _inflated(path, limit_bytes):
-            pass
-    except InflatesPast:
-        return True
-    return False
-
-
-def dataset_problem(dataset: Dataset, size: int) -> str | None:
-    """Why a parsed spool file is not a whole DICOM dataset, or None.
-
-    pydicom stops quietly at the end of the file, so a truncated data set reads "fine": its last
-    element claims more bytes than arrived, or a few bytes of a cut-off element header remain.
-    """
-    if len(dataset) == 0:
-        return "empty dataset: no data elements after the file meta information"
-    if not any(keyword in dataset for keyword in ("SOPClassUID", *UID_KEYWORDS)):
-        return "not a DICOM dataset: no SOP Class, SOP Instance, Study or Series UID found"
-    if dataset.file_meta.TransferSyntaxUID.is_deflated:
-        return None  # positions refer to the inflated stream
-    tag = max(dataset.keys())
-    # keep_deferred: without it the last element, Pixel Data as a rule, was read whole into memory
-    # (a 640 MB C-STORE took the node from 106 to 718 MB; issue 23 row 5).
-    element = dataset.get_item(tag, keep_deferred=True)
-    value_tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
-    if value_tell is None or length is None or length == UNDEFINED_LENGTH:
-        return None
-    end = value_tell + length
-    if end > size:
-        return f"dataset truncated: element {tag} declares {length} bytes, {size - value_tell} received"
-    if end < size:
-        return f"dataset truncated: {size - end} bytes of an incomplete element after {tag}"
-    return None
-
-
-TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
-
-
-def nul_problem(dataset: Dataset) -> str | None:
-    """Why a text value cannot be kept: a NUL inside it (trailing NULs are padding), or None.
-
-    PostgreSQL refuses NUL in text, so a NUL in a value the node stores (Accession Number,
-    Modality) answered 0xA700 "database unavailable" on every retry, and one the worker stores
-    (Body Part Examined in a reason) left the image in `processing`. No DICOM text VR allows it.
-    Only text elements are converted (a deferred pixel or private value is never read); private
-    elements are not read by pneumo and not checked.
-    """
-    for tag in sorted(dataset.keys()):
-        raw = dataset.get_item(tag, keep_deferred=True)  # not `elements()`: it reads deferred values
-        if raw.tag.is_private:
-            continue
-        vr = raw.VR or _dictionary_vr(raw.tag)
-        if vr == "SQ":
-            for item in dataset[raw.tag].value or []:
-                if (problem := nul_problem(item)) is not None:
-                    return problem
-            continue
-        if vr not in TEXT_VRS:
-            continue
-        element = dataset[raw.tag]
-        values = element.value if element.VM > 1 else [element.value]
-        if any("\x00" in str(value).rstrip("\x00 ") for value in values if value is not None):
-            return f"invalid value: NUL character in {element.keyword or element.tag}"
-    return None
-
-
-def _dictionary_vr(tag: BaseTag) -> str | None:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return None
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,13 @@ from pydicom.uid import (
 
 from core.db import session_factory
 from core.migrate import upgrade
+from dicom_node.checks import inflated_copy, inflates_past
 from dicom_node.content import DataSetStream, Malformed, content_digest, hash_fragments
 from dicom_node.receive import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     SUCCESS,
     StoreOutcome,
-    inflated_copy,
-    inflates_past,
     store_instance,
 )
 

@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from core.db import AuditEvent, Instance
 from core.settings import Settings
 from dicom_node import scp
-from dicom_node.receive import CONFLICTING_DUPLICATE, SUCCESS, inflates_past, store_instance
+from dicom_node.checks import inflates_past
+from dicom_node.receive import CONFLICTING_DUPLICATE, SUCCESS, store_instance
 from ops.send import wrap_image
 from tests.conftest import DATA, REAL_DICOM
 from tests.helpers import dcmtk, free_port, requires_program, wait_for
