@@ -228,9 +228,10 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
             ).order_by(Instance.id)
         ).all()
         model_name, model_version, stored = delivery.model_name, delivery.model_version, delivery.sr_path
-        threshold = rows[0].threshold if rows else session.scalar(
-            select(ModelVersionRow.threshold).where(ModelVersionRow.name == model_name,
-                                                    ModelVersionRow.version == model_version))
+        version_row = session.scalars(select(ModelVersionRow).where(
+            ModelVersionRow.name == model_name, ModelVersionRow.version == model_version)).first()
+        threshold = rows[0].threshold if rows else version_row.threshold if version_row else None
+        sha256, card = (version_row.model_sha256, version_row.card) if version_row else (None, None)
     missing = sum(not Path(row.path).exists() for row in [*rows, *refused])
     if missing:
         reported = {row.sop_instance_uid for row in [*rows, *refused]}
@@ -243,7 +244,7 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
             findings.append(ImageFinding(header, None, None, not_assessed))
         else:
             findings.append(ImageFinding(header, row.probability, row.label == POSITIVE_CLASS))
-    report = build_sr(findings, model_name, model_version, threshold)
+    report = build_sr(findings, model_name, model_version, threshold, model_sha256=sha256, card=card)
     sr_dir.mkdir(parents=True, exist_ok=True)
     path = sr_dir / f"{report.SOPInstanceUID}.dcm"
     report.save_as(path, enforce_file_format=True)

@@ -3,19 +3,27 @@
 One image-level group (TID 1501) per image the version looked at: Pneumonia (SCT 233604007)
 Present/Absent with the probability as a measurement for a classified image; Undetermined with a
 "not assessed" comment and its reason for one outside the version's validated scope (never Absent
-for what was not assessed); the algorithm (TID 4019) in both. UIDs derive from (study, model,
-version), so a re-built SR replaces the earlier one at the PACS instead of adding another.
+for what was not assessed); the algorithm (TID 4019) in both; the image's picture (worker.picture)
+as an IMAGE item where one was made. What the result is for (intended use, limitations, how the
+probability relates to the threshold) is a TEXT item at the root, and the version is named as IHE
+AI Results (AIR) asks: a Contributing Equipment item "Processing Algorithm" with a device UID that
+changes with the weights. UIDs derive from (study, model, version), so a re-built SR replaces the
+earlier one at the PACS instead of adding another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodedConcept,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
+    ImageContentItem,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -41,6 +49,10 @@ PRESENT, ABSENT, UNDETERMINED = codes.SCT.Present, codes.SCT.Absent, codes.SCT.U
 CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = Code("PNEUMO-P", "99PNEUMO", "Pneumonia probability")
 NO_UNITS = Code("1", "UCUM", "no units")
+INTENDED_USE = Code("PNEUMO-USE", "99PNEUMO", "Intended use and limitations")
+# IHE AIR Rev 1.1 section 6.5.3.1: the purpose of the algorithm's Contributing Equipment item. Not
+# (yet) in CID 7005 (its DCM 109103 is "Modifying Equipment"), so the code IHE assigned is used.
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 SR_SERIES_NUMBER = 990
 
 
@@ -63,6 +75,35 @@ def sr_uids(study_instance_uid: str, model_name: str, model_version: str) -> tup
     )
 
 
+def device_uid(model_name: str, model_version: str, model_sha256: str | None) -> str:
+    """The version's Device UID (AIR): from name, version and the weights' SHA-256, so a
+    retrained model (new weights) is another device even under a reused version string."""
+    return generate_uid(entropy_srcs=[model_name, model_version, model_sha256 or "unknown weights"])
+
+
+def intended_use_text(threshold: float, card: Mapping[str, Any] | None) -> str:
+    """What the result is for and what it is not, from the version's card (its intended use and
+    validation population) and its threshold."""
+    use = ((card or {}).get("scope") or {}).get("intended_use") or {}
+    ages, views = use.get("age_years"), use.get("views")
+    population = use.get("population") or "the population of its model card"
+    scope = " ".join(part for part in (
+        "/".join(use.get("modalities") or []) or None,
+        f"{'/'.join(views)} view" if views else None,
+        "chest radiographs",
+        f"of patients aged {ages[0]}-{ages[1]} years" if ages and len(ages) == 2 else None,
+    ) if part)
+    return (
+        f"Intended use: decision support for a radiologist reading {scope}. Validated on: "
+        f"{population}. Decision support, not a diagnosis: this result is unverified until a "
+        f"radiologist has read the images. The probability is the model's score for pneumonia; a "
+        f"finding is Present when it is at or above the threshold {threshold:.4f} and Absent below "
+        "it; it is not the chance that this patient has pneumonia, and it holds only within the "
+        "validated population. Images outside the intended use are not assessed (Undetermined, "
+        "with the reason). A heat map shows what the model weighted, not where disease is."
+    )
+
+
 def _evidence(source: Dataset) -> Dataset:
     """The header highdicom references: values invalid for their VR dropped (see
     `drop_invalid_values`), missing type 2 patient/study attributes added empty."""
@@ -79,9 +120,10 @@ def _evidence(source: Dataset) -> Dataset:
 
 def _image_group(
     finding: ImageFinding, algorithm: AlgorithmIdentification, model_name: str, model_version: str,
+    picture: Dataset | None = None,
 ) -> MeasurementsAndQualitativeEvaluations:
     """One image's TID 1501 group: Present/Absent and the probability for a classified image;
-    Undetermined and a "not assessed" comment with the reason for a refused one."""
+    Undetermined and a "not assessed" comment with the reason for a refused one; its picture."""
     sop_uid = str(finding.source.SOPInstanceUID)
     assessed = not finding.not_assessed
     group = MeasurementsAndQualitativeEvaluations(
@@ -105,6 +147,12 @@ def _image_group(
             name=codes.DCM.Comment, value=f"not assessed: {finding.not_assessed}",
             relationship_type=RelationshipTypeValues.CONTAINS,
         ))
+    if picture is not None:
+        group[0].ContentSequence.append(ImageContentItem(
+            name=codes.DCM.IllustrationOfFinding, referenced_sop_class_uid=str(picture.SOPClassUID),
+            referenced_sop_instance_uid=str(picture.SOPInstanceUID),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        ))
     return group
 
 
@@ -115,10 +163,29 @@ def _series_description(model_name: str, model_version: str) -> str:
     return description if len(description) <= 64 else "AI pneumonia classification"
 
 
+def algorithm_equipment(
+    model_name: str, model_version: str, model_sha256: str | None
+) -> hd.ContributingEquipment:
+    """The AIR Contributing Equipment item naming the version (for the SR and the pictures)."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,  # highdicom allows CID 7005 only
+        manufacturer_model_name=model_name,  # highdicom raises on a value over 64 characters
+        software_versions=model_version,
+        contribution_description="AI pneumonia classification (unverified)",
+    )
+    equipment.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(PROCESSING_ALGORITHM)]
+    equipment.DeviceUID = device_uid(model_name, model_version, model_sha256)
+    return equipment
+
+
 def build_sr(
-    findings: list[ImageFinding], model_name: str, model_version: str, threshold: float
+    findings: list[ImageFinding], model_name: str, model_version: str, threshold: float, *,
+    model_sha256: str | None = None, card: Mapping[str, Any] | None = None,
+    pictures: Mapping[str, Dataset] | None = None,
 ) -> ComprehensiveSR:
-    """The study's SR; `findings` must share one StudyInstanceUID."""
+    """The study's SR; `findings` must share one StudyInstanceUID. `pictures`: the header of each
+    image's picture by the image's SOP Instance UID (referenced, and listed as evidence)."""
     if not findings:
         raise ValueError("findings must not be empty: an SR needs at least one image")
     study_uids = {str(f.source.StudyInstanceUID) for f in findings}
@@ -132,25 +199,24 @@ def build_sr(
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=[model_name, model_version]),
-            name=model_name, manufacturer_name=MANUFACTURER, model_name=model_version,
+            uid=device_uid(model_name, model_version, model_sha256),
+            name=model_name, manufacturer_name=MANUFACTURER, model_name=model_name,
         ),
     )
-    groups = [_image_group(f, algorithm, model_name, model_version) for f in findings]
+    pictures = pictures or {}
+    groups = [_image_group(f, algorithm, model_name, model_version,
+                           pictures.get(str(f.source.SOPInstanceUID))) for f in findings]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
         procedure_reported=CHEST_RADIOGRAPH,
         imaging_measurements=groups,
     )
-    equipment = hd.ContributingEquipment(
-        manufacturer=MANUFACTURER,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=model_name,
-        software_versions=model_version,
-        contribution_description="AI pneumonia classification (unverified)",
-    )
+    report[0].ContentSequence.append(TextContentItem(
+        name=INTENDED_USE, value=intended_use_text(threshold, card),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    ))
     return ComprehensiveSR(
-        evidence=[_evidence(f.source) for f in findings],
+        evidence=[*(_evidence(f.source) for f in findings), *pictures.values()],
         content=report,
         series_instance_uid=series_uid,
         series_number=SR_SERIES_NUMBER,
@@ -160,6 +226,6 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        contributing_equipment=[equipment],
+        contributing_equipment=[algorithm_equipment(model_name, model_version, model_sha256)],
         series_description=_series_description(model_name, model_version),
     )

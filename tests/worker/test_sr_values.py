@@ -36,8 +36,9 @@ pytestmark = [requires_program("dsrdump", "dcmtk"), requires_program("dciodvfy",
 ACCEPTED_WARNINGS = ("Unrecognized defined term <",
                      "Missing attribute or value that would be needed to build DICOMDIR")
 # Attributes newer than dicom3tools 2022 (issuers of clinical trial IDs; Requesting Service in
-# the General Study module): standard today, unknown to it, so it calls the SR extended.
-NEWER_THAN_DCIODVFY = ("(0x0012,0x0022)", "(0x0012,0x0032)", "(0x0012,0x0041)",
+# the General Study module; Device UID in Contributing Equipment, for IHE AIR): standard today,
+# unknown to it, so it calls the SR extended.
+NEWER_THAN_DCIODVFY = ("(0x0012,0x0022)", "(0x0012,0x0032)", "(0x0012,0x0041)", "(0x0018,0x1002)",
                        "(0x0012,0x0043)", "(0x0032,0x1033)", "this is a Standard Extended SOP Class")
 # The node refuses an image whose UIDs are invalid, so these are valid by the time of the SR.
 REFERENCES = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
