@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import typer
 
-from ops.commands import models, operations, site
+from ops.commands import labels, models, operations, site
 from ops.commands.common import (
     command_settings,
     errors,
@@ -97,11 +97,12 @@ def scheduler() -> None:
 
 
 # Commands first, in this order, then the groups (typer lists merged commands as added).
-for commands in (models.commands, site.commands, processes, operations.commands):
+for commands in (models.commands, site.commands, processes, operations.commands, labels.commands):
     app.add_typer(commands)
 app.add_typer(models.models_app, name="models")
 app.add_typer(models.scope_app, name="scope")
 app.add_typer(operations.db_app, name="db")
+app.add_typer(labels.labels_app, name="labels")
 
 
 def main() -> None:
