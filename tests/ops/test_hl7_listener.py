@@ -1,0 +1,116 @@
+"""The RIS's final report as a label (issue 20 item 3a): ORU^R01 messages sent by python-hl7's
+own MLLP client to the listener, answered AA or AE, and recorded on the right study."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+import threading
+from pathlib import Path
+
+import hl7
+import pytest
+from hl7.client import MLLPClient
+from sqlalchemy import select
+
+from core.contract import NEGATIVE_CLASS, POSITIVE_CLASS
+from core.db import Label
+from core.settings import Settings
+from ops.hl7_listener import serve
+from ops.labels import current_labels
+from tests.helpers import free_port, wait_for
+from tests.ops.labelled import add_study
+
+
+def oru(control_id: str, *, study_uid: str = "", accession: str = "", obx: list[str],
+        kind: str = "ORU^R01") -> str:
+    segments = [f"MSH|^~\\&|RIS|GENERAL|PNEUMO|SITE|20261207120000||{kind}|{control_id}|P|2.5.1",
+                "PID|1||MRN123^^^GENERAL||DOE^JANE||19600101|F",
+                f"OBR|1||{accession}|71045^XR CHEST 1 VIEW^CPT|||20261207110000||||||||||||||||||F"]
+    if study_uid:
+        segments.append(f"ZDS|{study_uid}^RIS^Application^DICOM")
+    segments += [f"OBX|{n}|{value}" for n, value in enumerate(obx, start=1)]
+    return "\r".join(segments)
+
+
+@pytest.fixture
+def listener(tmp_path: Path, database_url: str):
+    settings = Settings(home=tmp_path / "home", database_url=database_url, hl7_host="127.0.0.1")
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    from core.db import session_factory
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    async def run() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(serve(settings, session_factory(database_url), ready, port))
+        await ready.wait()
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    wait_for(started.is_set, 30, "the HL7 listener to listen")
+    yield {"port": port, "home": settings.home_dir}
+    for task in asyncio.all_tasks(loop):
+        loop.call_soon_threadsafe(task.cancel)
+    thread.join(timeout=10)
+
+
+def send(port: int, message: str) -> hl7.Message:
+    with MLLPClient("127.0.0.1", port) as client:
+        reply = client.send_message(message)
+    return hl7.parse(reply.decode().strip("\x0b\x1c\r"))
+
+
+def test_a_coded_finding_and_a_report_text_become_labels_on_their_studies(listener, sessions) -> None:
+    with sessions() as session, session.begin():
+        by_uid = add_study(session, [0.8])
+        by_accession = add_study(session, [0.3], accession="ACC55")
+    coded = oru("MSG001", study_uid=by_uid.study_instance_uid,
+                obx=["CWE|18782-3^Radiology Study observation^LN||233604007^Pneumonia^SCT||||||F"])
+    ack = send(listener["port"], coded)
+    assert str(ack.segment("MSA")(1)) == "AA" and str(ack.segment("MSA")(2)) == "MSG001"
+    text = oru("MSG002", accession="ACC55", obx=[
+        "TX|18782-3^Radiology Study observation^LN||FINDINGS: Heart size normal.||||||F",
+        "TX|18782-3^Report^LN||IMPRESSION: No focal consolidation. No pneumonia.||||||F"])
+    assert str(send(listener["port"], text).segment("MSA")(1)) == "AA"
+    with sessions() as session:
+        current = current_labels(session)
+        assert current[by_uid.id].label == POSITIVE_CLASS
+        assert current[by_accession.id].label == NEGATIVE_CLASS
+        rows = session.scalars(select(Label).order_by(Label.id)).all()
+    assert [(r.source, r.who) for r in rows] == [("hl7", "RIS@GENERAL")] * 2
+    assert "coded OBX 233604007" in rows[0].evidence
+    assert "0 affirmed, 0 hedged, 2 negated" in rows[1].evidence
+    kept = listener["home"] / "labels" / "hl7" / "MSG001.hl7"
+    assert "DOE^JANE" in kept.read_text()  # the raw evidence, kept private under home
+    assert stat.S_IMODE(kept.stat().st_mode) & 0o077 == 0
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    (oru("BAD1", obx=["TX|18782-3^Report^LN||Right lower lobe pneumonia.||||||F"]),
+     "no Study Instance UID"),
+    (oru("BAD2", accession="ACC9", obx=["TX|x||y||||||F"], kind="ADT^A08"), "is not an ORU^R01"),
+    (oru("BAD3", accession="ACC9", obx=[]), "no OBX result"),
+])
+def test_an_unusable_message_is_answered_AE_with_why_and_records_nothing(listener, sessions, message,
+                                                                         reason) -> None:
+    ack = send(listener["port"], message)
+    assert str(ack.segment("MSA")(1)) == "AE"
+    assert reason.replace("^", "/") in str(ack.segment("MSA")(3))
+    with sessions() as session:
+        assert session.scalars(select(Label)).all() == []
+
+
+def test_an_uncertain_report_is_accepted_without_a_label(listener, sessions) -> None:
+    message = oru("MSG9", accession="ACC9",
+                  obx=["TX|18782-3^Report^LN||Pneumonia cannot be excluded.||||||F"])
+    ack = send(listener["port"], message)
+    assert str(ack.segment("MSA")(1)) == "AA" and "uncertain" in str(ack.segment("MSA")(3))
+    with sessions() as session:
+        assert session.scalars(select(Label)).all() == []
