@@ -138,6 +138,9 @@ def child_commands(settings: Settings, inference_concurrency: int = 1) -> list[C
         Child("scheduler", [*celery, "beat", "--loglevel", "WARNING",
                             "-s", str(settings.home_dir / "celerybeat-schedule")]),
         Child("dashboard", [python, "-m", "ops.cli", "dashboard"], waits_ready=True),
+        # The RIS's reports as labels (issue 20), only where PNEUMO_HL7_PORT is set.
+        *([Child("hl7", [python, "-m", "ops.cli", "labels", "listen"], waits_ready=True)]
+          if settings.hl7_port else []),
     ]
 
 
