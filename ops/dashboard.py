@@ -12,24 +12,19 @@ beyond loopback. Patient names are not shown unless PNEUMO_SHOW_PATIENT_NAMES is
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import importlib
 import ipaddress
 import json
 import logging
-import secrets
-import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from pydicom import dcmread
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -37,22 +32,33 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Route
-from starlette.templating import Jinja2Templates
+from starlette.routing import BaseRoute, Route
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from core.db import Instance, OperatorSession, session_factory, utcnow
+from core.db import Instance, session_factory
 from core.logsafe import printable
 from core.queue import CLASSIFY, DELIVER, make_app, task_sender
 from core.settings import Settings
 from ops import monitoring, status
+from ops.dashboard_auth import (
+    SESSION_MAX_AGE_S,
+    LoginThrottle,
+    OperatorSessions,
+    operator_token,
+    session_secret,
+    throttle_key,
+)
 from ops.metrics import exposition
 from ops.studies import StudyRow, deliveries_needing_attention, failed_instances, recent_studies
+from ops.web import TEMPLATES, Dashboard
 
 log = logging.getLogger(__name__)
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+# Pages beyond the main one, one line each: a module with routes(dashboard) and, optionally,
+# panel(dashboard, session) for a panel on the main page (see ops.web).
+PAGE_MODULES = [
+    "ops.trend_pages",
+]
 SESSION_COOKIE = "pneumo_session"
-SESSION_MAX_AGE_S = 8 * 3600  # one shift
 MAX_ROW_ID = 2**63 - 1  # the largest primary key either database stores (BIGINT)
 SECURITY_HEADERS = {
     # The page has one inline <style> and no script; nothing may frame it (clickjacking of the
@@ -66,130 +72,12 @@ SECURITY_HEADERS = {
 }
 
 
-def throttle_key(host: str) -> str:
-    """Whom the sign-in throttle counts: an IPv4 address, or an IPv6 client's /64 (one site or
-    host is given a whole /64, so counting single IPv6 addresses would give it 2**64 tries)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
-
-
-class LoginThrottle:
-    """At most `attempts` wrong tokens per client in `window_s`; then 429 until the oldest ages out.
-
-    Without it the operator token could be guessed at the speed of the network. Keyed by the
-    client's address (throttle_key), which a request cannot choose: an attacker's failures lock
-    out only the attacker, never an operator elsewhere.
-    """
-
-    MAX_CLIENTS = 10_000  # past this, the clients that failed longest ago are forgotten first
-
-    def __init__(self, attempts: int = 5, window_s: float = 300.0) -> None:
-        self.attempts, self.window_s = attempts, window_s
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def retry_after(self, client: str) -> int:
-        """Seconds this client must wait before trying again; 0 if it may try now."""
-        now = time.monotonic()
-        with self._lock:
-            failures = self._failures.get(client)
-            while failures and now - failures[0] > self.window_s:
-                failures.popleft()
-            if not failures:
-                self._failures.pop(client, None)
-                return 0
-            if len(failures) < self.attempts:
-                return 0
-            return max(1, int(self.window_s - (now - failures[0])) + 1)
-
-    def failed(self, client: str) -> None:
-        with self._lock:
-            if client not in self._failures and len(self._failures) >= self.MAX_CLIENTS:
-                self._forget_one()
-            self._failures.setdefault(client, deque(maxlen=self.attempts)).append(time.monotonic())
-            self._failures.move_to_end(client)
-
-    def _forget_one(self) -> None:
-        """Make room: a flood of addresses must not grow this for ever, nor wipe the count of a
-        throttled client (clearing all let a burst of new addresses reset one). The client that
-        failed longest ago and is not throttled goes; only if every one is, the oldest."""
-        now = time.monotonic()
-        for client, failures in self._failures.items():
-            if len(failures) < self.attempts or now - failures[-1] > self.window_s:
-                del self._failures[client]
-                return
-        self._failures.popitem(last=False)
-
-
-class OperatorSessions:
-    """Signed-in operators, on the server: the browser holds a random key, the database its
-    SHA-256 and when it expires. Signing out deletes the row, so the cookie stops working at
-    once, not when its Max-Age runs out (issue 23); a restart keeps the sessions."""
-
-    def __init__(self, sessions: sessionmaker[Session], max_age_s: float = SESSION_MAX_AGE_S) -> None:
-        self._sessions, self.max_age_s = sessions, max_age_s
-
-    @staticmethod
-    def _digest(key: str) -> str:
-        return hashlib.sha256(key.encode()).hexdigest()
-
-    def open(self) -> str:
-        """A new session's key (expired ones are removed on the way)."""
-        key = secrets.token_urlsafe(32)
-        now = utcnow()
-        with self._sessions() as session, session.begin():
-            session.execute(delete(OperatorSession).where(OperatorSession.expires_at <= now))
-            session.add(OperatorSession(key_sha256=self._digest(key), created_at=now,
-                                        expires_at=now + timedelta(seconds=self.max_age_s)))
-        return key
-
-    def valid(self, key: object) -> bool:
-        """Whether `key` names an open, unexpired session; False when the database cannot say."""
-        if not isinstance(key, str) or not key:
-            return False
-        try:
-            with self._sessions() as session:
-                expires_at = session.scalar(select(OperatorSession.expires_at)
-                                            .where(OperatorSession.key_sha256 == self._digest(key)))
-        except SQLAlchemyError as error:
-            log.warning("dashboard: cannot check a session (%s)", type(error).__name__)
-            return False
-        return expires_at is not None and expires_at > utcnow()
-
-    def close(self, key: object) -> None:
-        if isinstance(key, str) and key:
-            with self._sessions() as session, session.begin():
-                session.execute(delete(OperatorSession)
-                                .where(OperatorSession.key_sha256 == self._digest(key)))
-
-
-def session_secret(token: str) -> str:
-    """Sessions are signed with a key derived from the token: changing the token signs everyone
-    out, and a restart keeps sessions. With no token a random key (nothing to sign in to)."""
-    if not token:
-        return secrets.token_hex(32)
-    return hmac.new(token.encode(), b"pneumo dashboard session", hashlib.sha256).hexdigest()
-
-
-async def _security_headers(request: Request, call_next) -> Response:
+async def _security_headers(request: Request,
+                            call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     response = await call_next(request)
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     return response
-
-
-def operator_token(settings: Settings) -> str:
-    """The configured token ('' when none); the file wins so a secret need not sit in the env."""
-    if settings.dashboard_token_file:
-        return settings.dashboard_token_file.read_text().strip()
-    return settings.dashboard_token.get_secret_value().strip()
 
 
 def trusted_proxies(settings: Settings) -> list[str]:
@@ -251,7 +139,7 @@ def create_app(settings: Settings) -> Starlette:
     # Only sign-in and sign-out, which touch no database, run on the loop.
     def page(request: Request) -> Response:
         snap = monitoring.snapshot(settings, sessions)
-        studies, failures, deliveries = [], [], []
+        studies, failures, deliveries, panels = [], [], [], []
         if snap.database_ok:
             with sessions() as session:
                 studies = recent_studies(session)
@@ -259,10 +147,12 @@ def create_app(settings: Settings) -> Starlette:
                 deliveries = deliveries_needing_attention(session)
                 if settings.show_patient_names:
                     _add_patient_names(session, studies)
+                panels = [module.panel(dashboard, session) for module in modules if hasattr(module, "panel")]
         return TEMPLATES.TemplateResponse(request, "dashboard.html", {
             "snap": snap, "studies": studies, "failures": failures, "deliveries": deliveries,
             "settings": settings, "message": request.query_params.get("msg", ""),
-            "signed_in": signed_in(request), "token_configured": bool(token),
+            "signed_in": signed_in(request), "token_configured": bool(token), "panels": panels,
+            "links": dashboard.links,
         })
 
     async def login(request: Request) -> Response:
@@ -335,6 +225,9 @@ def create_app(settings: Settings) -> Starlette:
             "node": node,
         }, status_code=200 if healthy else 503)
 
+    dashboard = Dashboard(settings, sessions, TEMPLATES, bool(token), signed_in, refusal)
+    modules = [importlib.import_module(name) for name in PAGE_MODULES]
+    pages: list[BaseRoute] = [route for module in modules for route in module.routes(dashboard)]
     proxies = trusted_proxies(settings)
     return Starlette(routes=[
         Route("/", page),
@@ -344,6 +237,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/instances/{instance_id:int}/rerun", rerun, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/healthz", healthz),
+        *pages,  # after the main routes: a page module cannot shadow them
     ], middleware=[
         # Outermost: the client address every later layer sees. No trusted proxy: none is believed.
         *([Middleware(ProxyHeadersMiddleware, trusted_hosts=proxies)] if proxies else []),
@@ -372,11 +266,13 @@ def node_health(settings: Settings, stale_s: float = 15.0) -> dict:
     return {**health, "status": "running" if health.get("accepting") else "all association slots in use"}
 
 
-def _add_patient_names(session, studies: list[StudyRow]) -> None:
+def _add_patient_names(session: Session, studies: list[StudyRow]) -> None:
     """Names are not in the database on purpose; read them from one stored header per study."""
     for row in studies:
         path = session.scalar(select(Instance.path).where(Instance.study_id == row.study_id).limit(1))
         try:
+            if path is None:
+                raise OSError("no stored image")
             row.patient_name = str(dcmread(path, stop_before_pixels=True).get("PatientName", ""))
         except (OSError, TypeError, ValueError):
             row.patient_name = "?"

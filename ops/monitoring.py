@@ -28,8 +28,9 @@ from core.db import (
     Result,
     utcnow,
 )
+from core.queue import make_app
 from core.queue import queue_depths as read_queue_depths
-from core.settings import Settings
+from core.settings import Settings, redact_url
 from ops.drift import DriftDay, drift
 from ops.latency import LatencyHistogram, stage_latencies
 from ops.studies import one_line
@@ -49,6 +50,7 @@ class Snapshot:
     instances_by_state: dict[str, int] = field(default_factory=dict)
     deliveries_by_state: dict[str, int] = field(default_factory=dict)
     queue_depths: dict[str, int | str] = field(default_factory=dict)
+    broker_down: str = ""  # why the queues cannot be read, in one line (see broker_down)
     oldest_waiting_s: dict[str, float] = field(default_factory=dict)
     cstores: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, calling AE)
     refusal_reasons: dict[str, int] = field(default_factory=dict)
@@ -68,7 +70,7 @@ class Snapshot:
 
     @property
     def broker_ok(self) -> bool:
-        return all(isinstance(v, int) for v in self.queue_depths.values())
+        return not self.broker_down and all(isinstance(v, int) for v in self.queue_depths.values())
 
 
 def served_cards(models_dir: Path) -> dict[str, dict]:
@@ -117,7 +119,17 @@ def snapshot(
     snap = Snapshot(min_free_disk_mb=settings.min_free_disk_mb)
     settings.ensure_dirs()
     snap.free_disk_mb = shutil.disk_usage(settings.storage_dir).free / (1024 * 1024)
-    snap.queue_depths = (queue_depths or read_queue_depths)(settings)
+    # The embedded broker is checked first (a socket file and a ping): with the run stopped the
+    # queue panel said `unreachable (OperationalError)` per queue, not what to do.
+    if not settings.broker_url and queue_depths is None:
+        snap.broker_down = broker_down(settings) or ""
+    if not snap.broker_down:
+        snap.queue_depths = (queue_depths or read_queue_depths)(settings)
+        unreadable = next((d for d in snap.queue_depths.values() if not isinstance(d, int)), None)
+        if unreadable is not None:
+            error = unreadable.removeprefix("unreachable ").strip("()")
+            snap.broker_down = (f"the broker at {redact_url(settings.broker_url)} does not answer "
+                                f"({error}); check PNEUMO_BROKER_URL")
     snap.served = served_cards(settings.models_dir)
     try:
         with sessions() as session:
@@ -127,6 +139,35 @@ def snapshot(
         snap.database_error = type(error).__name__
         log.warning("monitoring could not read the database: %s", type(error).__name__)
     return snap
+
+
+def broker_down(settings: Settings) -> str | None:
+    """None when the broker answers, else one line an operator can act on.
+
+    With the embedded broker (no PNEUMO_BROKER_URL) it is `pneumo run`'s own Redis on a socket in
+    the home: no socket, or one nobody answers on, means `pneumo run` is not running, which is what
+    to say, not `unreachable (OperationalError)` per queue or a kombu traceback.
+    """
+    if not settings.broker_url:
+        if not settings.redis_socket.exists():
+            return (f"pneumo run is not running (no broker socket in {settings.home_dir}); start it, "
+                    "or set PNEUMO_HOME to the home it uses")
+        try:
+            import redis
+
+            redis.Redis(unix_socket_path=str(settings.redis_socket), socket_timeout=2,
+                        socket_connect_timeout=2).ping()
+        except (OSError, redis.RedisError):
+            return (f"pneumo run is not running (its broker socket in {settings.home_dir} does not "
+                    "answer); start it")
+        return None
+    try:
+        with make_app(settings).connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except Exception as error:  # any transport's error: said in one line, never traced
+        where = redact_url(settings.broker_url)
+        return f"the broker at {where} does not answer ({type(error).__name__}); check PNEUMO_BROKER_URL"
+    return None
 
 
 def _read_database(session: Session, snap: Snapshot, settings: Settings) -> None:

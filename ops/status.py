@@ -21,9 +21,9 @@ from core.db import (
     session_factory,
     utcnow,
 )
-from core.queue import DELIVER, make_app, queue_depths, task_sender
-from core.settings import Settings, redact_url
-from ops.monitoring import not_classified_by_reason
+from core.queue import DELIVER, queue_depths, task_sender
+from core.settings import Settings
+from ops.monitoring import broker_down, not_classified_by_reason
 from ops.studies import sr_status, study_reasons
 
 
@@ -66,35 +66,6 @@ def open_database(settings: Settings) -> sessionmaker[Session]:
 
 class BrokerDown(RuntimeError):
     """The broker does not answer: nothing can be queued (the message says what to start)."""
-
-
-def broker_down(settings: Settings) -> str | None:
-    """None when the broker answers, else one line an operator can act on.
-
-    With the embedded broker (no PNEUMO_BROKER_URL) it is `pneumo run`'s own Redis on a socket in
-    the home: no socket, or one nobody answers on, means `pneumo run` is not running, which is what
-    to say, not `unreachable (OperationalError)` per queue or a kombu traceback.
-    """
-    if not settings.broker_url:
-        if not settings.redis_socket.exists():
-            return (f"pneumo run is not running (no broker socket in {settings.home_dir}); start it, "
-                    "or set PNEUMO_HOME to the home it uses")
-        try:
-            import redis
-
-            redis.Redis(unix_socket_path=str(settings.redis_socket), socket_timeout=2,
-                        socket_connect_timeout=2).ping()
-        except (OSError, redis.RedisError):
-            return (f"pneumo run is not running (its broker socket in {settings.home_dir} does not "
-                    "answer); start it")
-        return None
-    try:
-        with make_app(settings).connection_for_read() as connection:
-            connection.ensure_connection(max_retries=1, timeout=3)
-    except Exception as error:  # any transport's error: said in one line, never traced
-        where = redact_url(settings.broker_url)
-        return f"the broker at {where} does not answer ({type(error).__name__}); check PNEUMO_BROKER_URL"
-    return None
 
 
 def render(settings: Settings, last: int = 10) -> str:
