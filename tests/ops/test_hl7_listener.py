@@ -114,3 +114,45 @@ def test_an_uncertain_report_is_accepted_without_a_label(listener, sessions) -> 
     assert str(ack.segment("MSA")(1)) == "AA" and "uncertain" in str(ack.segment("MSA")(3))
     with sessions() as session:
         assert session.scalars(select(Label)).all() == []
+
+
+def test_pneumo_labels_listen_serves_on_pneumo_hl7_port_and_pneumo_run_starts_it(tmp_path: Path) -> None:
+    """The command `pneumo run` starts (ops.supervisor) as its own process, on PNEUMO_HL7_PORT."""
+    import os
+    import subprocess
+    import sys
+
+    from core.migrate import upgrade
+    from ops.supervisor import child_commands
+    from tests.conftest import REPO
+
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+    port = free_port()
+    assert [c.command[-2:] for c in child_commands(Settings(hl7_port=port)) if c.name == "hl7"] == [
+        ["labels", "listen"]]
+    assert "hl7" not in [c.name for c in child_commands(Settings())]
+    env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_DATABASE_URL": url,
+           "PNEUMO_HL7_PORT": str(port), "PNEUMO_HL7_HOST": "127.0.0.1"}
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "labels", "listen"], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def answers() -> hl7.Message | None:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                return send(port, oru("P1", accession="ACC1",
+                                      obx=["CE|18782-3^Report^LN||17621005^Normal^SCT||||||F"]))
+            except OSError:
+                return None
+
+        ack = wait_for(answers, 60, "pneumo labels listen to answer")
+        assert str(ack.segment("MSA")(1)) == "AA"
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0]
+    assert "ACC1" not in output and "17621005" not in output  # identifiers stay out of its log
+    from core.db import session_factory
+
+    with session_factory(url)() as session:
+        labels = [(r.accession_number, r.label) for r in session.scalars(select(Label))]
+    assert labels == [("ACC1", NEGATIVE_CLASS)]
