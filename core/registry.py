@@ -4,7 +4,9 @@ A version folder holds `model.keras`, `card.json` and the evaluation plots. The 
 model file's SHA-256; loading recomputes it and refuses a mismatch, and refuses a card whose
 preprocessing contract differs from this code's. Cards are read and written as core.card.ModelCard,
 validated both ways; an invalid one is a CardError naming the version and the field.
-`models/served.json` names one version per model.
+`models/served.json` names one version per model; `models/roles.json` (absent in older
+registries: no roles) names per model a *candidate* (run beside the served version, never sent)
+and whether the served version is *silent* (results recorded and scored, nothing sent).
 A version's test metrics are written once: into the card at registration (`--report-test`), or
 later into `test_report.json` (`pneumo evaluate --split test --record`); never both, never twice.
 """
@@ -30,6 +32,7 @@ from core.card import ModelCard, Scope, SplitMetrics
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
 SERVED_FILE = "served.json"
+ROLES_FILE = "roles.json"  # {"candidate": {name: version}, "silent": {name: version}}
 TEST_REPORT_FILE = "test_report.json"
 SCOPE_FILE = "scope.json"  # the scope of a version registered before pixel checks existed
 DEFAULT_MODELS_DIR = contract.DEFAULT_MODELS_DIR
@@ -153,11 +156,85 @@ def resolve(spec: str, models_dir: Path = DEFAULT_MODELS_DIR) -> ModelVersion:
     return ModelVersion(name, version, folder, load_card(folder, f"{name}@{version}"))
 
 
-def mark_served(name: str, version: str, models_dir: Path = DEFAULT_MODELS_DIR) -> None:
+def mark_served(
+    name: str, version: str, models_dir: Path = DEFAULT_MODELS_DIR, silent: bool = False
+) -> None:
+    """Serve `version`; `silent`: its results are recorded, nothing is sent until the site accepts.
+
+    Either write order fails safe: a silent entry names a version, so a stale one only withholds
+    SRs of the version it names (written before the served marker when set, after when cleared).
+    """
     resolve(f"{name}@{version}", models_dir)
+    if silent:
+        _set_role("silent", name, version, models_dir)
     served = served_versions(models_dir)
     served[name] = version
     _write_json_atomic(Path(models_dir) / SERVED_FILE, served)
+    if not silent:
+        _set_role("silent", name, None, models_dir)
+    if _roles(models_dir)["candidate"].get(name) == version:
+        _set_role("candidate", name, None, models_dir)
+
+
+def _roles(models_dir: Path) -> dict[str, dict[str, str]]:
+    data = _read_json(Path(models_dir) / ROLES_FILE)
+    return {role: dict(data.get(role) or {}) for role in ("candidate", "silent")}
+
+
+def _set_role(role: str, name: str, version: str | None, models_dir: Path) -> None:
+    roles = _roles(models_dir)
+    if roles[role].get(name) == version:
+        return  # unchanged: a registry without roles gets no file
+    if version is None:
+        roles[role].pop(name, None)
+    else:
+        roles[role][name] = version
+    _write_json_atomic(Path(models_dir) / ROLES_FILE, roles)
+
+
+def candidate_versions(models_dir: Path = DEFAULT_MODELS_DIR) -> dict[str, str]:
+    """Per model name, the version run beside the served one (never the served one itself)."""
+    served = served_versions(models_dir)
+    return {n: v for n, v in _roles(models_dir)["candidate"].items() if served.get(n) != v}
+
+
+def silent_versions(models_dir: Path = DEFAULT_MODELS_DIR) -> dict[str, str]:
+    """Per model name, its served version while it is silent (not yet accepted by the site)."""
+    served = served_versions(models_dir)
+    return {n: v for n, v in _roles(models_dir)["silent"].items() if served.get(n) == v}
+
+
+def withheld_versions(models_dir: Path = DEFAULT_MODELS_DIR) -> set[tuple[str, str]]:
+    """(name, version) whose results must never reach a PACS: candidates and silent versions."""
+    return {*candidate_versions(models_dir).items(), *silent_versions(models_dir).items()}
+
+
+def mark_candidate(name: str, version: str, models_dir: Path = DEFAULT_MODELS_DIR) -> ModelVersion:
+    """Run `version` beside the served one (one candidate per name; a new one replaces it)."""
+    candidate = resolve(f"{name}@{version}", models_dir)
+    verify(candidate)
+    if served_versions(models_dir).get(name) == version:
+        raise RegistryError(f"{candidate.label} is the served version; a candidate runs beside it")
+    if candidate.scope is None:
+        raise RegistryError(f"{candidate.label} has no pixel check; run `pneumo scope fit`")
+    _set_role("candidate", name, version, models_dir)
+    return candidate
+
+
+def clear_candidate(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> str | None:
+    """Stop running `name`'s candidate; the version it was, or None if there was none."""
+    version = candidate_versions(models_dir).get(name)
+    _set_role("candidate", name, None, models_dir)
+    return version
+
+
+def accept_silent(name: str, models_dir: Path = DEFAULT_MODELS_DIR) -> str:
+    """The site accepts `name`'s silent served version: from now on its SRs are sent."""
+    version = silent_versions(models_dir).get(name)
+    if version is None:
+        raise RegistryError(f"{name} has no silent served version to accept")
+    _set_role("silent", name, None, models_dir)
+    return version
 
 
 def _card_fields(card: ModelCard | dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Classify one stored instance: filter -> scope (header) -> decode -> the serving path's
 preprocessing -> predict and pixel check -> one result row, or `out_of_scope` with the reason.
+With a candidate version in the registry (`pneumo models candidate`), an image the served version
+classified gets the candidate's result too (same decoded image; recorded, never sent): shadow mode.
 
 A plain function over a session factory (worker.tasks registers it; tests call it directly).
 """
@@ -7,6 +9,7 @@ A plain function over a session factory (worker.tasks registers it; tests call i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,7 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import scope
+from core import registry, scope
 from core.db import (
     TERMINAL_STATES,
     Instance,
@@ -32,7 +35,7 @@ from serving.decode import DecodeError, grayscale_pixels
 from serving.header import header_age, header_view
 from serving.image import preprocess
 from worker import filters
-from worker.inference import Classifier
+from worker.inference import Classifier, Prediction
 from worker.isolation import decode_in_child
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,8 @@ def classify_instance(
         # decoded apart (worker.isolation) and can take down nothing but its own child process.
         log.warning("instance %s: attempt %d after one that never finished; decoding it apart",
                     sop_uid, attempts)
-    state, reason, result, model = _classify_file(Path(path), classifier, isolated=attempts > 1)
+    shadow: list[tuple[Classifier, dict]] = []
+    state, reason, result, model = _classify_file(Path(path), classifier, attempts > 1, shadow)
     with sessions() as session, session.begin():
         if not _finish(session, instance_id, state, reason):
             # Another delivery of the same job finished it first: keep what that one recorded.
@@ -97,13 +101,19 @@ def classify_instance(
         elif result is not None:
             session.execute(insert_ignoring_duplicates(session, Result).values(
                 instance_id=instance_id, **result))
+        for candidate, row in shadow:
+            _record_model_version(session, candidate)
+            session.execute(insert_ignoring_duplicates(session, Result).values(
+                instance_id=instance_id, **row))
     log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
     return state
 
 
-def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: bool = False):
+def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: bool = False,
+                   shadow: list[tuple[Classifier, dict]] | None = None):
     """(state, reason, result or refusal columns or None, the model used or None); never raises
-    for bad input. A result carries a label only when the image is within the model's scope."""
+    for bad input. A result carries a label only when the image is within the model's scope.
+    Given `shadow`, a classified image's candidate result (its model, its row) is added to it."""
     started = time.perf_counter()
     try:
         # Values over 1 MB (pixel data, large private elements) are read only when used: the
@@ -133,7 +143,17 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
     if prediction.scope_score > model.scope_threshold:
         reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)
         return InstanceState.OUT_OF_SCOPE, reason, _refusal(model, prediction.scope_score), model
-    return InstanceState.CLASSIFIED, None, {
+    candidate = _candidate_of(model) if shadow is not None else None
+    if candidate is not None and shadow is not None:
+        row = _shadow_row(candidate, dataset, path, tensor if candidate.resize == model.resize
+                          else None, isolated)
+        if row is not None:
+            shadow.append((candidate, {**row, "decode_ms": row["decode_ms"] or decode_ms}))
+    return InstanceState.CLASSIFIED, None, _row(model, prediction, decode_ms), model
+
+
+def _row(model: Classifier, prediction: Prediction, decode_ms: float) -> dict:
+    return {
         "model_name": model.name,
         "model_version": model.version.version,
         "probability": prediction.probability,
@@ -143,7 +163,55 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
         "inference_ms": prediction.inference_ms,
         "scope_score": prediction.scope_score,
         "scope_threshold": model.scope_threshold,
-    }, model
+    }
+
+
+_candidates: dict[tuple[Path, str, str], Classifier | None] = {}
+_candidates_lock = threading.Lock()
+
+
+def _candidate_of(model: Classifier) -> Classifier | None:
+    """The candidate of the served `model`'s name in its registry, loaded once; None if none.
+
+    Read on each image (a small JSON file), as the served marker is, so setting or clearing a
+    candidate takes effect without restarting workers. One that cannot load is logged, once,
+    and skipped: a broken candidate never stops the served version's answer.
+    """
+    models_dir = model.version.path.parent.parent
+    version = registry.candidate_versions(models_dir).get(model.name)
+    if version is None:
+        return None
+    key = (models_dir, model.name, version)
+    with _candidates_lock:
+        if key not in _candidates:
+            try:
+                _candidates[key] = Classifier(f"{model.name}@{version}", models_dir)
+            except Exception as error:
+                log.error("candidate %s@%s not run: %s", model.name, version, error)
+                _candidates[key] = None
+        return _candidates[key]
+
+
+def _shadow_row(candidate: Classifier, dataset, path: Path, tensor, isolated: bool) -> dict | None:
+    """The candidate's result row for an image the served version classified (`tensor`: the
+    served version's input when the candidate's resize is the same); None where the candidate
+    refuses the image (its own scope) or fails on it."""
+    try:
+        if scope.header_reason(candidate.intended_use, header_age(dataset), header_view(dataset)):
+            return None
+        started = time.perf_counter()
+        decode_ms = 0.0  # the served version's decode, when its input is reused
+        if tensor is None:
+            tensor = (decode_in_child(path, candidate.resize) if isolated
+                      else preprocess(grayscale_pixels(dataset), candidate.resize))
+            decode_ms = (time.perf_counter() - started) * 1000
+        prediction = candidate.predict(tensor)
+    except Exception as error:
+        log.warning("candidate %s failed on an image: %s", candidate.version.label, type(error).__name__)
+        return None
+    if prediction.scope_score > candidate.scope_threshold:
+        return None
+    return _row(candidate, prediction, decode_ms)
 
 
 def _refusal(model: Classifier, score: float | None = None) -> dict:

@@ -1,6 +1,9 @@
 """Housekeeping (the beat-scheduled jobs): finalise quiet studies into SR deliveries, and
 sweep instances whose classify job was never queued or got lost.
 
+A candidate version (shadow) and a silent served version get no delivery: their results are
+recorded and scored, never sent (core.registry.withheld_versions; the study's audit says so).
+
 Plain functions over a session factory (worker.tasks registers them; tests call them directly).
 """
 
@@ -13,6 +16,7 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import registry
 from core.db import (
     TERMINAL_STATES,
     Delivery,
@@ -41,6 +45,7 @@ def finalise_stable_studies(
     cutoff = utcnow() - timedelta(seconds=settings.quiet_seconds)
     destinations = [repr(p) for p in settings.pacs_destinations] or [LOCAL_DESTINATION]
     to_send = []
+    withheld = registry.withheld_versions(settings.models_dir)
     with sessions() as session, session.begin():
         pending = select(Instance.study_id).where(Instance.state.not_in(TERMINAL_STATES))
         studies = session.scalars(select(Study).where(
@@ -50,6 +55,11 @@ def finalise_stable_studies(
             session.execute(update(Study).where(Study.id == study.id, Study.changes == study.changes)
                             .values(report_pending=False))
             for (model_name, model_version), count in _reported_counts(session, study.id).items():
+                if (model_name, model_version) in withheld:
+                    audit(session, "study", study.id, "withheld",
+                          f"{model_name}@{model_version}: {count} image(s), candidate or silent, "
+                          f"not sent")
+                    continue
                 for destination in destinations:
                     delivery = _delivery_for(session, study, model_name, model_version, destination)
                     if delivery.instances_reported < count:
