@@ -148,6 +148,10 @@ class Settings(BaseSettings):
         "reads and writes; relative to the working directory: `models`. An installed product points "
         "it at its copy of the released models/ folder (README, Install)")
     delivery_max_attempts: int = Field(6, description="SR C-STORE tries before dead-letter")
+    pictures: bool = Field(
+        True, description="With each SR, a picture per image in its own series of the study: the "
+        "image with the heat map and the answer burned in, or 'not assessed: <reason>' "
+        "(worker.picture); false: the SR alone")
     delivery_backoff_s: float = Field(5.0, description="First retry delay; doubles each try")
     delivery_associations_per_destination: int = Field(
         4, ge=1, description="SR associations one delivery worker holds open to one PACS at once: "
