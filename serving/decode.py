@@ -1,10 +1,24 @@
-"""DICOM pixels -> a grayscale array where bright means dense, ready for `preprocess`."""
+"""DICOM pixels -> a grayscale array where bright means dense, ready for `preprocess`.
+
+A modality's film is 2,000-3,000 px a side and the model reads 224 px, so where the transfer syntax
+allows it the pixels are decoded at a reduced scale that still leaves the short side at least
+REDUCED_SHORT_SIDE (serving.reduced): JPEG through its DCT scaling, JPEG 2000 at a lower
+resolution level. The LUTs, the window and the MONOCHROME1 inversion are applied after either
+decode by the same code, so the reduced image is the full one, averaged.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from core import contract
+from serving import reduced
+
+# What the area resize to the input size still averages over 2x2 source pixels on: chosen by
+# measurement on full-size films (docs/benchmarks.md, "Full-size films").
+REDUCED_SHORT_SIDE = 2 * contract.INPUT_HEIGHT
 
 
 class DecodeError(Exception):
@@ -18,14 +32,25 @@ def _saturated(values: np.ndarray, limit: float = 0.9) -> bool:
     return float(np.mean((values == low) | (values == high))) > limit
 
 
-def grayscale_pixels(dataset: Dataset) -> np.ndarray:
-    """Decode (pydicom + pylibjpeg), Modality LUT, first VOI window/LUT, MONOCHROME1 inverted."""
+def _stored_pixels(dataset: Dataset, min_short_side: int | None) -> np.ndarray:
+    if min_short_side:
+        pixels = reduced.decode(dataset, min_short_side)
+        if pixels is not None:
+            return pixels
     try:
-        pixels = dataset.pixel_array
+        return dataset.pixel_array
     except Exception as error:
         syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown")
         name = getattr(syntax, "name", str(syntax))
         raise DecodeError(f"pixel data could not be decoded ({name}): {error}") from error
+
+
+def grayscale_pixels(
+    dataset: Dataset, min_short_side: int | None = REDUCED_SHORT_SIDE
+) -> np.ndarray:
+    """Decode (reduced where the syntax allows and the short side stays >= `min_short_side`;
+    None: full), Modality LUT, first VOI window/LUT, MONOCHROME1 inverted."""
+    pixels = _stored_pixels(dataset, min_short_side)
     if pixels.ndim != 2:
         raise DecodeError(f"expected one grayscale frame, decoded shape {pixels.shape}")
     try:
