@@ -60,30 +60,45 @@ def bucket_key(moment: datetime, unit: str) -> str:
     return moment.strftime("%Y-%m-%d %H" if unit == "hour" else "%Y-%m-%d")
 
 
-class time_bucket(FunctionElement):
+class _bucket(FunctionElement):
     """The hour or day a timestamp falls in, as text (see bucket_key). The format is written into
-    the SQL, not bound, so PostgreSQL sees the same expression in SELECT and GROUP BY."""
+    the SQL, not bound, so PostgreSQL sees the same expression in SELECT and GROUP BY. One class
+    per unit: SQLAlchemy caches compiled SQL by class and arguments, so a unit held in an
+    attribute would get the other unit's cached SQL."""
 
     type = String()
-    name = "time_bucket"
     inherit_cache = True
-
-    def __init__(self, column: Any, unit: str) -> None:
-        if unit not in ("hour", "day"):
-            raise ValueError(f"unit must be hour or day, not {unit!r}")
-        self.unit = unit
-        super().__init__(column)
+    unit = ""
 
 
-@compiles(time_bucket)  # PostgreSQL, and str() of a statement
-def _time_bucket(element: time_bucket, compiler: SQLCompiler, **kw: Any) -> str:
+class hour_bucket(_bucket):
+    name = "hour_bucket"
+    inherit_cache = True
+    unit = "hour"
+
+
+class day_bucket(_bucket):
+    name = "day_bucket"
+    inherit_cache = True
+    unit = "day"
+
+
+def time_bucket(column: Any, unit: str) -> _bucket:
+    """`column`'s hour or day (`unit`) as text, in SQL."""
+    if unit not in ("hour", "day"):
+        raise ValueError(f"unit must be hour or day, not {unit!r}")
+    return hour_bucket(column) if unit == "hour" else day_bucket(column)
+
+
+@compiles(_bucket)  # PostgreSQL, and str() of a statement
+def _time_bucket(element: _bucket, compiler: SQLCompiler, **kw: Any) -> str:
     column = compiler.process(next(iter(element.clauses)), **kw)
     pattern = "YYYY-MM-DD HH24" if element.unit == "hour" else "YYYY-MM-DD"
     return f"to_char({column}, '{pattern}')"
 
 
-@compiles(time_bucket, "sqlite")
-def _time_bucket_sqlite(element: time_bucket, compiler: SQLCompiler, **kw: Any) -> str:
+@compiles(_bucket, "sqlite")
+def _time_bucket_sqlite(element: _bucket, compiler: SQLCompiler, **kw: Any) -> str:
     """SQLAlchemy stores SQLite timestamps as `YYYY-MM-DD HH:MM:SS.ffffff` text: a prefix."""
     column = compiler.process(next(iter(element.clauses)), **kw)
     return f"substr({column}, 1, {13 if element.unit == 'hour' else 10})"
