@@ -1,5 +1,6 @@
 """`pneumo` commands of the model registry: train, ensemble, evaluate and compare versions, list
-and serve them (`models`), and fit or refit their pixel check (`scope`)."""
+and serve them (`models`; silently, or a candidate in shadow, then promote it), and fit or refit
+their pixel check (`scope`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ops.commands.common import (
     DEFAULT_DATA,
     DEFAULT_WEIGHTS,
     MODELS_DIR_HELP,
+    command_settings,
     errors,
     registry_dir,
     require_keras_backend,
@@ -172,9 +174,11 @@ def compare(
 @models_app.command("list")
 @errors()
 def models_list(models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)) -> None:
-    """Every registered version, its validation/test metrics and which one is served."""
+    """Every registered version, its validation/test metrics and its role: served (*), served
+    silent (*silent: nothing sent) or candidate (cand: run beside the served one, never sent)."""
     models_dir = registry_dir(models_dir)
     served = registry.served_versions(models_dir)
+    silent, candidates = registry.silent_versions(models_dir), registry.candidate_versions(models_dir)
     rows = registry.list_versions(models_dir)
     if not rows:
         typer.echo(f"no models in {models_dir}")
@@ -184,7 +188,8 @@ def models_list(models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)) -> 
     for row in rows:
         test = row.test_metrics or SplitMetrics()
         validation = row.card.metrics.validation or SplitMetrics()
-        mark = "*" if served.get(row.name) == row.version else ""
+        mark = {served.get(row.name): "*", silent.get(row.name): "*silent",
+                candidates.get(row.name): "cand"}.get(row.version, "")
         members = " ".join(m.label.split("@")[1] for m in row.card.members or [])
         typer.echo(
             f"{row.name:<22} {row.version:<18} {mark:<7} {row.card.threshold:>9.4f} "
@@ -202,18 +207,126 @@ def _figure(value: float | None, missing: str = "not read") -> str:
 @models_app.command("serve")
 @errors()
 def models_serve(
+    name: str, version: str, models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
+    silent: bool = typer.Option(False, help="Record and score its results but send nothing to the "
+                                "PACS until `pneumo models accept-silent NAME`"),
+) -> None:
+    """Mark a version as the one the workers serve (and, without --silent, send)."""
+    models_dir = registry_dir(models_dir)
+    _serve(registry.resolve(f"{name}@{version}", models_dir), models_dir, silent)
+    typer.echo(f"{name}@{version} is now served" + (" silently: nothing is sent" if silent else ""))
+
+
+def _serve(version: registry.ModelVersion, models_dir: Path, silent: bool) -> None:
+    registry.verify(version)
+    if version.scope is None:
+        raise registry.RegistryError(
+            f"{version.label} has no intended use and pixel check, so the workers could "
+            f"not tell what it was validated on; run `pneumo scope fit --model {version.label}`")
+    registry.mark_served(version.name, version.version, models_dir, silent=silent)
+
+
+@models_app.command("accept-silent")
+@errors()
+def models_accept_silent(name: str, models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)) -> None:
+    """The site accepts NAME's silent served version: from now on its SRs are sent to the PACS."""
+    version = registry.accept_silent(name, registry_dir(models_dir))
+    typer.echo(f"{name}@{version} is served and sent from now on (earlier studies stay unsent)")
+
+
+@models_app.command("candidate")
+@errors()
+def models_candidate(
     name: str, version: str, models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)
 ) -> None:
-    """Mark a version as the one the workers serve."""
+    """Run a version beside the served one on the same in-scope images (shadow): its results are
+    recorded and compared (`pneumo models shadow`), never sent. One candidate per model."""
+    candidate = registry.mark_candidate(name, version, registry_dir(models_dir))
+    typer.echo(f"{candidate.label} runs in shadow beside the served version; nothing of it is sent")
+
+
+@models_app.command("clear-candidate")
+@errors()
+def models_clear_candidate(name: str, models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP)) -> None:
+    """Stop running NAME's candidate (its recorded results stay)."""
+    version = registry.clear_candidate(name, registry_dir(models_dir))
+    typer.echo(f"{name}@{version} no longer runs in shadow" if version else f"{name} had no candidate")
+
+
+@models_app.command("shadow")
+@errors()
+def models_shadow(
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text"),
+) -> None:
+    """Each candidate against the served version: agreement on the images both classified (% agree,
+    Cohen's kappa) and, on the site's labelled studies, both versions' sensitivity and specificity
+    with the paired check `promote` applies."""
+    from ops import shadow
+    from ops.status import open_database
+
     models_dir = registry_dir(models_dir)
-    candidate = registry.resolve(f"{name}@{version}", models_dir)
-    registry.verify(candidate)
-    if candidate.scope is None:
-        raise registry.RegistryError(
-            f"{candidate.label} has no intended use and pixel check, so the workers could "
-            f"not tell what it was validated on; run `pneumo scope fit --model {candidate.label}`")
-    registry.mark_served(name, version, models_dir)
-    typer.echo(f"{name}@{version} is now served")
+    with open_database(command_settings())() as session:
+        report = shadow.shadow_report(session, models_dir)
+        checks = [shadow.promotion_check(session, registry.resolve(a.model_name, models_dir),
+                                         registry.resolve(f"{a.model_name}@{a.candidate_version}",
+                                                          models_dir)) for a in report]
+    silent = registry.silent_versions(models_dir)
+    if as_json:
+        typer.echo(json.dumps({"candidates": [{**a.dump(), "labelled": c.dump()}
+                                              for a, c in zip(report, checks, strict=True)],
+                               "silent": silent}, indent=2))
+        return
+    for name, version in sorted(silent.items()):
+        typer.echo(f"{name}@{version}: served silent (recorded, nothing sent)")
+    if not report:
+        typer.echo("no candidate in shadow; `pneumo models candidate NAME VERSION` starts one")
+    for agreement, check in zip(report, checks, strict=True):
+        typer.echo(shadow.describe(agreement, check))
+
+
+@models_app.command("promote")
+@errors()
+def models_promote(
+    spec: str = typer.Argument(..., help="NAME@VERSION: the candidate to serve"),
+    force: bool = typer.Option(False, help="Promote even where the check refuses (recorded)"),
+    by: str = typer.Option(None, help="Who promotes (recorded) [default: the login name]"),
+    silent: bool = typer.Option(False, help="Serve it silent: nothing sent until accept-silent"),
+    models_dir: Path = typer.Option(None, help=MODELS_DIR_HELP),
+) -> None:
+    """Serve a candidate in place of the served version. Refused (exit 2) when, on the labelled
+    studies both classified, its sensitivity or specificity is worse beyond noise, or there are
+    none of a class to judge it on; --force overrides. Who, what and the evidence are recorded in
+    the audit table and models/promotions.jsonl."""
+    import getpass
+
+    from ops import shadow
+    from ops.status import open_database
+
+    models_dir = registry_dir(models_dir)
+    if "@" not in spec:
+        raise registry.RegistryError(f"name the version to promote: NAME@VERSION, not {spec!r}")
+    candidate = registry.resolve(spec, models_dir)
+    served = registry.resolve(candidate.name, models_dir)
+    if served.version == candidate.version:
+        raise registry.RegistryError(f"{candidate.label} is already the served version")
+    sessions = open_database(command_settings())
+    with sessions() as session:
+        check = shadow.promotion_check(session, served, candidate)
+        agreement = shadow.agreement(session, candidate.name, served.version, candidate.version)
+        typer.echo(shadow.describe(agreement, check))
+        record = shadow.promotion_record(served, candidate, by or getpass.getuser(), force, silent,
+                                         check, agreement)
+        shadow.audit_promotion(session, candidate, record)
+        if check.refuse and not force:
+            session.commit()  # the refusal is recorded too
+            raise registry.RegistryError(f"promotion of {candidate.label} refused: {check.reason}; "
+                                         f"--force to promote anyway (recorded)")
+        _serve(candidate, models_dir, silent)  # before the commit: no audit row for a failed serve
+        session.commit()
+        shadow.record_promotion(models_dir, record)
+    typer.echo(f"{candidate.label} is now served in place of {served.label}"
+               + (" (forced)" if check.refuse else "") + (", silently" if silent else ""))
 
 
 @scope_app.command("fit")
