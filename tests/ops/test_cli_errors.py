@@ -26,7 +26,9 @@ def every_command(typer_app: typer.Typer, path: str = "pneumo") -> list[tuple[st
 
 def test_every_command_reports_errors_through_the_decorator() -> None:
     commands = every_command(app)
-    assert len(commands) == 21  # 16 commands, models list/serve, scope fit/refit, db upgrade
+    # 16 commands, models list/serve/accept-silent/candidate/clear-candidate/shadow/promote, scope
+    # fit/refit, db upgrade, labels import/listen, scorecard
+    assert len(commands) == 29
     assert [name for name, callback in commands if not hasattr(callback, "reported_errors")] == []
 
 
