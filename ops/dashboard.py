@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # panel(dashboard, session) for a panel on the main page (see ops.web).
 PAGE_MODULES = [
     "ops.trend_pages",
+    "ops.labels_web",  # labels (agree/disagree) and the scorecard (issue 20)
 ]
 SESSION_COOKIE = "pneumo_session"
 MAX_ROW_ID = 2**63 - 1  # the largest primary key either database stores (BIGINT)
