@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -124,6 +125,12 @@ def serve_node_with_nodelay() -> None:
     node()
 
 
+def process_cpu_s() -> float:
+    """CPU seconds (user + system) this process has used: the in-process node's."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class StageTimer:
     """Wall time per wrapped function, summed over calls (from every association thread)."""
 
@@ -191,7 +198,9 @@ def profile(args: argparse.Namespace) -> None:
             timer.totals.clear()
             timer.calls.clear()
             files = write_payload(args.payload, args.files, work / "files")
+            cpu_before = process_cpu_s()
             elapsed = send_all(port, files, 1, "PNEUMO", True)
+            cpu = process_cpu_s() - cpu_before
         finally:
             server.shutdown()
             flush_bench_redis()
@@ -199,7 +208,8 @@ def profile(args: argparse.Namespace) -> None:
     count = len(files)
     print(
         f"{count} {args.payload} files, one association, dcmtk TCP_NODELAY=1, node in-process on {args.db}: "
-        f"{count / elapsed:.1f} files/s, {elapsed / count * 1000:.1f} ms per file; load {load_average()}"
+        f"{count / elapsed:.1f} files/s, {elapsed / count * 1000:.1f} ms per file, node CPU "
+        f"{cpu / count * 1000:.1f} ms per file; load {load_average()}"
     )
     rows = [
         (name, timer.calls[name], f"{total / count * 1000:.2f}")
