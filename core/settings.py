@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker URL; empty: embedded Redis socket in home")
     quiet_seconds: float = Field(5.0, description="A study is stable this long after its last image")
     max_associations: int = Field(10, description="Connections the node serves at once")
+    node_processes: int = Field(
+        0, ge=0, description="Processes `pneumo node` receives in (one accepts and keeps the limits "
+        "below for all; associations go to the least busy); 0: one per CPU core, at most 8"
+    )
     max_associations_per_host: int = Field(
         0, ge=0, description="Connections one peer host may hold at once (0: max_associations - 2, "
         "at least 1), so one host cannot take every slot; the other max_associations minus this are "
