@@ -18,21 +18,20 @@ from typing import Any
 
 from scipy.stats import binomtest
 from sklearn.metrics import cohen_kappa_score
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
 from core import registry
 from core.contract import POSITIVE_CLASS
 from core.db import (
     Instance,
-    Label,
     ModelVersionRow,
     Result,
-    Study,
     audit,
     insert_ignoring_duplicates,
     utcnow,
 )
+from ops.labels import current_labels
 
 ALPHA = 0.05  # one-sided, shared by the two tests (each at ALPHA / 2)
 
@@ -174,34 +173,18 @@ def paired_check(
 
 
 def study_labels(session: Session) -> dict[int, int]:
-    """Study id -> the site's current label (1 pneumonia, 0 not): the latest label naming the
-    study by Study Instance UID, else by Accession Number (core.db.Label; earlier ones superseded)."""
-    studies = session.execute(select(Study.id, Study.study_instance_uid, Study.accession_number)).all()
-    by_uid = {uid: sid for sid, uid, _ in studies}
-    by_accession: dict[str, list[int]] = {}
-    for sid, _, accession in studies:
-        if accession:
-            by_accession.setdefault(accession, []).append(sid)
-    found: dict[int, int] = {}
-    for uid, accession, label in session.execute(
-            select(Label.study_instance_uid, Label.accession_number, Label.label)
-            .order_by(Label.received_at, Label.id)):
-        targets = [by_uid[uid]] if uid in by_uid else by_accession.get(accession or "", [])
-        for sid in targets:
-            found[sid] = int(label == POSITIVE_CLASS)
-    return found
+    """Study id -> the site's current label (ops.labels: the latest naming the study), 1 pneumonia."""
+    return {sid: int(current.label == POSITIVE_CLASS) for sid, current in current_labels(session).items()}
 
 
-def study_scores(session: Session, name: str, version: str) -> dict[int, tuple[float, float]]:
-    """Study id -> (highest probability of the version's results in it, its threshold)."""
+def study_scores(session: Session, name: str, version: str) -> dict[int, float]:
+    """Study id -> the highest probability of the version's results in it (ops.scorecard's rule:
+    a study is positive when any image is)."""
     rows = session.execute(
-        select(Instance.study_id, Result.probability, Result.threshold).join(Instance)
-        .where(Result.model_name == name, Result.model_version == version))
-    scores: dict[int, tuple[float, float]] = {}
-    for study, probability, threshold in rows:
-        if study not in scores or probability > scores[study][0]:
-            scores[study] = (probability, threshold)
-    return scores
+        select(Instance.study_id, func.max(Result.probability)).join(Instance)
+        .where(Result.model_name == name, Result.model_version == version)
+        .group_by(Instance.study_id))
+    return {study: float(score) for study, score in rows}
 
 
 def promotion_check(session: Session, served: registry.ModelVersion,
@@ -211,8 +194,8 @@ def promotion_check(session: Session, served: registry.ModelVersion,
     served_scores = study_scores(session, served.name, served.version)
     tried = study_scores(session, candidate.name, candidate.version)
     common = sorted(set(labels) & set(served_scores) & set(tried))
-    return paired_check([(labels[s], served_scores[s][0]) for s in common],
-                        [(labels[s], tried[s][0]) for s in common],
+    return paired_check([(labels[s], served_scores[s]) for s in common],
+                        [(labels[s], tried[s]) for s in common],
                         served.threshold, candidate.threshold)
 
 
