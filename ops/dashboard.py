@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 PAGE_MODULES = [
     "ops.trend_pages",
     "ops.labels_web",  # labels (agree/disagree) and the scorecard (issue 20)
+    "ops.shadow_web",  # candidate vs served agreement, silent versions (issue 20)
 ]
 SESSION_COOKIE = "pneumo_session"
 MAX_ROW_ID = 2**63 - 1  # the largest primary key either database stores (BIGINT)
