@@ -239,6 +239,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/instances/{instance_id:int}/rerun", rerun, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/healthz", healthz),
+        # Browsers ask for it on every page; a 404 is an error in their console.
+        Route("/favicon.ico", lambda _request: Response(status_code=204)),
         *pages,  # after the main routes: a page module cannot shadow them
     ], middleware=[
         # Outermost: the client address every later layer sees. No trusted proxy: none is believed.

@@ -30,7 +30,7 @@ def charts(session: Session, window: trends.Window, now: datetime | None = None)
     refused = trends.refusals(session, window, now)
     rates, results = trends.positive_rate(session, window, now)
     return [
-        svg_chart(f"Throughput per {per}", labels, done, y_label="count", kind="bar",
+        svg_chart(f"Throughput per {per}", labels, done, y_label="count",
                   empty=not any(any(v) for v in done.values()),
                   empty_text=f"no image classified and no SR delivered in {window.span}", x_label=axis),
         svg_chart("First image received (C-STORE) to SR delivered", labels, late, y_label="seconds",

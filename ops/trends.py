@@ -133,7 +133,7 @@ def throughput(session: Session, window: Window, now: datetime | None = None) ->
 
 
 NOT_CLASSIFIED = {InstanceState.OUT_OF_SCOPE: "out of scope (not assessed)", InstanceState.FAILED: "failed",
-                  InstanceState.IGNORED: "ignored (not a frontal chest image)"}
+                  InstanceState.IGNORED: "ignored"}
 
 
 def refusals(session: Session, window: Window, now: datetime | None = None) -> Series:
