@@ -78,9 +78,11 @@ def recent_findings(session: Session, limit: int = RECENT, study_id: int | None 
 
 
 def same_origin(request: Request) -> bool:
-    """No Origin header (older clients, scripts), or one naming this dashboard's host."""
+    """No Origin header (older clients, scripts), "null" (what browsers send from our own pages:
+    they carry Referrer-Policy no-referrer), or one naming this dashboard's host. The session
+    cookie is SameSite=Strict besides, so a cross-site form never carries a sign-in."""
     origin = request.headers.get("origin")
-    if not origin:
+    if not origin or origin == "null":
         return True
     return urlsplit(origin).netloc == request.headers.get("host", "")
 

@@ -90,7 +90,7 @@ def reliability(card: Scorecard) -> Markup:
 
 
 def weekly(card: Scorecard) -> Markup:
-    title = "Sensitivity and specificity per ISO week (95% Wilson)"
+    title = "Per ISO week: sensitivity, specificity (95% CI)"
     weeks = list(card.weeks)
     if not weeks:
         return empty_chart(title, "no labelled studies")
@@ -113,6 +113,7 @@ def weekly(card: Scorecard) -> Markup:
             if expected is not None:
                 axes.axhline(float(expected), color=colour, linewidth=0.8, linestyle="--")
         axes.set_xticks(positions, weeks)
+        axes.set_xlim(-0.5, len(weeks) - 0.5)
         axes.set_ylim(0, 1.02)
         axes.set_ylabel("proportion (dashed: card)")
         axes.legend(loc="lower left", fontsize=7, frameon=False)
