@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE, Association
-from pynetdicom.sop_class import ComprehensiveSRStorage
+from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,6 +39,7 @@ from core.db import (
 from core.scu import AssociationFailed, associate, stored
 from core.settings import PeerAddress, Settings
 from core.tls import TLSConfigError
+from worker import picture
 from worker.report import ImageFinding, build_sr, drop_invalid_values
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def _sr_ae(ae_title: str, timeout_s: float) -> AE:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(ComprehensiveSRStorage)
+    ae.add_requested_context(SecondaryCaptureImageStorage)  # the pictures (worker.picture)
     return ae
 
 
@@ -201,8 +203,10 @@ def pacs_sender(settings: Settings) -> AssociationPool:
     )
 
 
-def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) -> Path:
+def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path, pictures: bool = False) -> Path:
     """Build the SR from every image of the study the version classified or refused; write it.
+    With `pictures`, each image's picture (worker.picture) first, in the same folder; the SR
+    references them.
 
     Header values invalid for their VR are left out of the SR and audited (keywords only). When
     stored images are gone (`pneumo retention --apply`), the SR written before is used if it
@@ -244,7 +248,12 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
             findings.append(ImageFinding(header, None, None, not_assessed))
         else:
             findings.append(ImageFinding(header, row.probability, row.label == POSITIVE_CLASS))
-    report = build_sr(findings, model_name, model_version, threshold, model_sha256=sha256, card=card)
+    made, failed = picture.write_pictures(
+        list(zip((Path(r.path) for r in [*rows, *refused]), findings, strict=True)),
+        picture.Version(model_name, model_version, threshold, sha256), sr_dir,
+    ) if pictures else ({}, 0)
+    report = build_sr(findings, model_name, model_version, threshold, model_sha256=sha256, card=card,
+                      pictures=made)
     sr_dir.mkdir(parents=True, exist_ok=True)
     path = sr_dir / f"{report.SOPInstanceUID}.dcm"
     report.save_as(path, enforce_file_format=True)
@@ -254,6 +263,9 @@ def write_sr(sessions: sessionmaker[Session], delivery_id: int, sr_dir: Path) ->
             keywords = ", ".join(f"{k} ({n} image(s))" for k, n in sorted(dropped.items()))
             audit(session, "delivery", delivery_id, "sr_values_dropped",
                   f"not valid for their VR, left out of the SR: {keywords}")
+        if failed:
+            audit(session, "delivery", delivery_id, "pictures_failed",
+                  f"{failed} of {len(findings)} picture(s) could not be made; the SR goes without them")
     return path
 
 
@@ -306,7 +318,7 @@ def attempt_delivery(
     if delivery is None:
         return DeliveryOutcome("nothing to do")
     try:
-        path = write_sr(sessions, delivery_id, settings.home_dir / "sr")
+        path = write_sr(sessions, delivery_id, settings.home_dir / "sr", settings.pictures)
     except Exception as error:  # any failure: recorded with its (scrubbed) reason, retried, dead
         reason = str(error) if isinstance(error, SRBuildError) else phi.describe(error)
         return _failed_attempt(sessions, delivery, settings, f"SR could not be built: {reason}")
@@ -314,6 +326,8 @@ def attempt_delivery(
         mark_delivery(sessions, delivery_id, DeliveryState.DELIVERED, None)
         return DeliveryOutcome("stored locally")
     try:
+        for kept in picture.referenced_pictures(path):  # before the SR that references them
+            send(kept, delivery.destination)
         send(path, delivery.destination)
     except Exception as error:  # DeliveryError, TLS, OS, or anything unforeseen: recorded
         reason = str(error) if isinstance(error, DeliveryError | TLSConfigError) else phi.describe(error)

@@ -13,7 +13,7 @@ import numpy as np
 from core import contract, registry
 from core.card import IntendedUse
 from core.queue import BATCH_TIMEOUT_S  # a batch this slow means the model is stuck: fail the task
-from serving import models, pixelcheck
+from serving import models, pixelcheck, saliency
 from worker.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class Prediction:
     label: str
     inference_ms: float
     scope_score: float  # the pixel check's score; above `Classifier.scope_threshold`: out of scope
-
+    saliency: np.ndarray | None = None  # Grad-CAM (H, W) in [0, 1] (serving.saliency); None: none
 
 
 class Classifier:
@@ -48,6 +48,13 @@ class Classifier:
         except pixelcheck.ScopeError as error:
             raise registry.RegistryError(f"{self.version.label}: {error}") from error
         self.model, _ = models.with_features(model, self.detector.layers)
+        self.head: saliency.Head | None = None
+        self.map_shape: tuple[int, ...] = ()
+        try:  # the class-activation map as a third output of the same call (serving.saliency)
+            self.model, self.head = saliency.with_map(self.model)
+            self.map_shape = tuple(self.model.outputs[-1].shape[1:3])
+        except saliency.SaliencyError as error:
+            log.warning("%s: no heat maps (%s)", self.version.label, error)
         # The version's own input path: the resize its card records (core.contract.RESIZE_TEXT).
         self.resize = contract.resize_of(self.version.card.preprocessing.dump())
         self._lock = threading.Lock()
@@ -75,16 +82,20 @@ class Classifier:
         return (scope.intended_use if scope else None) or IntendedUse()
 
     def _run_model(self, tensors: np.ndarray) -> np.ndarray:
-        """(N, 2): probability and pixel check score per image."""
+        """(N, 2 + map size): probability, pixel check score and the flattened map per image."""
         with self._lock:
-            probabilities, features = self.model.predict_on_batch(tensors)
+            probabilities, features, *conv_maps = self.model.predict_on_batch(tensors)
         scores = self.detector.score(np.asarray(features))
-        return np.stack([np.asarray(probabilities).reshape(-1), scores], axis=1)
+        columns = [np.asarray(probabilities).reshape(-1, 1), scores.reshape(-1, 1)]
+        if self.head is not None:
+            columns.append(saliency.grad_cam(conv_maps[0], self.head).reshape(len(scores), -1))
+        return np.concatenate(columns, axis=1)
 
     def _prediction(self, output: np.ndarray, inference_ms: float) -> Prediction:
         probability, score = float(output[0]), float(output[1])
         label = contract.label_for(probability, self.threshold)
-        return Prediction(probability, label, inference_ms, score)
+        cam = output[2:].reshape(self.map_shape) if self.head is not None else None
+        return Prediction(probability, label, inference_ms, score, cam)
 
     def predict_batch(self, tensors: np.ndarray) -> list[Prediction]:
         started = time.perf_counter()

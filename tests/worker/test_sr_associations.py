@@ -126,7 +126,7 @@ def deliveries(sessions, tmp_path: Path, destination: str, count: int,
             session.flush()
             made.append((row.id, uid))
             paths[row.id] = path
-    monkeypatch.setattr(sr_delivery, "write_sr", lambda _sessions, delivery_id, _dir: paths[delivery_id])
+    monkeypatch.setattr(sr_delivery, "write_sr", lambda _sessions, delivery_id, _dir, *_: paths[delivery_id])
     return made
 
 
