@@ -34,7 +34,7 @@ from core.queue import MAX_WORKER_DEATHS
 from serving.decode import DecodeError, grayscale_pixels
 from serving.header import header_age, header_view
 from serving.image import preprocess
-from worker import filters
+from worker import filters, picture
 from worker.inference import Classifier, Prediction
 from worker.isolation import decode_in_child
 
@@ -140,6 +140,8 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
         return InstanceState.FAILED, str(error)[:500], None, None
     decode_ms = (time.perf_counter() - started) * 1000
     prediction = model.predict(tensor)
+    if prediction.scope_score <= model.scope_threshold:  # its heat map, for the picture
+        picture.keep_map(path, model.name, model.version.version, prediction.saliency)
     if prediction.scope_score > model.scope_threshold:
         reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)
         return InstanceState.OUT_OF_SCOPE, reason, _refusal(model, prediction.scope_score), model
