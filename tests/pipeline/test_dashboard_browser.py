@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's headless Chromium driven by Selenium) over the real
 pipeline: a study whose SR delivery was dead-lettered (PACS down) is re-sent from the page once the
 PACS is back, and the page shows the delivery change state. A screenshot is kept in artifacts/.
+The charts over time are drawn, named for screen readers, and leave the console empty.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for errors
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -165,3 +167,58 @@ def test_recent_studies_fit_a_1400_px_screen(browser, tmp_path: Path) -> None:
             f"return document.getElementById('{table}').getBoundingClientRect().right")
         assert right <= browser.execute_script("return window.innerWidth"), table
     assert f'title="{uids[0]}"' in browser.page_source
+
+
+def test_charts_over_time_in_chromium_without_console_errors(browser, tmp_path: Path) -> None:
+    """Served over HTTP with the dashboard's own headers (its Content-Security-Policy allows no
+    script): the four charts of / and of /trends are visible SVG with an accessible name, first
+    in their empty state, then drawn; Chromium's console has no error (a CSP violation, a 404)."""
+    import threading
+
+    import uvicorn
+
+    from core.db import utcnow
+    from core.migrate import upgrade
+    from core.settings import Settings
+    from devtools.processes import free_port
+    from ops.dashboard import create_app
+    from tests.conftest import REDIS_TEST_URL
+    from tests.ops.test_dashboard_trends import _populate
+
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+    settings = Settings(home=tmp_path / "home", database_url=url, broker_url=f"{REDIS_TEST_URL}/12",
+                        models_dir=tmp_path / "models")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "the dashboard to listen")
+
+    def charts(path: str) -> list[dict]:
+        browser.get(f"http://127.0.0.1:{port}{path}")
+        return browser.execute_script("""
+            return [...document.querySelectorAll('svg.chart')].map(svg => ({
+              role: svg.getAttribute('role'), empty: svg.classList.contains('empty'),
+              width: svg.getBoundingClientRect().width, height: svg.getBoundingClientRect().height,
+              name: svg.getAttribute('aria-labelledby').split(' ')
+                       .map(id => document.getElementById(id).textContent).join(' | ')}));""")
+
+    try:
+        empty = charts("/")
+        assert [c["empty"] for c in empty] == [True] * 4
+        assert any("no SR delivered in the last 24 h" in c["name"] for c in empty)
+        _populate(session_factory(url), utcnow())
+        for path in ("/", "/trends?window=30d"):
+            drawn = charts(path)
+            assert len(drawn) == 4 and not any(c["empty"] for c in drawn), path
+            assert all(c["role"] == "img" and c["width"] > 300 and c["height"] > 100 for c in drawn), drawn
+            assert all("latest" in c["name"] and "highest" in c["name"] for c in drawn), drawn
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "dashboard-trends.png"))
+    finally:
+        server.should_exit = True
+        thread.join(10)
