@@ -121,6 +121,10 @@ def screenshot(base_url: str, out: Path, width: int = 1400) -> None:
             raise SystemExit(f"no screenshot written to {out}")
     finally:
         driver.quit()
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(out) as image:  # 256 colours: a third of the bytes in the repository
+        image.convert("RGB").quantize(256).save(out, optimize=True)
 
 
 def main() -> None:
