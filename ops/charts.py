@@ -18,6 +18,7 @@ import functools
 import io
 import itertools
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from html import escape
 
@@ -29,6 +30,10 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 # Colour-blind-safe (Okabe-Ito), in the order series are drawn.
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 _ids = itertools.count(1)
+# rc_context sets matplotlib's global settings and restores them on leaving: two threads of the
+# dashboard's pool drawing at once would undo each other's (text drawn as paths, or settings left
+# changed for good). Whoever draws with rc_context in the dashboard holds this lock.
+DRAWING = threading.Lock()
 
 Value = float | int | None
 
@@ -130,8 +135,8 @@ def _draw(title: str, x_labels: tuple[str, ...], series: tuple[tuple[str, tuple[
     ncols = min(len(names), 3 if max(map(len, names)) <= 16 else 2)
     header = 0.32 + (0.17 * math.ceil(len(names) / ncols) if legend else 0.0)  # inches above the plot
     height = plot_height + header
-    with rc_context({"svg.fonttype": "none", "font.size": 8, "axes.spines.top": False,
-                     "axes.spines.right": False}):
+    with DRAWING, rc_context({"svg.fonttype": "none", "font.size": 8, "axes.spines.top": False,
+                              "axes.spines.right": False}):
         figure = Figure(figsize=(width, height))
         figure.subplots_adjust(left=0.62 / width, right=1 - 0.12 / width, bottom=0.5 / height,
                                top=1 - header / height)

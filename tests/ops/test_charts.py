@@ -57,3 +57,22 @@ def test_empty_states() -> None:
 def test_a_series_must_match_the_labels() -> None:
     with pytest.raises(ValueError, match="2 values for 3 labels"):
         svg_chart("x", LABELS, {"s": [1, 2]}, x_label="x", y_label="y", empty_text="none")
+
+
+def test_threads_drawing_at_once_keep_text_as_text_and_leave_settings_alone() -> None:
+    """The dashboard draws in Starlette's thread pool; matplotlib's rc_context is global."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import matplotlib
+
+    before = matplotlib.rcParams["svg.fonttype"]
+
+    def draw(n: int) -> ET.Element:
+        return parse(svg_chart(f"chart {n}", LABELS, {"s": [n, n + 1, n + 2]}, x_label="hour", y_label="n",
+                               empty_text="none"))
+
+    with ThreadPoolExecutor(8) as pool:
+        charts = list(pool.map(draw, range(24)))
+    for n, svg in enumerate(charts):
+        assert f"chart {n}" in [t.text for t in svg.iter(f"{SVG}text")]  # not drawn as paths
+    assert matplotlib.rcParams["svg.fonttype"] == before
