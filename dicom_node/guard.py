@@ -124,6 +124,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     daemon_threads = True
     block_on_close = False
+    wraps_tls = True  # the socket is wrapped where it is accepted (not by dicom_node.processes)
 
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         self.settings = settings
@@ -140,11 +141,16 @@ class GuardedServer(ThreadedAssociationServer):
         threading.Thread(target=self._watch, daemon=True, name="association-watchdog").start()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """As pynetdicom's, plus a timeout on every read: accepted sockets block for ever."""
+        """As pynetdicom's, plus a timeout on every read (accepted sockets block for ever) and
+        TCP_NODELAY: a small PDU (a C-STORE-RSP) may otherwise wait for the peer's delayed ACK,
+        about 40 ms on loopback."""
         assert self.socket is not None  # bound in __init__
         client, address = self.socket.accept()
         client.settimeout(self.settings.network_timeout_s)
-        if self.ssl_context:  # the handshake is deferred to the association's thread (core.tls)
+        with contextlib.suppress(OSError):  # not a TCP socket (a unix socket in a test)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The TLS handshake is deferred to the association's thread (core.tls).
+        if self.ssl_context and self.wraps_tls:
             try:
                 client = self.ssl_context.wrap_socket(client, server_side=True)
             except OSError:
@@ -189,7 +195,7 @@ class GuardedServer(ThreadedAssociationServer):
                 return True
             self._refusals.append(time.monotonic())
         log.warning("connection from %s refused: %s", host, why, extra={"peer": host})
-        if not isinstance(request, ssl.SSLSocket) and len(self._lingering) < MAX_LINGERING:
+        if not self.ssl_context and len(self._lingering) < MAX_LINGERING:
             # Answered by the watchdog once the peer's A-ASSOCIATE-RQ has arrived: sent before,
             # a peer may read the A-ASSOCIATE-RJ before it has sent its request and see an abort.
             # Over TLS no PDU can go before the handshake, which must not run in this thread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from core.lifecycle import notify_ready
 from core.logsafe import printable
 from core.scu import stored
 from core.settings import Settings
-from dicom_node import contexts, peerlog, spool
+from dicom_node import contexts, peerlog, processes, spool
 from dicom_node.guard import GuardedRequestHandler, GuardedServer
 from dicom_node.receive import (
     CONFLICT_COMMENT,
@@ -146,6 +147,29 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+def make_server(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    enqueue: Callable[[int], None],
+    ssl_context: Any,
+    server_class: type[GuardedServer],
+    **kwargs: Any,
+) -> GuardedServer:
+    """The node's AE and its server (`server_class` binds the port unless it is a Receiver)."""
+    handlers: list[Any] = [
+        (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
+    ]
+    ae = build_ae(settings)
+    # Each data set straight into a spool file, at most max_dataset_mb of it (dicom_node.spool).
+    spool.spool_into(ae, settings.spool_dir, settings.max_dataset_mb)
+    return cast(GuardedServer, ae.make_server(
+        (settings.host, settings.port), evt_handlers=handlers, ssl_context=ssl_context,
+        server_class=server_class, request_handler=GuardedRequestHandler, settings=settings, **kwargs))
+
+
 def start(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -163,32 +187,27 @@ def start(
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_REQUEST_IDENTIFIERS = False
     peerlog.install(settings.peer_warnings_per_minute)
-    handlers: list[Any] = [
-        (evt.EVT_REQUESTED, handle_requested, [settings]),
-        (evt.EVT_ACCEPTED, handle_accepted),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [settings, sessions, enqueue]),
-    ]
-    ae = build_ae(settings)
-    # Each data set straight into a spool file, at most max_dataset_mb of it (receive.py).
-    spool.spool_into(ae, settings.spool_dir, settings.max_dataset_mb)
     transport = "plain TCP"
     if ssl_context is not None:
         transport = "mutual TLS" if settings.tls_require_client_cert else "TLS"
-    address = (settings.host, settings.port)
+    count = processes.process_count(settings) if block else 1
+    receivers: list[tuple[int, socket.socket]] = []
+    if count > 1:  # forked before this process starts any thread (dicom_node.processes)
+        receivers = processes.fork_receivers(count, lambda acceptor: cast(processes.Receiver, make_server(
+            settings, sessions, enqueue, ssl_context, processes.Receiver)).receive(acceptor))
     try:  # bind first: "listening" is said only once it is true
-        server = cast(GuardedServer, ae.make_server(
-            address, evt_handlers=handlers, ssl_context=ssl_context, server_class=GuardedServer,
-            request_handler=GuardedRequestHandler, settings=settings))
+        server = make_server(settings, sessions, enqueue, ssl_context,
+                             processes.Acceptor if receivers else GuardedServer,
+                             **({"receivers": receivers} if receivers else {}))
     except OSError as error:
         raise CannotListen(f"cannot listen on {settings.host}:{settings.port} (PNEUMO_HOST/PNEUMO_PORT): "
                            f"{error.strerror or error}") from None
     older_than_s = max(3 * settings.network_timeout_s, 60.0)
     threading.Thread(target=spool.janitor, args=(settings.spool_dir, older_than_s), daemon=True).start()
-    log.info("DICOM node %s listening on %s:%d (%s)", settings.ae_title, settings.host, settings.port,
-             transport)
+    log.info("DICOM node %s listening on %s:%d (%s, %d process%s)", settings.ae_title, settings.host,
+             settings.port, transport, count, "" if count == 1 else "es")
     server.write_health()
-    ae._servers.append(server)  # as AE.start_server does: ae.shutdown() stops it too
+    server.ae._servers.append(server)  # as AE.start_server does: ae.shutdown() stops it too
     notify_ready()
     if block:
         try:
@@ -197,6 +216,10 @@ def start(
             pass
         finally:
             server.shutdown()
+            if isinstance(server, processes.Acceptor):
+                server.stop_receivers()
+                if server.failed:
+                    raise SystemExit(1)
         return None
     threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
     return server
