@@ -91,3 +91,20 @@ def test_scorecard_json_equals_an_independent_computation_on_the_same_rows(
     text = subprocess.run([sys.executable, "-m", "ops.cli", "scorecard"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=180)
     assert "ALERT: sensitivity" in text.stdout and "any image it assessed is positive" in text.stdout
+
+
+def test_delong_from_midranks_equals_the_pairwise_definition_with_ties() -> None:
+    """DeLong's placement values by their definition (every positive against every negative,
+    ties half) give the AUC and interval the midrank computation gives."""
+    from ops.scorecard import Z95, delong_auc
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.uniform(0, 1, 300) + 0.3 * labels, 1)  # rounded: many ties
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    pairs = (positives[:, None] > negatives[None, :]) + 0.5 * (positives[:, None] == negatives[None, :])
+    variance = (pairs.mean(axis=1).var(ddof=1) / len(positives)
+                + pairs.mean(axis=0).var(ddof=1) / len(negatives))
+    found = delong_auc(labels, scores)
+    assert found.value == pytest.approx(pairs.mean(), abs=1e-12)
+    assert found.high - found.value == pytest.approx(Z95 * math.sqrt(variance), abs=1e-12)
