@@ -216,6 +216,9 @@ class Settings(BaseSettings):
         None, description="Port of the HL7 v2 MLLP listener for the RIS's final reports (labels); "
         "unset: `pneumo run` starts none")
     hl7_host: str = Field("0.0.0.0", description="Address the HL7 MLLP listener binds")
+    hl7_allowed_peers: str = Field(
+        "", description="Comma-separated addresses or networks (CIDR) that may send HL7 reports (the "
+        "RIS interface engine); empty: any. Others are disconnected unread")
     scorecard_alert_p: float = Field(
         0.01, gt=0, lt=0.5, description="One-sided exact binomial p-value below which a version's site "
         "sensitivity or specificity alerts as below what its card measured")
