@@ -8,7 +8,8 @@ Where we look (IHE Radiology conventions, first found wins):
 - label: a coded OBX (value type CE/CWE/CNE) whose OBX-5 code or text is in CODED_LABELS
   (SNOMED CT 233604007 pneumonia; 17621005 normal, 260385009 negative; or the words themselves);
   else the text OBX values (TX/FT/ST) joined, read by ops.report_text's negation-aware rule.
-A message is recorded as a label with source hl7, who = sending application@facility, evidence =
+Only addresses in PNEUMO_HL7_ALLOWED_PEERS may send (when it is set); others are disconnected
+unread. A message is recorded as a label with source hl7, who = sending application@facility, evidence =
 its control id (MSH-10) and how the label was read; the raw message is kept under
 PNEUMO_HOME/labels/hl7/ (private, as all of home), never logged.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.contract import NEGATIVE_CLASS, POSITIVE_CLASS
 from core.db import LabelSource
-from core.logsafe import PRIVATE_UMASK
+from core.logsafe import PRIVATE_UMASK, printable
 from core.settings import Settings
 from ops.labels import LabelError, record_label
 from ops.report_text import label_text
@@ -115,12 +117,30 @@ def _safe_name(control_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", control_id)[:64] or "no-control-id"
 
 
+def allowed_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """PNEUMO_HL7_ALLOWED_PEERS as networks (an address is a /32 or /128); ValueError if malformed."""
+    return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
+
+
 class Listener:
     """Handles one message at a time per connection: parse, record, ACK."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings, self.sessions = settings, sessions
         self.folder = settings.home_dir / "labels" / "hl7"
+        self.allowed = allowed_networks(settings.hl7_allowed_peers)
+
+    def admits(self, peer: object) -> bool:
+        """Whether the connecting address may send reports (any, when no list is set)."""
+        if not self.allowed:
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else str(peer))
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allowed)
 
     def keep(self, text: str, control_id: str) -> str:
         """The raw message under home (private); the evidence names its file."""
@@ -161,6 +181,11 @@ class Listener:
         return "AA", f"label {row.id}: {read.label}"
 
     async def connection(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        if not self.admits(writer.get_extra_info("peername")):
+            log.warning("hl7: connection from %s refused: not in PNEUMO_HL7_ALLOWED_PEERS",
+                        printable(str((writer.get_extra_info("peername") or ("?",))[0])))
+            writer.close()
+            return
         try:
             while not writer.is_closing():
                 message = await reader.readmessage()

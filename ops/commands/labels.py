@@ -37,20 +37,25 @@ def import_(
 
 @labels_app.command(help=settings_help(
     "The HL7 v2 MLLP listener for the RIS's final reports (ORU^R01), answering AA/AE.", "hl7_host",
-    "hl7_port", "home", "database_url"))
+    "hl7_port", "hl7_allowed_peers", "home", "database_url"))
 @errors()
 def listen(port: int = typer.Option(0, help="Port [default: PNEUMO_HL7_PORT]")) -> None:
     """The HL7 v2 MLLP listener for the RIS's final reports (ORU^R01)."""
     import asyncio
 
     from core.db import session_factory
-    from core.lifecycle import notify_ready
-    from ops.hl7_listener import serve
+    from core.lifecycle import EXIT_CANNOT_START, notify_ready
+    from ops.hl7_listener import allowed_networks, serve
 
     setup_logging()
     settings = command_settings()
     if not (port or settings.hl7_port):
         raise typer.BadParameter("no port: set PNEUMO_HL7_PORT or give --port")
+    try:
+        allowed_networks(settings.hl7_allowed_peers)
+    except ValueError as error:
+        typer.echo(f"error: PNEUMO_HL7_ALLOWED_PEERS: {error}", err=True)
+        raise typer.Exit(EXIT_CANNOT_START) from None
     started = asyncio.Event()
 
     async def main() -> None:
@@ -64,11 +69,9 @@ def listen(port: int = typer.Option(0, help="Port [default: PNEUMO_HL7_PORT]")) 
 
     try:
         asyncio.run(main())
-    except OSError as error:
+    except OSError as error:  # the port is taken: restarting will not help
         typer.echo(f"error: cannot listen for HL7 on port {port or settings.hl7_port}: "
                    f"{error.strerror or error}", err=True)
-        from core.lifecycle import EXIT_CANNOT_START
-
         raise typer.Exit(EXIT_CANNOT_START) from None
     except KeyboardInterrupt:
         pass

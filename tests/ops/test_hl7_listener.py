@@ -35,8 +35,10 @@ def oru(control_id: str, *, study_uid: str = "", accession: str = "", obx: list[
 
 
 @pytest.fixture
-def listener(tmp_path: Path, database_url: str):
-    settings = Settings(home=tmp_path / "home", database_url=database_url, hl7_host="127.0.0.1")
+def listener(tmp_path: Path, database_url: str, request: pytest.FixtureRequest):
+    """The listener in a thread of this process; PNEUMO_HL7_ALLOWED_PEERS by indirect parameter."""
+    settings = Settings(home=tmp_path / "home", database_url=database_url, hl7_host="127.0.0.1",
+                        hl7_allowed_peers=getattr(request, "param", ""))
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     from core.db import session_factory
 
@@ -156,3 +158,26 @@ def test_pneumo_labels_listen_serves_on_pneumo_hl7_port_and_pneumo_run_starts_it
     with session_factory(url)() as session:
         labels = [(r.accession_number, r.label) for r in session.scalars(select(Label))]
     assert labels == [("ACC1", NEGATIVE_CLASS)]
+
+
+@pytest.mark.parametrize("listener", ["10.0.0.0/8, 192.168.1.7"], indirect=True)
+def test_a_peer_outside_pneumo_hl7_allowed_peers_is_disconnected_unread(listener, sessions) -> None:
+    message = oru("X1", accession="ACC1", obx=["CE|18782-3^Report^LN||233604007^Pneumonia^SCT||||||F"])
+    with MLLPClient("127.0.0.1", listener["port"]) as client:
+        try:
+            reply = client.send_message(message)
+        except ConnectionResetError:  # closed while the message was on its way
+            reply = b""
+    assert reply == b""  # closed without an ACK
+    with sessions() as session:
+        assert session.scalars(select(Label)).all() == []
+
+
+def test_allowed_peers_match_addresses_networks_and_mapped_ipv4(tmp_path: Path) -> None:
+    from ops.hl7_listener import Listener
+
+    gate = Listener(Settings(home=tmp_path, hl7_allowed_peers="10.1.0.0/16,192.168.1.7,fd00::/8"), None)
+    assert [gate.admits((peer, 2575)) for peer in ("10.1.2.3", "10.2.0.1", "192.168.1.7", "::ffff:10.1.0.9",
+                                                   "fd12::1", "2001:db8::1", "not-an-address")] == [
+        True, False, True, True, True, False, False]
+    assert Listener(Settings(home=tmp_path), None).admits(("203.0.113.9", 1))  # no list: any
