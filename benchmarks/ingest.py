@@ -1,30 +1,36 @@
-"""Ingest throughput: dcmtk `storescu` into our node vs into dcmtk `storescp`, same files, same run.
+"""Ingest throughput: dcmtk `storescu` into our node vs into Orthanc (and dcmtk `storescp`), same
+files, same run, rounds interleaved.
 
-Our side is `pneumo node` as production runs it (a separate process) on a real Redis broker and a
-fresh PostgreSQL database (or SQLite with --db sqlite): an instance counts only once it is spooled,
-fsynced, renamed, recorded in one transaction, answered and queued (checked in the database after
-each trial). storescp writes the same files without fsync. Trials alternate between receivers
-(the order flips every round) so all see the same machine load.
+Our side is `pneumo node` as production runs it (a separate process, in PNEUMO_NODE_PROCESSES
+receiver processes) on a real Redis broker, on SQLite and on a fresh PostgreSQL database: an
+instance counts only once it is spooled, fsynced, renamed, recorded in one transaction, answered
+and queued (checked in the database after each trial). Orthanc 1.10 (Debian's) stores into its own
+SQLite index and storage folder, defaults otherwise; storescp writes the files without fsync or
+index. Trials alternate between receivers (the order flips every round) so all see the same
+machine load; the headline is the median of per-round ratios to Orthanc. CPU per file is the
+receiver's own CPU time (all its processes) over a trial, divided by the files.
 
-dcmtk 3.6.7 keeps Nagle's algorithm on unless TCP_NODELAY=1 is set, and pynetdicom never sets
-TCP_NODELAY, so on loopback each file can wait ~40 ms for a delayed ACK: `--dcmtk-nodelay off,on`
-runs both. Receiver `node-nodelay` is our node with TCP_NODELAY set on accepted sockets (a
-benchmark-side patch, to size that product change before making it).
+dcmtk 3.6.7 keeps Nagle's algorithm on unless TCP_NODELAY=1 is set (each small PDU can wait ~40 ms
+for a delayed ACK on loopback), so storescu runs with it by default (`--dcmtk-nodelay off,on`
+runs both).
 
     .venv/bin/python benchmarks/ingest.py --files 200 --payload dx224 --rounds 3
+    .venv/bin/python benchmarks/ingest.py --profile --db sqlite   # where one C-STORE's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +39,7 @@ from common import (
     REPO,
     bench_redis_url,
     database,
+    dcmtk_env,
     echo,
     flush_bench_redis,
     free_port,
@@ -45,6 +52,8 @@ from common import (
     wait_for,
     write_payload,
 )
+
+ORTHANC = "/usr/sbin/Orthanc"  # Debian's orthanc package (1.10 on bookworm)
 
 
 def send_all(port: int, files: list[Path], associations: int, called: str, nodelay: bool) -> float:
@@ -96,33 +105,57 @@ def node_trial(files: list[Path], associations: int, port: int, sessions, nodela
     return len(files) / elapsed
 
 
-def start_node(env: dict[str, str], log_path: Path, nodelay: bool) -> subprocess.Popen:
-    command = (
-        [sys.executable, str(Path(__file__).resolve()), "_node"]
-        if nodelay
-        else [sys.executable, "-m", "ops.cli", "node"]
-    )
+def start_node(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "node"], env=env, cwd=REPO,
+                               stdout=handle, stderr=subprocess.STDOUT)
     wait_for(lambda: echo(int(env["PNEUMO_PORT"])), 60, "the node to answer C-ECHO", 0.2)
     return process
 
 
-def serve_node_with_nodelay() -> None:
-    """`pneumo node` with TCP_NODELAY on every accepted socket (the proposed product change)."""
-    from pynetdicom.transport import ThreadedAssociationServer
+class Orthanc:
+    """Debian's Orthanc with its defaults but ports, folders and no HTTP authentication (loopback)."""
 
-    accept = ThreadedAssociationServer.get_request
+    def __init__(self, work: Path, nodelay: bool) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        config = {
+            "Name": "bench", "StorageDirectory": str(work / "storage"),
+            "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC", "DicomPort": self.port,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "Plugins": [],
+        }
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "orthanc.json").write_text(json.dumps(config))
+        handle = open(work / "orthanc.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        # Orthanc's DICOM server is dcmtk's: TCP_NODELAY=1 in its environment, as for storescp.
+        self.process = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=handle,
+                                        stderr=subprocess.STDOUT, env=dcmtk_env(nodelay))
+        wait_for(lambda: echo(self.port, "ORTHANC"), 60, "Orthanc to answer C-ECHO", 0.2)
 
-    def get_request(self):
-        client, address = accept(self)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, address
+    def instances(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/statistics", timeout=30) as answer:
+            return int(json.load(answer)["CountInstances"])
 
-    ThreadedAssociationServer.get_request = get_request
-    from ops.cli import node
 
-    node()
+def orthanc_trial(orthanc: Orthanc, files: list[Path], associations: int, nodelay: bool) -> float:
+    before = orthanc.instances()
+    elapsed = send_all(orthanc.port, files, associations, "ORTHANC", nodelay)
+    stored = orthanc.instances() - before
+    assert stored == len(files), f"Orthanc stored {stored} of {len(files)}"
+    return len(files) / elapsed
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and its live children."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def process_cpu_s() -> float:
@@ -228,10 +261,14 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--payload", choices=["dx224", "cr440"], default="dx224")
     parser.add_argument("--associations", default="1,4", help="comma-separated parallel storescu counts")
-    parser.add_argument("--receivers", default="storescp,node,node-nodelay")
-    parser.add_argument("--dcmtk-nodelay", default="off,on", help="TCP_NODELAY for storescu/storescp")
+    parser.add_argument("--receivers", default="orthanc,node-sqlite,node-postgresql",
+                        help="orthanc, storescp, node-sqlite, node-postgresql")
+    parser.add_argument("--node-processes", type=int, default=0,
+                        help="PNEUMO_NODE_PROCESSES for the nodes (0: the product default)")
+    parser.add_argument("--dcmtk-nodelay", default="on", help="TCP_NODELAY for storescu/storescp")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
+    parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql",
+                        help="with --profile: the node's database")
     parser.add_argument("--profile", action="store_true", help="time each step of a C-STORE instead")
     args = parser.parse_args()
     if args.profile:
@@ -240,17 +277,21 @@ def main() -> None:
     associations = [int(a) for a in args.associations.split(",")]
     receivers = args.receivers.split(",")
     nodelay_modes = [mode == "on" for mode in args.dcmtk_nodelay.split(",")]
+    reference = "orthanc" if "orthanc" in receivers else receivers[0]
 
     from core.db import session_factory
 
     work = Path(tempfile.mkdtemp(prefix="pneumo-ingest-"))
     nodes: dict[str, subprocess.Popen] = {}
+    orthanc: Orthanc | None = None
     try:
-        with database(args.db, work / "home") as url:
+        with contextlib.ExitStack() as databases:
             flush_bench_redis()
-            sessions = session_factory(url)
-            ports = {}
-            for receiver in (r for r in receivers if r != "storescp"):
+            sessions, ports, pids = {}, {}, {}
+            for receiver in (r for r in receivers if r.startswith("node-")):
+                home = work / f"home-{receiver}"
+                url = databases.enter_context(database(receiver.removeprefix("node-"), home))
+                sessions[receiver] = session_factory(url)
                 ports[receiver] = free_port()
                 env = {
                     **os.environ,
@@ -260,17 +301,29 @@ def main() -> None:
                     "PNEUMO_DATABASE_URL": url,
                     "PNEUMO_BROKER_URL": bench_redis_url(),
                     "PNEUMO_ALLOWED_PEERS": "STORESCU",
+                    "PNEUMO_NODE_PROCESSES": str(args.node_processes),
                 }
-                nodes[receiver] = start_node(env, work / f"{receiver}.log", receiver == "node-nodelay")
+                nodes[receiver] = start_node(env, work / f"{receiver}.log")
+                pids[receiver] = nodes[receiver].pid
                 # Warm-up: first association, first transaction, first broker connection.
-                node_trial(write_payload(args.payload, 4, work / "warm"), 1, ports[receiver], sessions, False)
+                warm = write_payload(args.payload, 8, work / "warm")
+                node_trial(warm, 4, ports[receiver], sessions[receiver], True)
+            if "orthanc" in receivers:
+                orthanc = Orthanc(work / "orthanc", any(nodelay_modes))
+                pids["orthanc"] = orthanc.process.pid
+                orthanc_trial(orthanc, write_payload(args.payload, 8, work / "warm"), 4, True)
             size_kib = write_payload(args.payload, 1, work / "size")[0].stat().st_size / 1024
+            logs = [(work / f"{receiver}.log").read_text().splitlines() for receiver in nodes]
+            listening = [line.rpartition(" (")[2].rstrip(")") for log in logs for line in log
+                         if "listening on" in line]
             print(
-                f"payload {args.payload}: {args.files} files of {size_kib:.0f} KiB per trial; nodes on "
-                f"{args.db} + Redis (no worker consuming); load before {load_average()}",
+                f"payload {args.payload}: {args.files} files of {size_kib:.0f} KiB per trial; nodes + Redis "
+                f"(no worker consuming): {listening[0] if listening else '-'}; "
+                f"{os.cpu_count()} CPUs; load before {load_average()}",
                 flush=True,
             )
             rates: dict[tuple, list[float]] = {}
+            cpu: dict[tuple, list[float]] = {}
             trial_rows = []
             for round_index in range(args.rounds):
                 for nodelay in nodelay_modes:
@@ -279,49 +332,51 @@ def main() -> None:
                         for receiver in order:
                             files = write_payload(args.payload, args.files, work / "files")  # fresh UIDs
                             load = load_average()
+                            cpu_before = tree_cpu_s(pids[receiver]) if receiver in pids else 0.0
                             if receiver == "storescp":
                                 rate = storescp_trial(files, count, work, nodelay)
+                            elif receiver == "orthanc":
+                                assert orthanc is not None
+                                rate = orthanc_trial(orthanc, files, count, nodelay)
                             else:
-                                rate = node_trial(files, count, ports[receiver], sessions, nodelay)
+                                rate = node_trial(files, count, ports[receiver], sessions[receiver], nodelay)
+                            cpu_ms = ((tree_cpu_s(pids[receiver]) - cpu_before) / len(files) * 1000
+                                      if receiver in pids else float("nan"))
                             shutil.rmtree(work / "files")
                             rates.setdefault((nodelay, count, receiver), []).append(rate)
-                            trial_rows.append(
-                                (
-                                    round_index + 1,
-                                    "on" if nodelay else "off",
-                                    count,
-                                    receiver,
-                                    f"{rate:.1f}",
-                                    load,
-                                )
-                            )
+                            cpu.setdefault((nodelay, count, receiver), []).append(cpu_ms)
+                            trial_rows.append((round_index + 1, "on" if nodelay else "off", count, receiver,
+                                               f"{rate:.1f}", f"{cpu_ms:.1f}", load))
                             print(
                                 f"  round {round_index + 1} dcmtk-nodelay {'on' if nodelay else 'off'} "
-                                f"associations {count} {receiver}: {rate:.1f} files/s (load {load})",
+                                f"associations {count} {receiver}: {rate:.1f} files/s, {cpu_ms:.1f} ms CPU "
+                                f"per file (load {load})",
                                 flush=True,
                             )
             print()
             print_table(
-                ["round", "dcmtk TCP_NODELAY", "associations", "receiver", "files/s", "load 1/5/15 before"],
+                ["round", "dcmtk TCP_NODELAY", "associations", "receiver", "files/s", "CPU ms/file",
+                 "load 1/5/15 before"],
                 trial_rows,
             )
             print()
             rows = []
             for nodelay in nodelay_modes:
                 for count in associations:
-                    scp = rates.get((nodelay, count, "storescp"), [])
-                    row = ["on" if nodelay else "off", count, f"{median(scp):.1f}"]
-                    for receiver in (r for r in receivers if r != "storescp"):
+                    base = rates[(nodelay, count, reference)]
+                    row = ["on" if nodelay else "off", count]
+                    for receiver in receivers:
                         ours = rates[(nodelay, count, receiver)]
-                        ratios = [o / s for o, s in zip(ours, scp, strict=False)]
-                        row += [
-                            f"{median(ours):.1f}",
-                            f"{median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})",
-                        ]
+                        row += [f"{median(ours):.1f}", f"{median(cpu[(nodelay, count, receiver)]):.1f}"]
+                        if receiver != reference:
+                            ratios = [o / s for o, s in zip(ours, base, strict=True)]
+                            row.append(f"{median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})")
                     rows.append(row)
-            headers = ["dcmtk TCP_NODELAY", "associations", "storescp files/s"]
-            for receiver in (r for r in receivers if r != "storescp"):
-                headers += [f"{receiver} files/s", f"{receiver} / storescp (per round)"]
+            headers = ["dcmtk TCP_NODELAY", "associations"]
+            for receiver in receivers:
+                headers += [f"{receiver} files/s", f"{receiver} CPU ms/file"]
+                if receiver != reference:
+                    headers.append(f"{receiver} / {reference} (per round)")
             print_table(headers, rows)
             print(
                 f"medians over {args.rounds} rounds; ratio = median of per-round ratios; "
@@ -330,12 +385,11 @@ def main() -> None:
     finally:
         for process in nodes.values():
             stop(process, 2)
+        if orthanc is not None:
+            stop(orthanc.process)
         flush_bench_redis()
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["_node"]:
-        serve_node_with_nodelay()
-    else:
-        main()
+    main()
