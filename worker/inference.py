@@ -58,6 +58,7 @@ class Classifier:
         # The version's own input path: the resize its card records (core.contract.RESIZE_TEXT).
         self.resize = contract.resize_of(self.version.card.preprocessing.dump())
         self._lock = threading.Lock()
+        self.batch_size, self.batch_wait_s = batch_size, batch_wait_s  # a candidate batches alike
         self._batcher = (
             MicroBatcher(self._run_model, batch_size, batch_wait_s) if batch_size > 1 else None
         )
