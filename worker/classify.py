@@ -187,7 +187,9 @@ def _candidate_of(model: Classifier) -> Classifier | None:
     with _candidates_lock:
         if key not in _candidates:
             try:
-                _candidates[key] = Classifier(f"{model.name}@{version}", models_dir)
+                _candidates[key] = Classifier(f"{model.name}@{version}", models_dir,
+                                              getattr(model, "batch_size", 1),
+                                              getattr(model, "batch_wait_s", 0.01))
             except Exception as error:
                 log.error("candidate %s@%s not run: %s", model.name, version, error)
                 _candidates[key] = None

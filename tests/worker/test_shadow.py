@@ -192,3 +192,17 @@ def test_roles_in_the_registry(models: Path) -> None:
     registry.mark_served(NAME, "test-2", models)  # the candidate served: no longer a candidate
     assert registry.candidate_versions(models) == {}
     assert registry.served_versions(models) == {NAME: "test-2"}
+
+
+def test_the_candidate_batches_as_the_served_version_does(models: Path) -> None:
+    from worker.inference import Classifier
+
+    served = Classifier(NAME, models, batch_size=4, batch_wait_s=0.005)
+    assert classify._candidate_of(served) is None
+    registry.mark_candidate(NAME, "test-2", models)
+    candidate = classify._candidate_of(served)
+    assert candidate is classify._candidate_of(served)  # loaded once
+    assert (candidate.version.label, candidate.batch_size, candidate.batch_wait_s) == (
+        f"{NAME}@test-2", 4, 0.005)
+    registry.clear_candidate(NAME, models)
+    assert classify._candidate_of(served) is None
