@@ -39,7 +39,7 @@ def charts(session: Session, window: trends.Window, now: datetime | None = None)
                   kind="bar", empty=not any(any(v) for v in refused.values()),
                   empty_text=f"nothing refused, out of scope or failed in {window.span}", x_label=axis),
         svg_chart(f"Positive rate per {per} ({results} results)", labels, rates, y_label="positive",
-                  percent=True, empty_text=f"no studies classified in {window.span}", x_label=axis),
+                  percent=True, empty_text=f"no image classified in {window.span}", x_label=axis),
     ]
 
 

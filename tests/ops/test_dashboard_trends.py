@@ -173,7 +173,7 @@ def test_pages_show_the_charts_and_their_empty_states(sessions, database_url: st
     client = TestClient(create_app(_settings(tmp_path, database_url, broker_url=f"{REDIS_TEST_URL}/12")))
     empty = client.get("/").text
     assert len(re.findall(r'class="chart empty"', empty)) == 4
-    assert "no SR delivered in the last 24 h" in empty and "no studies classified in the last 24 h" in empty
+    assert "no SR delivered in the last 24 h" in empty and "no image classified in the last 24 h" in empty
 
     _populate(sessions, utcnow())
     page = client.get("/").text
