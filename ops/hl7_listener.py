@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import hl7
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, start_hl7_server
@@ -147,7 +148,8 @@ class Listener:
         import os
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{_safe_name(control_id)}.hl7"
+        # Time first: a re-sent or reused control id never overwrites earlier evidence.
+        path = self.folder / f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{_safe_name(control_id)}.hl7"
         old = os.umask(PRIVATE_UMASK)
         try:
             path.write_text(text.replace("\r", "\n"))

@@ -89,7 +89,7 @@ def test_a_coded_finding_and_a_report_text_become_labels_on_their_studies(listen
     assert [(r.source, r.who) for r in rows] == [("hl7", "RIS@GENERAL")] * 2
     assert "coded OBX 233604007" in rows[0].evidence
     assert "0 affirmed, 0 hedged, 2 negated" in rows[1].evidence
-    kept = listener["home"] / "labels" / "hl7" / "MSG001.hl7"
+    (kept,) = (listener["home"] / "labels" / "hl7").glob("*-MSG001.hl7")
     assert "DOE^JANE" in kept.read_text()  # the raw evidence, kept private under home
     assert stat.S_IMODE(kept.stat().st_mode) & 0o077 == 0
 
