@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from core.contract import LABELS, NEGATIVE_CLASS, POSITIVE_CLASS
 from core.db import Label, LabelSource, Study, audit
@@ -81,29 +81,21 @@ class CurrentLabel:
 
 
 def current_labels(session: Session, study_ids: Iterable[int] | None = None) -> dict[int, CurrentLabel]:
-    """Study id -> its current label, for the studies we hold that some label names (by UID or
-    accession); `study_ids` limits it to those studies."""
-    query = select(Study.id, Study.study_instance_uid, Study.accession_number)
+    """Study id -> its current label, for the studies we hold that some label names: by Study
+    Instance UID, or by Accession Number when the label has no UID or one we do not hold.
+    `study_ids` limits it to those studies (a few; the scorecard reads all, with no list)."""
+    other = aliased(Study)
+    names = or_(Label.study_instance_uid == Study.study_instance_uid,
+                and_(Label.accession_number == Study.accession_number,
+                     or_(Label.study_instance_uid.is_(None),
+                         ~exists().where(other.study_instance_uid == Label.study_instance_uid))))
+    query = select(Study.id, Label.id, Label.label, Label.source).join(Label, names)
     if study_ids is not None:
         query = query.where(Study.id.in_(list(study_ids)))
-    studies = session.execute(query).all()
-    by_uid = {uid: sid for sid, uid, _ in studies}
-    by_accession: dict[str, list[int]] = {}
-    for sid, _, accession in studies:
-        if accession:
-            by_accession.setdefault(accession, []).append(sid)
-    if not studies:
-        return {}
-    labels = session.scalars(select(Label).where(or_(
-        Label.study_instance_uid.in_(list(by_uid)),
-        Label.accession_number.in_(list(by_accession)))).order_by(Label.received_at, Label.id))
     found: dict[int, CurrentLabel] = {}
-    for row in labels:
-        targets = ([by_uid[row.study_instance_uid]] if row.study_instance_uid in by_uid
-                   else by_accession.get(row.accession_number or "", []))
-        for sid in targets:
-            earlier = found[sid].earlier + 1 if sid in found else 0
-            found[sid] = CurrentLabel(sid, row.label, row.id, row.source, earlier)
+    for sid, label_id, label, source in session.execute(query.order_by(Label.received_at, Label.id)):
+        earlier = found[sid].earlier + 1 if sid in found else 0
+        found[sid] = CurrentLabel(sid, label, label_id, source, earlier)
     return found
 
 

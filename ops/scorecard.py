@@ -213,7 +213,7 @@ def labelled_rows(session: Session) -> dict[tuple[str, str, str], list[Row]]:
         .join(Instance, Result.instance_id == Instance.id)
         .group_by(Result.model_name, Result.model_version, Instance.study_id)).all()
     study_ids = {row[2] for row in grouped}
-    labels = current_labels(session, study_ids)
+    labels = current_labels(session)  # all: no list of every study in the query
     first = {sid: (received, ae) for sid, received, ae in session.execute(
         select(Study.id, Study.first_received_at,
                select(Instance.calling_ae_title).where(Instance.study_id == Study.id)

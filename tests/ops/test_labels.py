@@ -73,3 +73,20 @@ def test_a_later_label_supersedes_and_earlier_ones_stay(sessions) -> None:
     with sessions() as session:
         assert current_labels(session, [study.id, other.id])[study.id].label == NEGATIVE_CLASS
         assert session.scalar(select(func.count()).select_from(Label)) == 3
+
+
+def test_a_label_names_its_study_by_uid_first_then_by_accession(sessions) -> None:
+    with sessions() as session, session.begin():
+        first = add_study(session, [0.4], accession="SHARED1")
+        second = add_study(session, [0.6], accession="SHARED1")  # an accession reused by the RIS
+        record_label(session, label=POSITIVE_CLASS, source=LabelSource.HL7, who="RIS", evidence="t",
+                     study_instance_uid=second.study_instance_uid, accession_number="SHARED1")
+        record_label(session, label=NEGATIVE_CLASS, source=LabelSource.CSV, who="t", evidence="t",
+                     study_instance_uid="1.2.3.999", accession_number="ACC-LATE")  # images not here yet
+    with sessions() as session:
+        current = current_labels(session)
+    assert set(current) == {second.id} and first.id not in current  # the UID decided, not the accession
+    with sessions() as session, session.begin():
+        late = add_study(session, [0.1], accession="ACC-LATE")  # other UID, same accession: joined by it
+    with sessions() as session:
+        assert current_labels(session)[late.id].label == NEGATIVE_CLASS
