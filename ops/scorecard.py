@@ -212,13 +212,13 @@ def labelled_rows(session: Session) -> dict[tuple[str, str, str], list[Row]]:
                func.max(Result.probability), positive)
         .join(Instance, Result.instance_id == Instance.id)
         .group_by(Result.model_name, Result.model_version, Instance.study_id)).all()
-    study_ids = {row[2] for row in grouped}
     labels = current_labels(session)  # all: no list of every study in the query
     first = {sid: (received, ae) for sid, received, ae in session.execute(
         select(Study.id, Study.first_received_at,
                select(Instance.calling_ae_title).where(Instance.study_id == Study.id)
                .order_by(Instance.received_at, Instance.id).limit(1).scalar_subquery())
-        .where(Study.id.in_([sid for sid in study_ids if sid in labels])))}
+        .where(Study.id.in_(select(Instance.study_id).join(Result, Result.instance_id == Instance.id))))
+        if sid in labels}
     found: dict[tuple[str, str, str], list[Row]] = {}
     for name, version, sid, score, predicted in grouped:
         if sid not in labels:
