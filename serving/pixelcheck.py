@@ -72,8 +72,10 @@ class Detector:
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        # (d @ P) row-wise dot d: a BLAS product. The three-operand einsum loops in C without BLAS,
+        # 12 ms per image and group with 1,472 features: more than the model call (issue 21).
         distances = [
-            np.einsum("ij,jk,ik->i", features - mean, self.precision, features - mean)
+            np.einsum("ij,ij->i", (features - mean) @ self.precision, features - mean)
             for mean in self.means
         ]
         return np.min(distances, axis=0)
