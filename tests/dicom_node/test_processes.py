@@ -18,35 +18,48 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from core.db import Instance, InstanceState, session_factory
+from core.migrate import upgrade
 from core.settings import Settings
 from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL, REPO
 from tests.helpers import dcmtk, free_port, wait_for
+from tests.pipeline.test_tls import Pki, client, pki  # noqa: F401  (pki: the fixture)
+from tests.pipeline.test_tls import associate as tls_associate
 
 PROCESSES = 3
 IMAGES = sorted((DATA / "test" / "NORMAL").iterdir())[:24]
 
 
-@pytest.fixture
-def node(tmp_path: Path, database_url: str):
+def run_node(home: Path, database_url: str, **extra: str) -> tuple[Settings, subprocess.Popen]:
     """`pneumo node` in PROCESSES receivers; 4 slots, 2 per host (so 2 kept for other hosts)."""
-    env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_PORT": str(free_port()),
+    env = {**os.environ, "PNEUMO_HOME": str(home), "PNEUMO_PORT": str(free_port()),
            "PNEUMO_HOST": "127.0.0.1", "PNEUMO_ALLOWED_PEERS": "*", "PNEUMO_DATABASE_URL": database_url,
            "PNEUMO_BROKER_URL": f"{REDIS_TEST_URL}/11", "PNEUMO_NODE_PROCESSES": str(PROCESSES),
-           "PNEUMO_MAX_ASSOCIATIONS": "4", "PNEUMO_MAX_ASSOCIATIONS_PER_HOST": "2"}
-    log = (tmp_path / "node.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "node"], env=env, cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT)
-    settings = Settings(home=tmp_path / "home", port=int(env["PNEUMO_PORT"]), database_url=database_url)
+           "PNEUMO_MAX_ASSOCIATIONS": "4", "PNEUMO_MAX_ASSOCIATIONS_PER_HOST": "2", **extra}
+    home.mkdir(parents=True, exist_ok=True)
+    with (home.parent / f"{home.name}.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "ops.cli", "node"], env=env, cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    settings = Settings(home=home, port=int(env["PNEUMO_PORT"]), database_url=database_url)
+    wait_for(lambda: (settings.node_health_path.exists() and process_tree(process))
+             or process.poll() is not None, 60, "the node to listen")
+    assert process.poll() is None, (home.parent / f"{home.name}.log").read_text()[-2000:]
+    return settings, process
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def node(tmp_path: Path, database_url: str):
+    settings, process = run_node(tmp_path / "home", database_url)
     try:
-        wait_for(lambda: (settings.node_health_path.exists() and process_tree(process)), 60,
-                 "the node to listen")
         yield settings, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
-        log.close()
+        stop(process)
 
 
 def process_tree(process: subprocess.Popen) -> list[psutil.Process]:
@@ -125,3 +138,20 @@ def test_a_dead_receiver_stops_the_node(node) -> None:
     assert process.wait(timeout=30) == 1
     wait_for(lambda: not any(receiver.is_running() and receiver.status() != psutil.STATUS_ZOMBIE
                              for receiver in receivers), 15, "the other receivers to exit")
+
+
+def test_tls_in_several_processes(tmp_path: Path, pki: Pki) -> None:  # noqa: F811 (the fixture)
+    """The acceptor does not wrap the socket; the receiver does the handshake: a TLS peer
+    associates, a plain TCP one does not."""
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+    settings, process = run_node(tmp_path / "home", url, PNEUMO_TLS_CERT_FILE=str(pki.server.cert),
+                                 PNEUMO_TLS_KEY_FILE=str(pki.server.key), PNEUMO_TLS_CA_FILE=str(pki.ca))
+    try:
+        for _ in range(PROCESSES):  # one association after the other: each on the least busy
+            assoc = tls_associate(settings, client(pki.ca))
+            assert assoc.is_established and assoc.send_c_echo().Status == 0
+            assoc.release()
+        assert not tls_associate(settings, None).is_established
+    finally:
+        stop(process)
