@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--payload", choices=["dx224", "cr440"], default="dx224")
     parser.add_argument("--associations", default="1,4", help="comma-separated parallel storescu counts")
     parser.add_argument("--receivers", default="orthanc,node-sqlite,node-postgresql",
-                        help="orthanc, storescp, node-sqlite, node-postgresql")
+                        help="orthanc, storescp, node-sqlite, node-postgresql; node-sqlite-p1: in 1 process")
     parser.add_argument("--node-processes", type=int, default=0,
                         help="PNEUMO_NODE_PROCESSES for the nodes (0: the product default)")
     parser.add_argument("--dcmtk-nodelay", default="on", help="TCP_NODELAY for storescu/storescp")
@@ -289,8 +289,9 @@ def main() -> None:
             flush_bench_redis()
             sessions, ports, pids = {}, {}, {}
             for receiver in (r for r in receivers if r.startswith("node-")):
+                _, kind, *count = receiver.split("-")  # node-sqlite, or node-sqlite-p1: 1 process
                 home = work / f"home-{receiver}"
-                url = databases.enter_context(database(receiver.removeprefix("node-"), home))
+                url = databases.enter_context(database(kind, home))
                 sessions[receiver] = session_factory(url)
                 ports[receiver] = free_port()
                 env = {
@@ -301,7 +302,7 @@ def main() -> None:
                     "PNEUMO_DATABASE_URL": url,
                     "PNEUMO_BROKER_URL": bench_redis_url(),
                     "PNEUMO_ALLOWED_PEERS": "STORESCU",
-                    "PNEUMO_NODE_PROCESSES": str(args.node_processes),
+                    "PNEUMO_NODE_PROCESSES": count[0][1:] if count else str(args.node_processes),
                 }
                 nodes[receiver] = start_node(env, work / f"{receiver}.log")
                 pids[receiver] = nodes[receiver].pid
