@@ -38,6 +38,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from core.db import Instance, session_factory
 from core.logsafe import printable
 from core.queue import CLASSIFY, DELIVER, make_app, task_sender
+from core.registry import candidate_versions
 from core.settings import Settings
 from ops import monitoring, status
 from ops.dashboard_auth import (
@@ -144,7 +145,7 @@ def create_app(settings: Settings) -> Starlette:
         studies, failures, deliveries, panels = [], [], [], []
         if snap.database_ok:
             with sessions() as session:
-                studies = recent_studies(session)
+                studies = recent_studies(session, candidates=candidate_versions(settings.models_dir))
                 failures = failed_instances(session)
                 deliveries = deliveries_needing_attention(session)
                 if settings.show_patient_names:

@@ -9,6 +9,7 @@ from sqlalchemy import create_engine, func, inspect, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import registry
 from core.db import (
     Delivery,
     DeliveryState,
@@ -24,7 +25,7 @@ from core.db import (
 from core.queue import DELIVER, queue_depths, task_sender
 from core.settings import Settings
 from ops.monitoring import broker_down, not_classified_by_reason
-from ops.studies import sr_status, study_reasons
+from ops.studies import not_candidate, sr_status, study_reasons
 
 
 class DatabaseNotFound(RuntimeError):
@@ -94,11 +95,13 @@ def render(settings: Settings, last: int = 10) -> str:
         ):
             lines.append(f"  {state:<16} {count}")
         lines.append(f"last {last} studies:")
+        candidates = registry.candidate_versions(settings.models_dir)
         studies = session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(last))
         for study in studies:
             results = session.execute(
                 select(Result.label, Result.probability, Result.model_name, Result.model_version)
-                .join(Instance).where(Instance.study_id == study.id).order_by(Result.probability.desc())
+                .join(Instance).where(Instance.study_id == study.id, not_candidate(candidates))
+                .order_by(Result.probability.desc())
             ).all()
             instances = session.execute(
                 select(Instance.state, Instance.reason).where(Instance.study_id == study.id)).all()

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, not_, select, true
 from sqlalchemy.orm import Session
 
 from core.db import TERMINAL_STATES, Delivery, DeliveryState, Instance, InstanceState, Result, Study
@@ -70,7 +70,16 @@ def sr_status(delivery_state: str | None, destination: str | None, states: list[
     return "no SR yet"
 
 
-def recent_studies(session: Session, limit: int = 20) -> list[StudyRow]:
+def not_candidate(candidates: dict[str, str]) -> ColumnElement[bool]:
+    """Results that are a site's answer: a candidate version's results are recorded beside the
+    served one's but never sent, so they must not stand as a study's finding."""
+    return and_(true(), *(not_(and_(Result.model_name == name, Result.model_version == version))
+                          for name, version in candidates.items()))
+
+
+def recent_studies(session: Session, limit: int = 20,
+                   candidates: dict[str, str] | None = None) -> list[StudyRow]:
+    """The newest studies; `candidates` (name -> version) are left out of the finding."""
     rows = []
     for study in session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)):
         instances = session.execute(
@@ -78,7 +87,7 @@ def recent_studies(session: Session, limit: int = 20) -> list[StudyRow]:
             .where(Instance.study_id == study.id)).all()
         top = session.execute(
             select(Result.label, Result.probability, Result.model_name, Result.model_version)
-            .join(Instance).where(Instance.study_id == study.id)
+            .join(Instance).where(Instance.study_id == study.id, not_candidate(candidates or {}))
             .order_by(Result.probability.desc()).limit(1)).first()
         delivery = session.scalar(
             select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id.desc()).limit(1))

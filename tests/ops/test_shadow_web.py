@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 from starlette.testclient import TestClient
 
 from core import registry
+from core.db import Result
 from core.settings import Settings
 from ops import shadow
 from ops.dashboard import create_app
@@ -57,3 +59,26 @@ def test_the_panel_says_a_version_is_silent(database_url: str, models: Path, tmp
     page = web.get("/").text
     assert f"{NAME}@test-1 is served <strong>silent</strong>" in page
     assert web.get("/shadow.json").json() == {"candidates": [], "silent": {NAME: "test-1"}}
+
+
+def test_a_candidates_result_is_never_a_studys_finding(
+    sessions, database_url: str, models: Path, tmp_path: Path
+) -> None:
+    """The dashboard's study list and `pneumo status` name the served version's finding, even
+    where the candidate (recorded beside it, never sent) gave a higher probability."""
+    from ops import status
+    from ops.studies import recent_studies
+
+    registry.mark_candidate(NAME, "test-2", models)
+    classify_study(sessions, served_classifier(models), tmp_path, IMAGES)
+    with sessions.begin() as session:  # the candidate sure of a finding the served version is not
+        session.execute(update(Result).where(Result.model_version == "test-2").values(probability=0.99))
+    with sessions() as session:
+        (everything,) = recent_studies(session)
+        (answered,) = recent_studies(session, candidates=registry.candidate_versions(models))
+    assert everything.model == f"{NAME}@test-2"
+    assert answered.model == f"{NAME}@test-1" and answered.probability < 0.99
+
+    settings = Settings(home=tmp_path / "home", database_url=database_url,
+                        broker_url=f"{REDIS_TEST_URL}/10", models_dir=models)
+    assert "@test-2" not in status.render(settings) and f"{NAME}@test-1" in status.render(settings)
