@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from core.contract import SCORE_BINS, score_edges
-from ops.charts import COLOURS, _wrap, empty_chart
+from ops.charts import COLOURS, DRAWING, _wrap, empty_chart
 from ops.scorecard import Interval, Scorecard
 
 _count = iter(range(1, 10**9))
@@ -24,8 +24,9 @@ SIZE_IN = (4.2, 3.0)
 
 
 def _render(title: str, desc: str, draw) -> Markup:
-    with rc_context({"svg.fonttype": "none", "font.size": 8, "axes.spines.top": False,
-                     "axes.spines.right": False}):
+    # DRAWING: matplotlib's rc settings are global; two threads drawing at once spoil each other's.
+    with DRAWING, rc_context({"svg.fonttype": "none", "font.size": 8, "axes.spines.top": False,
+                              "axes.spines.right": False}):
         figure = Figure(figsize=SIZE_IN, layout="constrained")
         axes: Axes = figure.add_subplot()
         draw(axes)
