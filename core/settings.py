@@ -218,7 +218,8 @@ class Settings(BaseSettings):
     hl7_host: str = Field("0.0.0.0", description="Address the HL7 MLLP listener binds")
     hl7_allowed_peers: str = Field(
         "", description="Comma-separated addresses or networks (CIDR) that may send HL7 reports (the "
-        "RIS interface engine); empty: any. Others are disconnected unread")
+        "RIS interface engine); empty: loopback only (the listener refuses to start on a wider "
+        "PNEUMO_HL7_HOST without it). Others are disconnected unread")
     scorecard_alert_p: float = Field(
         0.01, gt=0, lt=0.5, description="One-sided exact binomial p-value below which a version's site "
         "sensitivity or specificity alerts as below what its card measured")

@@ -45,6 +45,7 @@ def listen(port: int = typer.Option(0, help="Port [default: PNEUMO_HL7_PORT]")) 
 
     from core.db import session_factory
     from core.lifecycle import EXIT_CANNOT_START, notify_ready
+    from ops.dashboard import beyond_loopback
     from ops.hl7_listener import allowed_networks, serve
 
     setup_logging()
@@ -52,10 +53,16 @@ def listen(port: int = typer.Option(0, help="Port [default: PNEUMO_HL7_PORT]")) 
     if not (port or settings.hl7_port):
         raise typer.BadParameter("no port: set PNEUMO_HL7_PORT or give --port")
     try:
-        allowed_networks(settings.hl7_allowed_peers)
+        allowed = allowed_networks(settings.hl7_allowed_peers)
     except ValueError as error:
         typer.echo(f"error: PNEUMO_HL7_ALLOWED_PEERS: {error}", err=True)
         raise typer.Exit(EXIT_CANNOT_START) from None
+    if not allowed and beyond_loopback(settings.hl7_host):
+        # Labels decide promotions and alerts: an open port would take them from any host.
+        typer.echo(f"error: the HL7 listener would take labels from any host on {settings.hl7_host}: set "
+                   "PNEUMO_HL7_ALLOWED_PEERS to the RIS interface engine's address(es), or "
+                   "PNEUMO_HL7_HOST=127.0.0.1", err=True)
+        raise typer.Exit(EXIT_CANNOT_START)
     started = asyncio.Event()
 
     async def main() -> None:

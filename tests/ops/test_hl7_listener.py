@@ -181,3 +181,24 @@ def test_allowed_peers_match_addresses_networks_and_mapped_ipv4(tmp_path: Path) 
                                                    "fd12::1", "2001:db8::1", "not-an-address")] == [
         True, False, True, True, True, False, False]
     assert Listener(Settings(home=tmp_path), None).admits(("203.0.113.9", 1))  # no list: any
+
+
+def test_the_listener_refuses_to_open_beyond_loopback_to_any_sender(tmp_path: Path) -> None:
+    """Labels decide promotions and alerts: on 0.0.0.0 with no PNEUMO_HL7_ALLOWED_PEERS the
+    listener does not start, and says in one line what to set."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_HL7_PORT": str(free_port()),
+           "PNEUMO_HL7_HOST": "0.0.0.0", "PNEUMO_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"}
+    env.pop("PNEUMO_HL7_ALLOWED_PEERS", None)
+    done = subprocess.run([sys.executable, "-m", "ops.cli", "labels", "listen"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    from core.lifecycle import EXIT_CANNOT_START
+
+    assert done.returncode == EXIT_CANNOT_START
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the HL7 listener would take labels")
+    assert "PNEUMO_HL7_ALLOWED_PEERS" in done.stderr and "Traceback" not in done.stderr
