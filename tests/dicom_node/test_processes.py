@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from core.migrate import upgrade
 from core.settings import Settings
 from ops.send import wrap_image
 from tests.conftest import DATA, REDIS_TEST_URL, REPO
+from tests.dicom_node.test_node_guard import closed_within
 from tests.helpers import dcmtk, free_port, wait_for
 from tests.pipeline.test_tls import Pki, client, pki  # noqa: F401  (pki: the fixture)
 from tests.pipeline.test_tls import associate as tls_associate
@@ -96,6 +98,7 @@ def test_limits_hold_across_processes(node) -> None:
 
 
 def associate_and_release(settings: Settings) -> bool:
+    """Whether this host gets its 2 slots (released again at once)."""
     assocs = [associate(settings), associate(settings)]
     established = all(assoc.is_established for assoc in assocs)
     for assoc in assocs:
@@ -154,4 +157,22 @@ def test_tls_in_several_processes(tmp_path: Path, pki: Pki) -> None:  # noqa: F8
             assoc.release()
         assert not tls_associate(settings, None).is_established
     finally:
+        stop(process)
+
+
+def test_a_stalled_connection_is_closed_by_its_receiver_and_its_slot_freed(tmp_path: Path) -> None:
+    """The receiver's watchdog closes a connection that never sends its A-ASSOCIATE-RQ; the
+    acceptor, which counts the slot, frees it."""
+    url = f"sqlite:///{tmp_path / 'pneumo.db'}"
+    upgrade(url)
+    settings, process = run_node(tmp_path / "home", url, PNEUMO_ASSOCIATION_REQUEST_TIMEOUT_S="2")
+    stalled = [socket.create_connection(("127.0.0.1", settings.port), timeout=10) for _ in range(2)]
+    try:
+        wait_for(lambda: not associate_and_release(settings), 5, "this host's 2 slots to be held")
+        for sock in stalled:
+            assert closed_within(sock, 10)
+        wait_for(lambda: associate_and_release(settings), 10, "the slots to be freed")
+    finally:
+        for sock in stalled:
+            sock.close()
         stop(process)
