@@ -771,6 +771,8 @@ def read_pacs_folder(folder: Path) -> tuple[list[ReceivedSR], int]:
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
             dataset = dcmread(path)
+            if dataset.get("Modality") != "SR":
+                continue  # a picture (worker.picture): sent with its SR, counted with none
             equipment = next(item for item in dataset.ContributingEquipmentSequence
                              if item.get("Manufacturer") == MANUFACTURER)
             referenced = frozenset(

@@ -188,7 +188,7 @@ def run(studies: int, models_dir: Path, timeout_s: float, work: Path) -> dict:
     report["deliveries"] = dict(Counter(state for state, _, _ in deliveries))
     report["dead_reasons"] = sorted({error for state, _, error in deliveries if state == DeliveryState.DEAD})
     report["over_budget"] = sum(1 for _, attempts, _ in deliveries if attempts > max_attempts)
-    report["srs_at_pacs"] = len(list(pacs_dir.iterdir()))
+    report["srs_at_pacs"] = len(list(pacs_dir.glob("SR*")))  # storescp's prefix; pictures are SC*
     markers = {value.lower() for _, values in written for value in values}
     logs = {path.name: path.read_text(errors="replace").lower() for path in home.rglob("*.log")}
     logs["pneumo run output"] = output.lower()
