@@ -6,10 +6,16 @@ PostgreSQL database, or SQLite with --db sqlite); the model is the served `pneum
 The default worker predicts one image per call, so the headline ratio is against the bare model
 at batch 1 through the same call the worker makes (`predict_on_batch`). The batched worker (the GPU
 worker's configuration: task threads sharing model calls through worker.batching) is compared with
-the bare model at the same batch size. A final pass times each step of the worker path to show
+the bare model at the same batch size. The "decode +" bare passes also read, decode and
+preprocess each file (serving.decode, serving.image) before the model call, serially: the issue's
+reference with decode included in both. A final pass times each step of the worker path to show
 where the time goes.
 
     .venv/bin/python benchmarks/inference.py --images 100 --rounds 3
+    .venv/bin/python benchmarks/inference.py --images 32 --payload full-j2k_lossless --batch 16
+
+`full-<kind>` payloads are full-size films: Kermany full-resolution originals at a 2,500 px short
+side in one encoding of devtools/corpus.py (decoded reduced where the syntax allows).
 """
 
 from __future__ import annotations
@@ -35,6 +41,26 @@ from common import (
     print_table,
     write_payload,
 )
+
+FULL_SHORT_SIDE = 2500
+
+
+def full_size_payload(kind: str, count: int, folder: Path) -> list[Path]:
+    """`count` full-size films in encoding `kind`, each its own study (fresh UIDs)."""
+    from common import SHARED
+
+    from devtools.corpus import variant
+    from ops.send import wrap_image
+
+    originals = sorted((SHARED / "data" / "chest_xray_fullres" / "train").glob("*/*.jpeg"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"{index:05d}.dcm"
+        source = originals[(index * 97) % len(originals)]
+        variant(wrap_image(source), kind, short_side=FULL_SHORT_SIDE).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def record(files: list[Path], sessions, work: Path) -> list[int]:
@@ -150,11 +176,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--payload", choices=["dx224", "cr440"], default="dx224")
+    parser.add_argument("--payload", default="dx224",
+                        help="dx224, cr440 or full-<kind> (a devtools.corpus kind at 2,500 px)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="batch size of the batched bare pass")
     parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--model", default="pneumonia-transfer")
+    parser.add_argument("--call-styles", action="store_true",
+                        help="also time model(x) and model.predict at batch 1 (5-9x slower)")
     args = parser.parse_args()
 
     import keras
@@ -171,7 +200,10 @@ def main() -> None:
     try:
         with database(args.db, work / "home") as url:
             sessions = session_factory(url)
-            ids = record(write_payload(args.payload, args.images, work / "files"), sessions, work)
+            files = (full_size_payload(args.payload.removeprefix("full-"), args.images, work / "files")
+                     if args.payload.startswith("full-")
+                     else write_payload(args.payload, args.images, work / "files"))
+            ids = record(files, sessions, work)
             with sessions() as session:
                 paths = list(
                     session.scalars(select(Instance.path).where(Instance.id.in_(ids)).order_by(Instance.id))
@@ -208,7 +240,7 @@ def main() -> None:
 
             def bare_call() -> None:
                 for tensor in tensors:
-                    np.asarray(model.model(tensor[np.newaxis], training=False))
+                    [np.asarray(output) for output in model.model(tensor[np.newaxis], training=False)]
 
             def bare_predict() -> None:
                 for tensor in tensors:
@@ -218,6 +250,13 @@ def main() -> None:
                 for start in range(0, count, args.batch):
                     model.model.predict_on_batch(tensors[start : start + args.batch])
 
+            def decode_and_predict(batch: int) -> Callable[[], None]:
+                def run() -> None:
+                    for start in range(0, count, batch):
+                        model.model.predict_on_batch(tensors_of(paths[start : start + batch]))
+
+                return run
+
             passes = {
                 "worker path (classify_instance)": worker_path,
                 f"worker path, {2 * args.batch} threads, batches <= {args.batch}": worker_path_batched,
@@ -225,7 +264,11 @@ def main() -> None:
                 "bare model(x, training=False), batch 1": bare_call,
                 "bare model.predict, batch 1": bare_predict,
                 f"bare predict_on_batch, batch {args.batch}": bare_batched,
+                "bare decode + predict_on_batch, batch 1": decode_and_predict(1),
+                f"bare decode + predict_on_batch, batch {args.batch}": decode_and_predict(args.batch),
             }
+            if not args.call_styles:  # slow calls the worker never makes (measured 2026-11-26)
+                del passes["bare model(x, training=False), batch 1"], passes["bare model.predict, batch 1"]
             # Warm-up: every traced function once, every cache filled.
             reset(sessions)
             classify.classify_instance(sessions, ids[0], classifier)
@@ -253,6 +296,8 @@ def main() -> None:
             worker = "worker path (classify_instance)"
             batched = f"worker path, {2 * args.batch} threads, batches <= {args.batch}"
             bare_batch = f"bare predict_on_batch, batch {args.batch}"
+            with_decode = f"bare decode + predict_on_batch, batch {args.batch}"
+            single_decode = "bare decode + predict_on_batch, batch 1"
             print()
             rows = []
             for name in passes:
@@ -272,8 +317,16 @@ def main() -> None:
                 f"{median([w / b for w, b in zip(rates[worker], rates[reference], strict=True)]):.2f}; "
                 f"batched worker path / bare batch {args.batch} = "
                 f"{median([w / b for w, b in zip(rates[batched], rates[bare_batch], strict=True)]):.2f}; "
+                f"decode included in both: worker path / bare decode + batch 1 = "
+                f"{median([w / b for w, b in zip(rates[worker], rates[single_decode], strict=True)]):.2f}, "
+                f"batched worker path / {with_decode} = "
+                f"{median([w / b for w, b in zip(rates[batched], rates[with_decode], strict=True)]):.2f}; "
                 f"loads before rounds: {'; '.join(loads)}; after {load_average()}"
             )
+            sizes = list(batching._batcher.batch_sizes) if batching._batcher else []
+            if sizes:
+                print(f"batched worker's model calls: {len(sizes)}, images per call median "
+                      f"{median(sizes):.0f}, mean {sum(sizes) / len(sizes):.1f}")
             print()
             print_table(
                 ["step of classify_instance", "ms/image", "share"],
