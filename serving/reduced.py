@@ -68,9 +68,18 @@ def _jpeg(frame: bytes, rows: int, columns: int, level: int) -> np.ndarray:
         return np.asarray(image)
 
 
+def _unpadded(frame: bytes) -> bytes:
+    """The codestream without the 0x00 that pads a DICOM fragment to even length after the EOC
+    marker (FFD9): Pillow's JPEG 2000 decoder raises "broken data stream" on it (seen in a real
+    16-bit DX), where pylibjpeg ignores it."""
+    trimmed = frame.rstrip(b"\x00")
+    return trimmed if trimmed.endswith(b"\xff\xd9") else frame
+
+
 def _j2k(frame: bytes, rows: int, columns: int, level: int, bits_stored: int) -> np.ndarray:
     import openjpeg.utils  # pylibjpeg-openjpeg: the codestream's own precision and sign
 
+    frame = _unpadded(frame)
     header = openjpeg.utils.get_parameters(frame)
     precision = int(header["precision"])
     if header["is_signed"] or precision > 16 or precision > bits_stored:

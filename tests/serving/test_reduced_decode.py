@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from devtools.corpus import variant
@@ -16,7 +17,7 @@ from ops.send import wrap_image
 from serving import reduced
 from serving.decode import REDUCED_SHORT_SIDE, grayscale_pixels
 from serving.image import preprocess
-from tests.conftest import SHARED
+from tests.conftest import REAL_DICOM, SHARED
 
 ORIGINAL = sorted((SHARED / "data" / "chest_xray_fullres" / "train" / "NORMAL").iterdir())[0]
 
@@ -109,3 +110,19 @@ def test_the_served_path_reduces_by_default(dx: Dataset) -> None:
     dataset = variant(dx, "jpeg_baseline", short_side=2500)
     assert min(grayscale_pixels(dataset).shape) < 2500 // 2
     assert min(grayscale_pixels(dataset).shape) >= REDUCED_SHORT_SIDE
+
+
+@pytest.mark.parametrize("name", ["dx_16bit_j2k_flipped.dcm", "konica_cr_mono1_jpeg.dcm",
+                                  "nema_rg1_cr_chest_j2k_lossy.dcm"])
+def test_real_modality_files_are_reduced_and_give_the_full_decode_tensor(name: str) -> None:
+    """A 16-bit JPEG 2000 DX whose fragment is padded after its EOC marker (Pillow refused it
+    until the pad was trimmed), a MONOCHROME1 JPEG CR and a lossy JPEG 2000 CR."""
+    dataset = dcmread(REAL_DICOM / name)
+    before = sum(reduced.FALLBACKS.values())
+    full = grayscale_pixels(dataset, None)
+    small = grayscale_pixels(dataset)
+    assert sum(reduced.FALLBACKS.values()) == before
+    assert REDUCED_SHORT_SIDE <= min(small.shape) <= -(-min(full.shape) // 2)  # ceil of a half
+    expected = box_mean(full, small.shape)
+    assert np.corrcoef(small.ravel(), expected.ravel())[0, 1] > 0.99  # inverted both times, or neither
+    assert float(np.mean(np.abs(preprocess(small) - preprocess(full)))) < 0.01
