@@ -27,6 +27,7 @@ from core.db import (
     audit,
     utcnow,
 )
+from worker.picture import kept_maps  # the heat maps kept beside each image
 
 log = logging.getLogger(__name__)
 REMOVED_EVENT = "images_removed"
@@ -71,7 +72,7 @@ def candidates(session: Session, older_than_days: float) -> list[Candidate]:
 def remove(sessions: sessionmaker[Session], candidate: Candidate) -> int:
     """Delete one study's image files; returns bytes freed. Missing files are not an error."""
     freed = 0
-    for path in candidate.files:
+    for path in [*candidate.files, *(kept for image in candidate.files for kept in kept_maps(image))]:
         try:
             size = path.stat().st_size
             path.unlink()

@@ -16,6 +16,7 @@ delivery worker never loads the model.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import textwrap
@@ -75,6 +76,11 @@ def keep_map(image_path: Path, model_name: str, model_version: str, cam: np.ndar
     except OSError as error:
         log.warning("heat map not kept: %s", type(error).__name__)
         partial.unlink(missing_ok=True)
+
+
+def kept_maps(image_path: Path) -> list[Path]:
+    """Every version's map kept beside an image (removed with it by `pneumo retention`)."""
+    return sorted(image_path.parent.glob(f"{glob.escape(image_path.name)}.*.cam.npy"))
 
 
 def load_map(image_path: Path, model_name: str, model_version: str) -> np.ndarray | None:
