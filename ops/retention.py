@@ -3,12 +3,15 @@
 A study qualifies when every image is in a terminal state and either its SRs were all delivered
 more than N days ago, or none of its images was a chest radiograph (all ignored) and it arrived
 more than N days ago. Database rows, results and the SR files stay: every result remains
-traceable. Dry-run by default; `--apply` deletes and records an audit event per study.
+traceable. The RIS's raw HL7 reports kept as label evidence (they name the patient) go after
+the same N days; the label rows stay. Dry-run by default; `--apply` deletes and records an
+audit event per study.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -67,6 +70,14 @@ def candidates(session: Session, older_than_days: float) -> list[Candidate]:
                   [Path(p) for p in session.scalars(files.where(Instance.study_id == study.id))])
         for study in studies
     ]
+
+
+def old_reports(home: Path, older_than_days: float) -> list[Path]:
+    """Raw HL7 reports (ops.hl7_listener keeps them under home/labels/hl7) older than N days."""
+    cutoff = time.time() - older_than_days * 86400
+    folder = home / "labels" / "hl7"
+    return sorted(path for path in folder.glob("*.hl7") if path.stat().st_mtime <= cutoff) \
+        if folder.is_dir() else []
 
 
 def remove(sessions: sessionmaker[Session], candidate: Candidate) -> int:

@@ -110,15 +110,19 @@ def retention(
     sessions = session_factory(settings.sqlalchemy_url)
     with sessions() as session:
         found = policy.candidates(session, older_than_days)
+    reports = policy.old_reports(settings.home_dir, older_than_days)
     total = sum(candidate.size_bytes for candidate in found)
     for candidate in found:
         typer.echo(f"{candidate.study_instance_uid}: {len(candidate.files)} file(s)")
     if not apply:
         typer.echo(f"dry run: {len(found)} study(ies), {total / 1e6:.1f} MB would be removed; "
-                   "add --apply to delete")
+                   f"{len(reports)} raw HL7 report(s); add --apply to delete")
         return
     freed = sum(policy.remove(sessions, candidate) for candidate in found)
-    typer.echo(f"removed images of {len(found)} study(ies), {freed / 1e6:.1f} MB freed")
+    for report in reports:
+        report.unlink(missing_ok=True)
+    typer.echo(f"removed images of {len(found)} study(ies), {freed / 1e6:.1f} MB freed; "
+               f"{len(reports)} raw HL7 report(s)")
 
 
 @db_app.command("upgrade")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def test_dry_run_then_apply(sessions, database_url: str, tmp_path: Path) -> None
                 model_name="m", model_version="v", destination="PACS@h:1", sr_sop_instance_uid="1.5.9",
                 state=DeliveryState.RETRYING, instances_reported=1, attempts=2,
                 created_at=utcnow(), updated_at=utcnow()))
+    reports = tmp_path / "home" / "labels" / "hl7"  # the RIS's raw reports: they name the patient
+    reports.mkdir(parents=True)
+    old_report, new_report = reports / "20261101T000000Z-1.hl7", reports / "20261206T000000Z-2.hl7"
+    for report, days in ((old_report, 31), (new_report, 2)):
+        report.write_text("MSH|...")
+        os.utime(report, (time.time() - days * 86400,) * 2)
     env = {**os.environ, "PNEUMO_HOME": str(tmp_path / "home"), "PNEUMO_DATABASE_URL": database_url}
 
     def retention(*extra: str) -> str:
@@ -65,10 +72,12 @@ def test_dry_run_then_apply(sessions, database_url: str, tmp_path: Path) -> None
 
     dry = retention()
     assert "1.1:" in dry and "1.3:" in dry and "dry run: 2 study(ies)" in dry
+    assert "1 raw HL7 report(s)" in dry and old_report.exists()
     assert all(path.exists() for path in (old, recent, ignored, waiting, undelivered))
 
     applied = retention("--apply")
-    assert "removed images of 2 study(ies)" in applied
+    assert "removed images of 2 study(ies)" in applied and "1 raw HL7 report(s)" in applied
+    assert not old_report.exists() and new_report.exists()
     assert not old.exists() and not ignored.exists() and not old.parent.exists()
     assert recent.exists() and waiting.exists() and undelivered.exists()
     with sessions() as session:
