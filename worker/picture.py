@@ -199,6 +199,12 @@ def build_picture(header: Dataset, rgb: np.ndarray, version: Version, number: in
     )
     if not known:
         picture.PatientOrientation = None  # type 2: unknown stays empty, never guessed
+    # What every reported image is (the served versions' intended use): unpaired, so no
+    # Laterality (type 2C) unless the image has one.
+    picture.BodyPartExamined = "CHEST"
+    laterality = str(header.get("Laterality") or "")
+    if laterality in ("R", "L"):
+        picture.Laterality = laterality
     picture.ImageType = ["DERIVED", "SECONDARY"]
     picture.BurnedInAnnotation = "YES"
     picture.DerivationDescription = f"Grad-CAM heat map and result of {version.name} {version.version}"

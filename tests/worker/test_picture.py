@@ -11,6 +11,7 @@ image's study; written beside the SR and referenced by it; turned off by the set
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import keras
@@ -25,6 +26,8 @@ from serving import models, saliency
 from serving.decode import grayscale_pixels
 from serving.image import preprocess
 from tests.conftest import DATA, REPO
+from tests.helpers import requires_program
+from tests.worker.test_sr_purpose import KNOWN_WARNINGS
 from worker import picture
 from worker.report import ImageFinding
 
@@ -136,6 +139,7 @@ def test_a_refused_image_gets_a_not_assessed_picture() -> None:
     assert rgb.shape[2] == 3 and (rgb[:40] > 0).any()
 
 
+@requires_program("dciodvfy", "dicom3tools")
 def test_the_picture_is_a_secondary_capture_in_the_images_study(tmp_path: Path) -> None:
     source = wrap_image(IMAGES[0])
     source.save_as(tmp_path / "image.dcm", enforce_file_format=True)
@@ -157,6 +161,10 @@ def test_the_picture_is_a_secondary_capture_in_the_images_study(tmp_path: Path) 
     (equipment,) = [e for e in stored.ContributingEquipmentSequence if "DeviceUID" in e]
     assert (equipment.ManufacturerModelName, equipment.SoftwareVersions) == (VERSION.name, VERSION.version)
     assert _coloured(stored.pixel_array).mean() > 0.02
+    verify = subprocess.run(["dciodvfy", str(tmp_path / "out" / f"{reference.SOPInstanceUID}.dcm")],
+                            capture_output=True, text=True, errors="replace")
+    assert not [line for line in verify.stderr.splitlines() if line.startswith(("Error", "Warning"))
+                and not any(known in line for known in KNOWN_WARNINGS)], verify.stderr
     again, _ = picture.write_pictures([(tmp_path / "image.dcm", ImageFinding(header, 0.8, True))],
                                       VERSION, tmp_path / "again")
     assert again[str(source.SOPInstanceUID)].SOPInstanceUID == reference.SOPInstanceUID  # replaces
