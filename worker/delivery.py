@@ -1,5 +1,6 @@
 """Delivery of one SR, the whole state machine: build it from the database and the stored
-headers (or reuse the kept one), C-STORE it to the PACS (pynetdicom SCU, over TLS when
+headers (or reuse the kept one) with each image's picture (worker.picture, unless the setting
+`pictures` is off), C-STORE the pictures and then the SR to the PACS (pynetdicom SCU, over TLS when
 configured), record the outcome whatever fails: `retrying` with a backoff, then `dead`.
 
 Finalise (worker.housekeeping) creates the deliveries; the deliver task (worker.tasks) runs
