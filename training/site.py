@@ -150,7 +150,7 @@ def assess(spec: str, loaded: Loaded, models_dir: Path) -> Assessment:
     if not use:
         raise registry.RegistryError(f"{version.label} has no scope; run `pneumo scope fit`")
     detector = pixelcheck.load(version.path, scope_of.detector_sha256)
-    scoring, _ = models.with_features(model)
+    scoring, _ = models.with_features(model, detector.layers)  # the layers its check was fitted on
     probabilities, features = models.predict_with_features(scoring, loaded.tensors)
     pixel_scores = detector.score(features) if len(features) else np.zeros(0)
     n = len(loaded.images)

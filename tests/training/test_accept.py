@@ -278,3 +278,20 @@ def test_refusals_are_counted_by_kind_and_ages_fall_in_bands() -> None:
         "not a frontal view: lateral view")
     assert [accept.age_band(a) for a in (None, 0.4, 5.9, 6, 17.99, 18, 39, 40, 64.5, 65, 101)] == [
         "unknown", "0-5", "0-5", "6-17", "6-17", "18-39", "18-39", "40-64", "40-64", "65+", "65+"]
+
+
+def test_the_served_version_is_assessed_with_its_own_pixel_check_layers() -> None:
+    """A refitted pixel check scores other layers than the default (the served transfer
+    version's has four): accept scores each image as the worker does, not a broadcast error."""
+    from tests.conftest import REPO
+    from training.site import SiteImage, assess, load
+    from worker.inference import Classifier
+
+    models_dir = REPO / "models"
+    images = [SiteImage(path, label, f"p{i}") for i, (path, label) in enumerate(
+        [(p, 1) for p in spread("train", "PNEUMONIA", 3)] + [(p, 0) for p in spread("train", "NORMAL", 3)])]
+    loaded = load(images)
+    assessed = assess(NAME, loaded, models_dir)
+    worker = Classifier(NAME, models_dir)
+    expected = [worker.predict(tensor).scope_score for tensor in loaded.tensors]
+    np.testing.assert_allclose(assessed.scores, expected, rtol=1e-4, atol=1e-5)
