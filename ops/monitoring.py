@@ -94,7 +94,8 @@ def reason_class(reason: str | None) -> str:
         detail = text.split(": ", 1)[1]
         rule = next((r for r in ("patient age", "view", "pixel check") if r in detail), "other")
         return f"{scope.OUT_OF_SCOPE} ({rule})"
-    return text.split(":", 1)[0].strip()[:60]
+    # 160: the longest such head, "pixel data could not be decoded (<transfer syntax name>)", whole.
+    return text.split(":", 1)[0].strip()[:160]
 
 
 def not_classified_by_reason(session: Session) -> dict[tuple[str, str], int]:
