@@ -128,6 +128,8 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic announces each of its plugins at INFO on every start: noise in the run's log.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logsafe.install()
 
 
