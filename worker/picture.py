@@ -10,25 +10,33 @@ and neither can carry the label in what is displayed. A refused image gets a pic
 "not assessed: <reason>".
 
 The map itself (serving.saliency, Grad-CAM) is computed with the prediction and kept beside the
-stored image (`keep_map`, a few hundred bytes); drawing needs only numpy and Pillow, so the
-delivery worker never loads the model.
+stored image (`keep_map`, a few hundred bytes), with the picture's grey image (uint8, MAX_SIDE
+on its longer side, ~0.4 MB) made from the pixels the classify path has already decoded: the
+delivery worker never loads the model nor decodes the original again. The dataset is built with
+pydicom (the attributes highdicom's `SCImage` gave it, without its per-instance checks, which
+cost about as much as drawing): docs/benchmarks.md, "Pictures".
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from highdicom.sc import SCImage
+import pydicom
+from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from serving.decode import grayscale_pixels
@@ -61,31 +69,59 @@ def map_path(image_path: Path, model_name: str, model_version: str) -> Path:
     return image_path.with_name(f"{image_path.name}.{model_name}@{model_version}.cam.npy")
 
 
-def keep_map(image_path: Path, model_name: str, model_version: str, cam: np.ndarray | None) -> None:
-    """Keep a prediction's map beside the image (written whole, then renamed); None: nothing.
-    A map that cannot be written (disk full) is logged, never fails the classification: the
-    picture is then drawn without it."""
-    if cam is None:
-        return
-    target = map_path(image_path, model_name, model_version)
+def grey_path(image_path: Path) -> Path:
+    """Where the picture's grey image is kept: beside the stored image (one for every version)."""
+    return image_path.with_name(f"{image_path.name}.picture-grey.npy")
+
+
+def _save(target: Path, array: np.ndarray) -> None:
+    """Written whole, then renamed: a reader never sees half a file."""
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         with partial.open("wb") as file:
-            np.save(file, np.asarray(cam, dtype=np.float16))
+            np.save(file, array)
         os.replace(partial, target)
     except OSError as error:
-        log.warning("heat map not kept: %s", type(error).__name__)
+        log.warning("%s not kept: %s", target.suffixes[-2].lstrip("."), type(error).__name__)
         partial.unlink(missing_ok=True)
 
 
+def keep_map(image_path: Path, model_name: str, model_version: str, cam: np.ndarray | None,
+             pixels: np.ndarray | None = None) -> None:
+    """Keep a prediction's map (None: none) and, given the decoded `pixels`, the picture's grey
+    image beside the image. What cannot be written (disk full) is logged, never fails the
+    classification: the picture is then drawn without the map, or from the original."""
+    if cam is not None:
+        _save(map_path(image_path, model_name, model_version), np.asarray(cam, dtype=np.float16))
+    if pixels is not None:
+        try:
+            grey = _greyscale(pixels)
+        except Exception as error:  # the picture decodes the original instead
+            log.warning("picture grey not kept: %s", type(error).__name__)
+            return
+        _save(grey_path(image_path), grey)
+
+
 def kept_maps(image_path: Path) -> list[Path]:
-    """Every version's map kept beside an image (removed with it by `pneumo retention`)."""
-    return sorted(image_path.parent.glob(f"{glob.escape(image_path.name)}.*.cam.npy"))
+    """Every version's map and the picture's grey image kept beside an image (removed with it
+    by `pneumo retention`)."""
+    grey = grey_path(image_path)
+    return sorted([*image_path.parent.glob(f"{glob.escape(image_path.name)}.*.cam.npy"),
+                   *([grey] if grey.exists() else [])])
 
 
 def load_map(image_path: Path, model_name: str, model_version: str) -> np.ndarray | None:
     path = map_path(image_path, model_name, model_version)
     return np.load(path).astype(np.float32) if path.exists() else None
+
+
+def load_grey(image_path: Path) -> np.ndarray | None:
+    """The kept grey image, or None (none kept, or unreadable: the original is decoded instead)."""
+    try:
+        grey = np.load(grey_path(image_path))
+    except (OSError, ValueError):
+        return None
+    return grey if grey.dtype == np.uint8 and grey.ndim == 2 else None
 
 
 def picture_uids(study_uid: str, sop_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
@@ -123,36 +159,50 @@ def _jet_palette() -> bytes:
 _PALETTE = _jet_palette()
 
 
+_WEIGHTS = [round(value * MAP_OPACITY) for value in range(256)]
+
+
 def overlay(grey: np.ndarray, cam: np.ndarray) -> Image.Image:
     """RGB: the grey image with the map, upsampled smoothly to its size, blended in by its value
     (MAP_OPACITY at the peak, nothing where it is 0). Drawn by Pillow in 8 bits: a picture
     costs a few milliseconds, not the tens that float arithmetic over its pixels took."""
     height, width = grey.shape
     levels = Image.fromarray((np.clip(cam, 0, 1) * 255).round().astype(np.uint8), mode="L")
-    levels = levels.resize((width, height), Image.Resampling.BICUBIC)
+    # Bicubic to an eighth of the size, then bilinear: the same smooth map (within 6 of 255)
+    # for a sixth less than one bicubic pass over every pixel.
+    levels = levels.resize((max(1, width // 8), max(1, height // 8)), Image.Resampling.BICUBIC)
+    levels = levels.resize((width, height), Image.Resampling.BILINEAR)
     colour = Image.frombytes("P", levels.size, levels.tobytes())
     colour.putpalette(_PALETTE)
-    weight = levels.point(lambda value: round(value * MAP_OPACITY))
-    base = Image.fromarray(grey, mode="L").convert("RGB")
-    return Image.composite(colour.convert("RGB"), base, weight)
+    image = Image.fromarray(grey, mode="L").convert("RGB")
+    image.paste(colour.convert("RGB"), (0, 0), levels.point(_WEIGHTS))
+    return image
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
+
+
+@functools.lru_cache(maxsize=64)
+def _line_mask(text: str, size: int) -> Image.Image:
+    """One line's rendered glyphs (the version and the label repeat on every picture: drawn once)."""
+    font = _font(size)
+    mask = Image.new("L", (max(1, int(font.getlength(text)) + 2), size + 6))
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)
+    return mask
 
 
 def burn_in(image: Image.Image, lines: list[str]) -> np.ndarray:
     """The text on a dark band across the top, sized to the picture, wrapped to its width."""
     size = max(14, image.width // 48)
-    font = _font(size)
     per_line = max(20, int(image.width / (0.55 * size)))
     wrapped = [part for line in lines for part in textwrap.wrap(line, per_line) or [""]]
     band = (size + 6) * len(wrapped) + 8
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, 0, image.width, band), fill=(0, 0, 0))
+    image.paste((0, 0, 0), (0, 0, image.width, min(band + 1, image.height)))
     for index, line in enumerate(wrapped):
-        draw.text((6, 4 + index * (size + 6)), line, fill=(255, 255, 0) if index == 0 else (255, 255, 255),
-                  font=font)
+        image.paste((255, 255, 0) if index == 0 else (255, 255, 255), (6, 4 + index * (size + 6)),
+                    _line_mask(line, size))
     return np.asarray(image)
 
 
@@ -167,12 +217,14 @@ def picture_lines(version: Version, probability: float | None, present: bool | N
     return [answer, f"{version.name} {version.version}", LABEL]
 
 
-def render(dataset: Dataset | None, cam: np.ndarray | None, lines: list[str]) -> np.ndarray:
-    """The picture's RGB pixels: the image (a blank one when it cannot be decoded), its map when
-    given, the lines burned in."""
+def render(dataset: Dataset | None, cam: np.ndarray | None, lines: list[str],
+           grey: np.ndarray | None = None) -> np.ndarray:
+    """The picture's RGB pixels: the image (`grey` when kept, else `dataset` decoded; a blank one
+    when it cannot be), its map when given, the lines burned in."""
     try:
         # JPEG and JPEG 2000 decode at a reduced scale that still fills the picture (serving.reduced).
-        grey = _greyscale(grayscale_pixels(dataset, MAX_SIDE * 3 // 4)) if dataset is not None else None
+        if grey is None and dataset is not None:
+            grey = _greyscale(grayscale_pixels(dataset, MAX_SIDE * 3 // 4))
     except Exception:  # a refused image may not decode: the words still say why
         grey = None
     if grey is None:
@@ -181,24 +233,94 @@ def render(dataset: Dataset | None, cam: np.ndarray | None, lines: list[str]) ->
     return burn_in(rgb, lines)
 
 
-def build_picture(header: Dataset, rgb: np.ndarray, version: Version, number: int) -> SCImage:
+@functools.lru_cache(maxsize=16)
+def _copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
+    """The root attributes of the source IOD's Patient and Study modules: what highdicom's
+    `from_ref_dataset` copies into a derived instance (its own tables, read once per class)."""
+    modules = get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]
+    attributes = get_module_attribute_map()
+    return tuple(dict.fromkeys(str(item["keyword"]) for module in modules
+                               if module["ie"] in ("Patient", "Study")
+                               for item in attributes[module["key"]] if not item["path"]))
+
+
+@functools.lru_cache(maxsize=16)
+def _equipment(name: str, version: str, sha256: str | None) -> Dataset:
+    return algorithm_equipment(name, version, sha256)
+
+
+def _equipment_item(code: Code, description: str, **values: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    item.ContributionDescription = description
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = (
+        code.value, code.scheme_designator, code.meaning)
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item
+
+
+_ACQUISITION = ("Manufacturer", "InstitutionName", "InstitutionAddress", "StationName",
+                "InstitutionalDepartmentName", "ManufacturerModelName", "DeviceSerialNumber",
+                "SoftwareVersions")
+
+
+def _acquisition_equipment(header: Dataset) -> list[Dataset]:
+    """The source's acquisition equipment, as highdicom's `for_image_acquisition` names it
+    (none without a manufacturer); built directly: its IOD lookup cost more than the picture."""
+    if not header.get("Manufacturer"):
+        return []
+    values: dict[str, object] = {keyword: header[keyword].value for keyword in _ACQUISITION
+                                 if header.get(keyword) not in (None, "")}
+    if header.get("AcquisitionDateTime"):
+        values["ContributionDateTime"] = header.AcquisitionDateTime
+    return [_equipment_item(codes.DCM.AcquisitionEquipment,
+                            "Acquisition equipment of the source image(s)", **values)]
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> Dataset:
+    return _equipment_item(codes.DCM.ProcessingEquipment, "Software library used to create this instance",
+                           Manufacturer="pydicom contributors", ManufacturerModelName="pydicom",
+                           SoftwareVersions=pydicom.__version__)
+
+
+def build_picture(header: Dataset, rgb: np.ndarray, version: Version, number: int) -> Dataset:
     """The Secondary Capture of `rgb` in the image's study (`header`: the image's header as the SR
-    copies it), its own series per study and version, naming the version (AIR) and the image."""
+    copies it), its own series per study and version, naming the version (AIR) and the image.
+    The attributes highdicom's `SCImage.from_ref_dataset` set (tested against it), built directly."""
     series_uid, instance_uid = picture_uids(str(header.StudyInstanceUID), str(header.SOPInstanceUID),
                                             version.name, version.version)
+    now = datetime.now()
+    picture = Dataset()
+    picture.file_meta = FileMetaDataset()
+    picture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    picture.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    picture.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    picture.preamble = b"\0" * 128
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        setattr(picture, keyword, None)  # type 2: present, empty unless the image has them
+    for keyword in _copied_keywords(str(header.SOPClassUID)):
+        if keyword in header:
+            picture[keyword] = header[keyword]
+    picture.StudyInstanceUID = header.StudyInstanceUID
+    picture.SOPClassUID, picture.SOPInstanceUID = SecondaryCaptureImageStorage, instance_uid
+    picture.SeriesInstanceUID, picture.SeriesNumber = series_uid, PICTURE_SERIES_NUMBER
+    picture.InstanceNumber, picture.Modality = number, "OT"
+    picture.SeriesDescription = "AI pneumonia heat map (not for diagnosis)"
+    picture.Manufacturer = MANUFACTURER
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    picture.InstanceCreationDate = picture.ContentDate = picture.DateOfSecondaryCapture = date
+    picture.InstanceCreationTime = picture.ContentTime = picture.TimeOfSecondaryCapture = time
+    picture.ConversionType = "DI"
+    picture.ContributingEquipmentSequence = [
+        *_acquisition_equipment(header), _equipment(version.name, version.version, version.sha256),
+        _library()]
     orientation = [str(v) for v in header.get("PatientOrientation") or []]
     known = len(orientation) == 2 and all(v in _ORIENTATIONS for v in orientation)
-    picture = SCImage.from_ref_dataset(
-        ref_dataset=header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=series_uid,
-        series_number=PICTURE_SERIES_NUMBER, sop_instance_uid=instance_uid, instance_number=number,
-        manufacturer=MANUFACTURER, patient_orientation=tuple(orientation) if known else ("L", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[algorithm_equipment(version.name, version.version, version.sha256)],
-        series_description="AI pneumonia heat map (not for diagnosis)",
-    )
-    if not known:
-        picture.PatientOrientation = None  # type 2: unknown stays empty, never guessed
+    picture.PatientOrientation = orientation if known else None  # type 2: unknown stays empty
     # What every reported image is (the served versions' intended use): unpaired, so no
     # Laterality (type 2C) unless the image has one.
     picture.BodyPartExamined = "CHEST"
@@ -212,6 +334,11 @@ def build_picture(header: Dataset, rgb: np.ndarray, version: Version, number: in
     source.ReferencedSOPClassUID = header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
     picture.SourceImageSequence = [source]
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    picture.Rows, picture.Columns = rgb.shape[:2]
+    picture.SamplesPerPixel, picture.PhotometricInterpretation, picture.PlanarConfiguration = 3, "RGB", 0
+    picture.BitsAllocated, picture.BitsStored, picture.HighBit, picture.PixelRepresentation = 8, 8, 7, 0
+    picture.PixelData = rgb.tobytes()  # even length: 3 x rows x columns, padded by the writer if odd
     return picture
 
 
@@ -226,10 +353,11 @@ def write_pictures(
     made, failed = {}, 0
     for number, (path, finding) in enumerate(images, start=1):
         try:
-            dataset = dcmread(path, defer_size=1 << 20)  # the pixel data is read when drawn
+            grey = load_grey(path)  # kept at classify time; else the original, decoded again
+            dataset = None if grey is not None else dcmread(path, defer_size=1 << 20)
             cam = None if finding.not_assessed else load_map(path, version.name, version.version)
             lines = picture_lines(version, finding.probability, finding.present, finding.not_assessed)
-            picture = build_picture(finding.source, render(dataset, cam, lines), version, number)
+            picture = build_picture(finding.source, render(dataset, cam, lines, grey), version, number)
             picture.save_as(folder / f"{picture.SOPInstanceUID}.dcm", enforce_file_format=True)
         except Exception as error:  # the SR goes without this picture; the cause is logged
             log.warning("picture %d of %s not made: %s", number, version.version, type(error).__name__)

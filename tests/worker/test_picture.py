@@ -6,7 +6,9 @@ randomisation check: on the served version, the maps of randomised weights (the 
 every weight) are unlike the trained model's (mean Spearman rank correlation below 0.5, where the
 trained model against itself gives 1). The picture (worker.picture): colour where the map is
 high, none where it is zero, the words burned in, a Secondary Capture in its own series of the
-image's study; written beside the SR and referenced by it; turned off by the setting.
+image's study, with the attributes highdicom's `SCImage` gave it; drawn from the grey image kept
+at classify time, without decoding the original again; written beside the SR and referenced by
+it; turned off by the setting.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from highdicom.sc import SCImage
 from pydicom import dcmread
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from scipy.stats import spearmanr
 
 from ops.send import wrap_image
@@ -29,7 +33,7 @@ from tests.conftest import DATA, REPO
 from tests.helpers import requires_program
 from tests.worker.test_sr_purpose import KNOWN_WARNINGS
 from worker import picture
-from worker.report import ImageFinding
+from worker.report import MANUFACTURER, ImageFinding, algorithm_equipment
 
 SERVED = "pneumonia-transfer@20261207T171404Z"
 IMAGES = sorted((DATA / "test" / "PNEUMONIA").iterdir())[:8]
@@ -168,3 +172,74 @@ def test_the_picture_is_a_secondary_capture_in_the_images_study(tmp_path: Path) 
     again, _ = picture.write_pictures([(tmp_path / "image.dcm", ImageFinding(header, 0.8, True))],
                                       VERSION, tmp_path / "again")
     assert again[str(source.SOPInstanceUID)].SOPInstanceUID == reference.SOPInstanceUID  # replaces
+
+
+def _with_highdicom(header, rgb: np.ndarray, number: int):
+    """The picture as highdicom's `SCImage` built it before (the reference for the direct build)."""
+    series_uid, instance_uid = picture.picture_uids(str(header.StudyInstanceUID), str(header.SOPInstanceUID),
+                                                    VERSION.name, VERSION.version)
+    built = SCImage.from_ref_dataset(
+        ref_dataset=header, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_uid,
+        series_number=picture.PICTURE_SERIES_NUMBER, sop_instance_uid=instance_uid, instance_number=number,
+        manufacturer=MANUFACTURER, patient_orientation=tuple(header.PatientOrientation),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[algorithm_equipment(VERSION.name, VERSION.version, VERSION.sha256)],
+        series_description="AI pneumonia heat map (not for diagnosis)")
+    built.BodyPartExamined, built.BurnedInAnnotation = "CHEST", "YES"
+    built.ImageType = ["DERIVED", "SECONDARY"]
+    built.DerivationDescription = f"Grad-CAM heat map and result of {VERSION.name} {VERSION.version}"
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    built.SourceImageSequence = [source]
+    return built
+
+
+def test_the_direct_build_has_highdicoms_attributes(tmp_path: Path) -> None:
+    """Built with pydicom (highdicom's per-instance checks cost as much as the drawing), the
+    picture keeps every attribute and value highdicom gave it; only the times and the library
+    that made it differ."""
+    source = wrap_image(IMAGES[0])
+    source.InstitutionName, source.StationName = "Site", "DX1"  # copied into the acquisition item
+    source.save_as(tmp_path / "image.dcm", enforce_file_format=True)
+    header = dcmread(tmp_path / "image.dcm", stop_before_pixels=True)
+    rgb = picture.render(source, np.eye(7, dtype=np.float32), picture.picture_lines(VERSION, 0.8, True, None))
+    picture.build_picture(header, rgb, VERSION, 3).save_as(tmp_path / "direct.dcm", enforce_file_format=True)
+    _with_highdicom(header, rgb, 3).save_as(tmp_path / "reference.dcm", enforce_file_format=True)
+    direct, reference = dcmread(tmp_path / "direct.dcm"), dcmread(tmp_path / "reference.dcm")
+    timed = {"InstanceCreationTime", "ContentTime", "TimeOfSecondaryCapture"}
+    assert {e.keyword for e in direct} == {e.keyword for e in reference}
+    for element in reference:
+        if element.keyword not in timed | {"ContributingEquipmentSequence"}:
+            assert direct[element.tag] == element, element.keyword
+    *ours, library = direct.ContributingEquipmentSequence
+    *theirs, _ = reference.ContributingEquipmentSequence
+    assert ours == list(theirs) and len(ours) == 2 and ours[0].InstitutionName == "Site"
+    assert library.ManufacturerModelName == "pydicom"
+    assert direct.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert direct.file_meta.MediaStorageSOPInstanceUID == direct.SOPInstanceUID
+
+
+def test_the_picture_is_drawn_from_the_grey_kept_at_classify_time(tmp_path: Path) -> None:
+    """The classify path keeps a small grey copy of what it decoded: the picture is the same as
+    one drawn from the original, and is made when the original can no longer be read."""
+    source = wrap_image(IMAGES[1])
+    stored = tmp_path / "image.dcm"
+    source.save_as(stored, enforce_file_format=True)
+    cam = np.eye(7, dtype=np.float32)
+    picture.keep_map(stored, VERSION.name, VERSION.version, cam, grayscale_pixels(source))
+    grey = picture.load_grey(stored)
+    assert grey is not None and grey.dtype == np.uint8
+    assert picture.MIN_SIDE <= max(grey.shape) <= picture.MAX_SIDE
+    assert picture.grey_path(stored) in picture.kept_maps(stored)  # removed with the image
+    lines = picture.picture_lines(VERSION, 0.8, True, None)
+    np.testing.assert_array_equal(picture.render(None, cam, lines, grey), picture.render(source, cam, lines))
+    header = dcmread(stored, stop_before_pixels=True)
+    stored.write_bytes(b"not DICOM any more")  # the picture must not need it
+    made, failed = picture.write_pictures([(stored, ImageFinding(header, 0.8, True))], VERSION,
+                                          tmp_path / "out")
+    assert failed == 0
+    shown = dcmread(tmp_path / "out" / f"{made[str(source.SOPInstanceUID)].SOPInstanceUID}.dcm").pixel_array
+    np.testing.assert_array_equal(shown, picture.render(source, cam, lines))
+    picture.grey_path(stored).write_bytes(b"half a file")  # unreadable: the original is decoded instead
+    assert picture.load_grey(stored) is None
