@@ -133,15 +133,20 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
     reason = scope.header_reason(model.intended_use, header_age(dataset), header_view(dataset))
     if reason:
         return InstanceState.OUT_OF_SCOPE, f"{reason} ({model.version.label})", _refusal(model), model
+    pixels = None  # decoded here, not in a child: kept small for the picture (worker.picture)
     try:
-        tensor = (decode_in_child(path, model.resize) if isolated
-                  else preprocess(grayscale_pixels(dataset), model.resize))
+        if isolated:
+            tensor = decode_in_child(path, model.resize)
+        else:
+            pixels = grayscale_pixels(dataset)
+            tensor = preprocess(pixels, model.resize)
     except (DecodeError, ValueError) as error:
         return InstanceState.FAILED, str(error)[:500], None, None
     decode_ms = (time.perf_counter() - started) * 1000
     prediction = model.predict(tensor)
-    if prediction.scope_score <= model.scope_threshold:  # its heat map, for the picture
-        picture.keep_map(path, model.name, model.version.version, prediction.saliency)
+    # The picture's grey image and, in scope, its heat map: the picture never decodes it again.
+    picture.keep_map(path, model.name, model.version.version,
+                     prediction.saliency if prediction.scope_score <= model.scope_threshold else None, pixels)
     if prediction.scope_score > model.scope_threshold:
         reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)
         return InstanceState.OUT_OF_SCOPE, reason, _refusal(model, prediction.scope_score), model
