@@ -89,7 +89,8 @@ def test_a_study_gets_its_sr_and_a_picture_series(running_served, pacs, tmp_path
         *SERVED, device_uid(*SERVED, card_sha))
 
     # The classified image: the map coloured in, the words burned in exactly as drawn from the
-    # stored image and its kept map (another text, or none, gives other pixels).
+    # grey image and map kept beside the stored image, the same as from the original (another
+    # text, or none, gives other pixels).
     shown = pictures[child.SOPInstanceUID].pixel_array
     band = _band(shown)
     assert _coloured(shown[band:]).mean() > 0.01
@@ -98,12 +99,13 @@ def test_a_study_gets_its_sr_and_a_picture_series(running_served, pacs, tmp_path
         path, result = session.execute(select(Instance.path, Result).join(Result).where(
             Instance.sop_instance_uid == child.SOPInstanceUID)).one()
     stored = Path(path)
-    cam = picture.load_map(stored, *SERVED)
-    assert cam is not None
+    cam, grey = picture.load_map(stored, *SERVED), picture.load_grey(stored)
+    assert cam is not None and grey is not None  # both kept at classify time
     lines = picture.picture_lines(picture.Version(*SERVED, result.threshold), result.probability,
                                   result.label == "PNEUMONIA", None)
-    drawn = picture.render(dcmread(stored), cam, lines)
+    drawn = picture.render(None, cam, lines, grey)
     assert (drawn == shown).all()
+    assert (picture.render(dcmread(stored), cam, lines) == shown).all()  # as from the original
     assert (picture.render(dcmread(stored), cam, lines[:2])[:band] != shown[:band]).any()
     # The refused image: its picture says why, and carries no map.
     refused = pictures[adult.SOPInstanceUID].pixel_array
