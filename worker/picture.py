@@ -47,9 +47,11 @@ log = logging.getLogger(__name__)
 
 PICTURE_SERIES_NUMBER = 991
 # The picture's longer side: legible words and map (the original is beside it in the viewer),
-# 1.2 MB uncompressed; 1,024 doubled the drawing's cost (docs/benchmarks.md, "Pictures").
+# at most 1.2 MB uncompressed; 1,024 doubled the drawing's cost (docs/benchmarks.md, "Pictures").
+# A larger image is averaged in whole blocks, so its picture is between MAX_SIDE / 2 and MAX_SIDE.
 MAX_SIDE = 768
-MIN_SIDE = 512  # a smaller image is enlarged so that the words stay legible
+# Below this an image is enlarged: from here the words (14 px) fit one line each.
+MIN_SIDE = 448
 LABEL = "not for diagnosis; heat map is not localisation"
 MAP_OPACITY = 0.5  # at the map's peak; where the map is 0 the image shows unchanged
 _ORIENTATIONS = set("APLRHF")
