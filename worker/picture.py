@@ -139,9 +139,16 @@ def _greyscale(pixels: np.ndarray) -> np.ndarray:
     sees it; the percentiles from every 4th pixel each way, enough for a display window).
     A large image is averaged in whole blocks of source pixels (a third of a resampling pass's
     cost, in the classify path): its picture is between MIN_SIDE and MAX_SIDE, not always MAX_SIDE."""
-    image = Image.fromarray(np.asarray(pixels, dtype=np.float32), mode="F")
-    if (factor := -(-max(image.size) // MAX_SIDE)) > 1:
-        image = image.reduce(factor)
+    values = np.asarray(pixels, dtype=np.float32)
+    if (factor := -(-max(values.shape) // MAX_SIDE)) > 1:
+        # Rows summed by numpy (whole rows at a time), columns averaged by Pillow: Pillow copies a
+        # quarter of the image or less, not all of it (8 -> 5 ms at 2,500 x 3,000 px). The sums'
+        # scale goes in the stretch below; the last rows that do not fill a block are left out.
+        rows = values.shape[0] // factor
+        values = values[:rows * factor].reshape(rows, factor, -1).sum(axis=1)
+    image = Image.fromarray(values, mode="F")
+    if factor > 1:
+        image = image.reduce((factor, 1))
     values = np.asarray(image)
     low, high = np.percentile(values[::4, ::4], (0.5, 99.5))
     stretched = (values - low) * np.float32(255 / max(high - low, 1e-6))
