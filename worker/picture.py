@@ -1,7 +1,7 @@
 """The picture a reader sees in the viewer: each reported image with the model's heat map and its
 answer burned in, as a DICOM Secondary Capture in its own series of the same study.
 
-Why Secondary Capture (highdicom `SCImage`, RGB): every PACS viewer shows one, and the words "not
+Why Secondary Capture (RGB): every PACS viewer shows one, and the words "not
 for diagnosis; heat map is not localisation" travel in the pixels, so no viewer can show the map
 without them. A Pseudo-colour Softcopy Presentation State would keep the original untouched but
 few viewers apply one (and a Grayscale one cannot colour the map); a Parametric Map (float pixels,
@@ -10,8 +10,8 @@ and neither can carry the label in what is displayed. A refused image gets a pic
 "not assessed: <reason>".
 
 The map itself (serving.saliency, Grad-CAM) is computed with the prediction and kept beside the
-stored image (`keep_map`, a few hundred bytes), with the picture's grey image (uint8, MAX_SIDE
-on its longer side, ~0.4 MB) made from the pixels the classify path has already decoded: the
+stored image (`keep_map`, a few hundred bytes), with the picture's grey image (uint8, 384-768 px
+on its longer side, ~0.2 MB) made from the pixels the classify path has already decoded: the
 delivery worker never loads the model nor decodes the original again. The dataset is built with
 pydicom (the attributes highdicom's `SCImage` gave it, without its per-instance checks, which
 cost about as much as drawing): docs/benchmarks.md, "Pictures".
@@ -85,7 +85,8 @@ def _save(target: Path, array: np.ndarray) -> None:
             np.save(file, array)
         os.replace(partial, target)
     except OSError as error:
-        log.warning("%s not kept: %s", target.suffixes[-2].lstrip("."), type(error).__name__)
+        log.warning("%s not kept: %s", "heat map" if target.name.endswith(".cam.npy") else "picture grey",
+                    type(error).__name__)
         partial.unlink(missing_ok=True)
 
 
