@@ -57,7 +57,8 @@ def _finish(session: Session, instance_id: int, state: InstanceState, reason: st
 
 
 def classify_instance(
-    sessions: sessionmaker[Session], instance_id: int, classifier: Callable[[], Classifier]
+    sessions: sessionmaker[Session], instance_id: int, classifier: Callable[[], Classifier],
+    pictures: bool = True,
 ) -> str:
     """Classify one instance; idempotent. Returns the terminal state it ends in.
 
@@ -89,7 +90,7 @@ def classify_instance(
         log.warning("instance %s: attempt %d after one that never finished; decoding it apart",
                     sop_uid, attempts)
     shadow: list[tuple[Classifier, dict]] = []
-    state, reason, result, model = _classify_file(Path(path), classifier, attempts > 1, shadow)
+    state, reason, result, model = _classify_file(Path(path), classifier, attempts > 1, shadow, pictures)
     with sessions() as session, session.begin():
         if not _finish(session, instance_id, state, reason):
             # Another delivery of the same job finished it first: keep what that one recorded.
@@ -110,10 +111,11 @@ def classify_instance(
 
 
 def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: bool = False,
-                   shadow: list[tuple[Classifier, dict]] | None = None):
+                   shadow: list[tuple[Classifier, dict]] | None = None, pictures: bool = True):
     """(state, reason, result or refusal columns or None, the model used or None); never raises
     for bad input. A result carries a label only when the image is within the model's scope.
-    Given `shadow`, a classified image's candidate result (its model, its row) is added to it."""
+    Given `shadow`, a classified image's candidate result (its model, its row) is added to it.
+    With `pictures` off (PNEUMO_PICTURES) nothing is kept for a picture."""
     started = time.perf_counter()
     try:
         # Values over 1 MB (pixel data, large private elements) are read only when used: the
@@ -145,8 +147,10 @@ def _classify_file(path: Path, classifier: Callable[[], Classifier], isolated: b
     decode_ms = (time.perf_counter() - started) * 1000
     prediction = model.predict(tensor)
     # The picture's grey image and, in scope, its heat map: the picture never decodes it again.
-    picture.keep_map(path, model.name, model.version.version,
-                     prediction.saliency if prediction.scope_score <= model.scope_threshold else None, pixels)
+    if pictures:
+        picture.keep_map(path, model.name, model.version.version,
+                         prediction.saliency if prediction.scope_score <= model.scope_threshold else None,
+                         pixels)
     if prediction.scope_score > model.scope_threshold:
         reason = scope.pixel_reason(prediction.scope_score, model.scope_threshold, model.version.label)
         return InstanceState.OUT_OF_SCOPE, reason, _refusal(model, prediction.scope_score), model

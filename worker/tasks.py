@@ -48,7 +48,7 @@ def register(app: Celery, settings: Settings) -> None:
         # An inference worker imports it at boot (worker.celery_app._preload_model_code).
         from worker import classify as classify_job
 
-        return str(classify_job.classify_instance(sessions(), instance_id, classifier))
+        return str(classify_job.classify_instance(sessions(), instance_id, classifier, settings.pictures))
 
     @app.task(name=FINALISE)
     def finalise() -> list[int]:
