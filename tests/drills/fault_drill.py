@@ -764,6 +764,7 @@ class ReceivedSR:
 def read_pacs_folder(folder: Path) -> tuple[list[ReceivedSR], int]:
     """Every SR file storescp wrote (one per received copy, `+uf`), and how many were unreadable."""
     from pydicom import dcmread
+    from pydicom.uid import SecondaryCaptureImageStorage
 
     from worker.report import MANUFACTURER
 
@@ -775,11 +776,12 @@ def read_pacs_folder(folder: Path) -> tuple[list[ReceivedSR], int]:
                 continue  # a picture (worker.picture): sent with its SR, counted with none
             equipment = next(item for item in dataset.ContributingEquipmentSequence
                              if item.get("Manufacturer") == MANUFACTURER)
-            referenced = frozenset(
+            referenced = frozenset(  # the images reported; the SR's own pictures are evidence too
                 str(sop.ReferencedSOPInstanceUID)
                 for study in dataset.get("CurrentRequestedProcedureEvidenceSequence", [])
                 for series in study.ReferencedSeriesSequence
                 for sop in series.ReferencedSOPSequence
+                if sop.ReferencedSOPClassUID != SecondaryCaptureImageStorage
             )
             received.append(ReceivedSR(
                 path, str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID),
