@@ -177,9 +177,9 @@ def _store_read(
 
 def _keep(spool_path: Path, received: ReceivedInstance, sessions: sessionmaker[Session]) -> StoreOutcome:
     """One transaction per file: the duplicate check, the file moved into storage (and its folder
-    synced), the rows with the instance already `queued`, one commit. Three sessions and two
-    commits cost 10-14 ms of CPU per file (issue 21). The job is published after the commit
-    (`enqueue_after_commit`); if that publish is lost, the sweep re-publishes the instance.
+    synced), the rows, one commit (was three sessions; issue 21). The job is published after the
+    commit and the instance then marked `queued` (`enqueue_after_commit`); until that mark the
+    sweep re-publishes it, so a publish lost with a killed node costs seconds.
 
     On any failure after the move the file goes back to the spool (pynetdicom deletes it, or the
     retry moves it again): a committed row always names a stored file, and no stored file lacks
@@ -267,8 +267,8 @@ def _record(session: Session, received: ReceivedInstance) -> int:
         sop_class_uid=received.sop_class, transfer_syntax_uid=received.transfer_syntax,
         path=str(received.path), size_bytes=received.size, sha256=received.digest,
         content_sha256=received.content,
-        calling_ae_title=received.calling_ae_title[:16], state=InstanceState.QUEUED, attempts=0,
-        received_at=now, queued_at=now,
+        calling_ae_title=received.calling_ae_title[:16], state=InstanceState.RECEIVED, attempts=0,
+        received_at=now,
     )
     session.add(instance)
     session.flush()
@@ -279,22 +279,25 @@ def _record(session: Session, received: ReceivedInstance) -> int:
 def enqueue_after_commit(
     instance_id: int, sessions: sessionmaker[Session], enqueue: Callable[[int], None]
 ) -> bool:
-    """Publish the job of an instance committed as `queued`. A broker failure is logged and the
-    instance put back to `received`, which the periodic sweep re-publishes after 5 s; a publish
-    lost with this process (killed between commit and publish) leaves it `queued`, which the
-    sweep re-publishes after STALE_INSTANCE_S, as it does a message lost by the broker."""
+    """Publish the job of an instance committed as `received`, then mark it `queued`.
+
+    Until the mark, the periodic sweep re-publishes it after 5 s: a broker failure, or this
+    process killed between commit and publish (the fault drill's node SIGKILL), costs seconds. A
+    row committed as `queued` waited for STALE_INSTANCE_S (10 min) in that case."""
     try:
         enqueue(instance_id)
     except Exception as error:
         log.warning("instance %s recorded but not queued (%s); the sweep will queue it",
                     instance_id, type(error).__name__)
-        with contextlib.suppress(SQLAlchemyError), sessions() as session, session.begin():
-            session.execute(
-                update(Instance)
-                .where(Instance.id == instance_id, Instance.state == InstanceState.QUEUED)
-                .values(state=InstanceState.RECEIVED, queued_at=None)
-            )
         return False
+    # Conditional: a worker may have claimed it already; a failure here only means the sweep
+    # publishes it once more (classification is idempotent).
+    with contextlib.suppress(SQLAlchemyError), sessions() as session, session.begin():
+        session.execute(
+            update(Instance)
+            .where(Instance.id == instance_id, Instance.state == InstanceState.RECEIVED)
+            .values(state=InstanceState.QUEUED, queued_at=utcnow())
+        )
     return True
 
 
