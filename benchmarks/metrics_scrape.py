@@ -86,13 +86,18 @@ def time_read(url: str, rounds: int) -> float:
     return median(seconds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def history_arguments(description: str) -> argparse.Namespace:
+    """The options of a benchmark over databases of growing history (this one, trend_reads)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--history", type=int, nargs="+", default=[0, 10_000, 100_000])
     parser.add_argument("--recent", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = history_arguments(__doc__.split("\n\n")[0])
     rows = []
     for backend in args.backends:
         for history in args.history:

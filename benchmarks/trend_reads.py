@@ -14,13 +14,12 @@ and the drawing (cache cleared). The 30-day window holds about a third of the hi
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 from common import database, load_average, median, print_table
-from metrics_scrape import populate
+from metrics_scrape import history_arguments, populate
 
 
 def add_results_and_refusals(url: str) -> None:
@@ -74,12 +73,7 @@ def time_reads(url: str, rounds: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--history", type=int, nargs="+", default=[0, 10_000, 100_000])
-    parser.add_argument("--recent", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
-    args = parser.parse_args()
+    args = history_arguments(__doc__.split("\n\n")[0])
     rows = []
     for backend in args.backends:
         for history in args.history:
