@@ -18,12 +18,13 @@ import argparse
 import random
 import shutil
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
-from common import REPO, bench_redis_url, flush_bench_redis, free_port, wait_for
+from common import REPO, bench_redis_url, flush_bench_redis
+
+from devtools.processes import served_in_thread
 
 
 def populate(url: str, models_dir: Path, model_name: str, studies: int, seed: int = 7) -> None:
@@ -133,7 +134,6 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=800)
     args = parser.parse_args()
 
-    import uvicorn
 
     from core.migrate import upgrade
     from core.settings import Settings
@@ -148,18 +148,9 @@ def main() -> None:
                             models_dir=models_dir, model_name=base.model_name, dashboard_host="127.0.0.1")
         populate(url, models_dir, settings.model_name, args.studies)
         flush_bench_redis()
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for(lambda: server.started, 30, "the dashboard to listen")
-        started = time.perf_counter()
-        try:
+        with served_in_thread(create_app(settings)) as port:
+            started = time.perf_counter()
             screenshot(f"http://127.0.0.1:{port}/", args.out)
-        finally:
-            server.should_exit = True
-            thread.join(10)
     print(f"{args.out} written ({time.perf_counter() - started:.1f} s in the browser); "
           f"models from {models_dir}")
 

@@ -4,14 +4,15 @@ from tests and tests nothing from benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -56,3 +57,23 @@ def echo(port: int | str, called: str = "PNEUMO", calling: str | None = "STORESC
     calling_ae = ["-aet", calling] if calling else []
     command = [dcmtk("echoscu"), *calling_ae, "-aec", called, "127.0.0.1", str(port)]
     return subprocess.run(command, capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def served_in_thread(app: Any) -> Iterator[int]:
+    """An ASGI app (the dashboard) served by uvicorn on a free loopback port in a thread of this
+    process, for a browser to load; yields the port, stops the server on leaving."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the dashboard to listen")
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)

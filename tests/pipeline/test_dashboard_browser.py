@@ -173,14 +173,10 @@ def test_charts_over_time_in_chromium_without_console_errors(browser, tmp_path: 
     """Served over HTTP with the dashboard's own headers (its Content-Security-Policy allows no
     script): the four charts of / and of /trends are visible SVG with an accessible name, first
     in their empty state, then drawn; Chromium's console has no error (a CSP violation, a 404)."""
-    import threading
-
-    import uvicorn
-
     from core.db import utcnow
     from core.migrate import upgrade
     from core.settings import Settings
-    from devtools.processes import free_port
+    from devtools.processes import served_in_thread
     from ops.dashboard import create_app
     from tests.conftest import REDIS_TEST_URL
     from tests.ops.test_dashboard_trends import _populate
@@ -189,23 +185,17 @@ def test_charts_over_time_in_chromium_without_console_errors(browser, tmp_path: 
     upgrade(url)
     settings = Settings(home=tmp_path / "home", database_url=url, broker_url=f"{REDIS_TEST_URL}/12",
                         models_dir=tmp_path / "models")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the dashboard to listen")
+    with served_in_thread(create_app(settings)) as port:
 
-    def charts(path: str) -> list[dict]:
-        browser.get(f"http://127.0.0.1:{port}{path}")
-        return browser.execute_script("""
-            return [...document.querySelectorAll('svg.chart')].map(svg => ({
-              role: svg.getAttribute('role'), empty: svg.classList.contains('empty'),
-              width: svg.getBoundingClientRect().width, height: svg.getBoundingClientRect().height,
-              name: svg.getAttribute('aria-labelledby').split(' ')
-                       .map(id => document.getElementById(id).textContent).join(' | ')}));""")
+        def charts(path: str) -> list[dict]:
+            browser.get(f"http://127.0.0.1:{port}{path}")
+            return browser.execute_script("""
+                return [...document.querySelectorAll('svg.chart')].map(svg => ({
+                  role: svg.getAttribute('role'), empty: svg.classList.contains('empty'),
+                  width: svg.getBoundingClientRect().width, height: svg.getBoundingClientRect().height,
+                  name: svg.getAttribute('aria-labelledby').split(' ')
+                           .map(id => document.getElementById(id).textContent).join(' | ')}));""")
 
-    try:
         empty = charts("/")
         assert [c["empty"] for c in empty] == [True] * 4
         assert any("no SR delivered in the last 24 h" in c["name"] for c in empty)
@@ -219,6 +209,3 @@ def test_charts_over_time_in_chromium_without_console_errors(browser, tmp_path: 
         assert errors == []
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard-trends.png"))
-    finally:
-        server.should_exit = True
-        thread.join(10)
