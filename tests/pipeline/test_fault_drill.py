@@ -70,20 +70,22 @@ def test_study_created_by_a_parallel_association_is_recorded_not_refused(session
     (tmp_path / "storage").mkdir()
     dataset.save_as(spool, enforce_file_format=True)
     raced: list[str] = []
+    engine = sessions.kw["bind"]
 
-    def other_association_commits_the_study_first(_mapper, _connection, target: Study) -> None:
-        if not raced:
-            raced.append(target.study_instance_uid)
+    # On the statement, not the ORM: the node inserts its rows with Core statements (issue 21).
+    def other_association_commits_the_study_first(_connection, _cursor, statement: str, *_: object) -> None:
+        if not raced and statement.startswith("INSERT INTO studies"):
+            raced.append(dataset.StudyInstanceUID)
             with sessions() as other, other.begin():
-                other.add(Study(study_instance_uid=target.study_instance_uid,
+                other.add(Study(study_instance_uid=dataset.StudyInstanceUID,
                                 first_received_at=utcnow(), last_received_at=utcnow()))
 
-    event.listen(Study, "before_insert", other_association_commits_the_study_first)
+    event.listen(engine, "before_cursor_execute", other_association_commits_the_study_first)
     try:
         outcome = store_instance(spool, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID), "SENDER",
                                  tmp_path / "storage", sessions)
     finally:
-        event.remove(Study, "before_insert", other_association_commits_the_study_first)
+        event.remove(engine, "before_cursor_execute", other_association_commits_the_study_first)
     assert raced == [dataset.StudyInstanceUID]
     assert outcome.status == SUCCESS, outcome.reason
     with sessions() as session:
