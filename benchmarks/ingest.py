@@ -16,6 +16,14 @@ runs both).
 
     .venv/bin/python benchmarks/ingest.py --files 200 --payload dx224 --rounds 3
     .venv/bin/python benchmarks/ingest.py --profile --db sqlite   # where one C-STORE's time goes
+
+`pneumo-run` (a receiver, not in the default set) is the product on its embedded defaults as
+`pneumo run` starts it: SQLite and the bundled Redis in its home, the workers classifying what
+arrives meanwhile (same machine, same cores); an instance counts once its row exists, its CPU is
+the node's processes' alone. PNEUMO_BENCH_REDIS_DB picks the Redis database the other nodes use
+(flushed).
+
+    .venv/bin/python benchmarks/ingest.py --receivers orthanc,pneumo-run --associations 4
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common
 from common import (
     REPO,
     bench_redis_url,
@@ -54,6 +63,7 @@ from common import (
 )
 
 ORTHANC = "/usr/sbin/Orthanc"  # Debian's orthanc package (1.10 on bookworm)
+common.BENCH_REDIS_DB = int(os.environ.get("PNEUMO_BENCH_REDIS_DB", common.BENCH_REDIS_DB))
 
 
 def send_all(port: int, files: list[Path], associations: int, called: str, nodelay: bool) -> float:
@@ -96,11 +106,22 @@ def queued_count(sessions) -> int:
         return session.scalar(select(func.count(Instance.id)).where(Instance.state == InstanceState.QUEUED))
 
 
-def node_trial(files: list[Path], associations: int, port: int, sessions, nodelay: bool) -> float:
-    before = queued_count(sessions)
+def instance_count(sessions) -> int:
+    """Rows in any state: under `pneumo run` the workers move them on from `queued`."""
+    from sqlalchemy import func, select
+
+    from core.db import Instance
+
+    with sessions() as session:
+        return session.scalar(select(func.count(Instance.id)))
+
+
+def node_trial(files: list[Path], associations: int, port: int, sessions, nodelay: bool,
+               count=queued_count) -> float:
+    before = count(sessions)
     elapsed = send_all(port, files, associations, "PNEUMO", nodelay)
     # storescu exits 0 even when a store is refused: every file must be recorded and queued.
-    stored = queued_count(sessions) - before
+    stored = count(sessions) - before
     assert stored == len(files), f"node recorded and queued {stored} of {len(files)}"
     return len(files) / elapsed
 
@@ -111,6 +132,30 @@ def start_node(env: dict[str, str], log_path: Path) -> subprocess.Popen:
                                stdout=handle, stderr=subprocess.STDOUT)
     wait_for(lambda: echo(int(env["PNEUMO_PORT"])), 60, "the node to answer C-ECHO", 0.2)
     return process
+
+
+def start_run(work: Path) -> tuple[subprocess.Popen, int, str]:
+    """`pneumo run` on its embedded defaults (SQLite, bundled Redis, its workers, models/):
+    only home, loopback ports and quiet logs set. Returns it, its DICOM port and database URL."""
+    home, port = work / "home-pneumo-run", free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PNEUMO_")}
+    env.update({"PNEUMO_HOME": str(home), "PNEUMO_HOST": "127.0.0.1", "PNEUMO_PORT": str(port),
+                "PNEUMO_DASHBOARD_PORT": str(free_port()), "PNEUMO_MODELS_DIR": str(REPO / "models")})
+    handle = open(work / "pneumo-run.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
+                               stdout=handle, stderr=subprocess.STDOUT)
+    wait_for(lambda: echo(port), 240, "pneumo run's node to answer C-ECHO", 0.5)
+    return process, port, f"sqlite:///{home / 'pneumo.db'}"
+
+
+def node_pid(run_pid: int) -> int:
+    """The node child of `pneumo run` (its CPU is counted, not the workers')."""
+    import psutil
+
+    for child in psutil.Process(run_pid).children():
+        if child.cmdline()[-2:] == ["ops.cli", "node"] or child.cmdline()[-1:] == ["node"]:
+            return child.pid
+    raise RuntimeError("pneumo run has no node child")
 
 
 class Orthanc:
@@ -288,6 +333,12 @@ def main() -> None:
         with contextlib.ExitStack() as databases:
             flush_bench_redis()
             sessions, ports, pids = {}, {}, {}
+            if "pneumo-run" in receivers:
+                nodes["pneumo-run"], ports["pneumo-run"], url = start_run(work)
+                sessions["pneumo-run"] = session_factory(url)
+                pids["pneumo-run"] = node_pid(nodes["pneumo-run"].pid)
+                node_trial(write_payload(args.payload, 8, work / "warm"), 4, ports["pneumo-run"],
+                           sessions["pneumo-run"], True, instance_count)
             for receiver in (r for r in receivers if r.startswith("node-")):
                 _, kind, *count = receiver.split("-")  # node-sqlite, or node-sqlite-p1: 1 process
                 home = work / f"home-{receiver}"
@@ -314,7 +365,8 @@ def main() -> None:
                 pids["orthanc"] = orthanc.process.pid
                 orthanc_trial(orthanc, write_payload(args.payload, 8, work / "warm"), 4, True)
             size_kib = write_payload(args.payload, 1, work / "size")[0].stat().st_size / 1024
-            logs = [(work / f"{receiver}.log").read_text().splitlines() for receiver in nodes]
+            logs = [(work / f"{receiver}.log").read_text().splitlines() for receiver in nodes
+                    if receiver.startswith("node-")]
             listening = [line.rpartition(" (")[2].rstrip(")") for log in logs for line in log
                          if "listening on" in line]
             print(
@@ -340,7 +392,9 @@ def main() -> None:
                                 assert orthanc is not None
                                 rate = orthanc_trial(orthanc, files, count, nodelay)
                             else:
-                                rate = node_trial(files, count, ports[receiver], sessions[receiver], nodelay)
+                                counted = instance_count if receiver == "pneumo-run" else queued_count
+                                rate = node_trial(files, count, ports[receiver], sessions[receiver], nodelay,
+                                                  counted)
                             cpu_ms = ((tree_cpu_s(pids[receiver]) - cpu_before) / len(files) * 1000
                                       if receiver in pids else float("nan"))
                             shutil.rmtree(work / "files")
@@ -384,8 +438,8 @@ def main() -> None:
                 f"load after {load_average()}"
             )
     finally:
-        for process in nodes.values():
-            stop(process, 2)
+        for receiver, process in nodes.items():
+            stop(process, 15 if receiver == "pneumo-run" else 2)
         if orthanc is not None:
             stop(orthanc.process)
         flush_bench_redis()

@@ -7,6 +7,7 @@ and says why a data set cannot be kept in words the sender's operator can act on
 from __future__ import annotations
 
 import contextlib
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,14 +59,17 @@ class InflatesPast(Exception):
     """A deflated data set inflates past the node's limit."""
 
 
-def inflated_copy(path: Path, limit_bytes: int, cleanup: contextlib.ExitStack) -> Path | None:
-    """`path` itself, or for a deflated data set a copy beside it in Explicit VR Little Endian
-    (removed by `cleanup`), so it is read with deferred values like any other: pydicom inflates a
-    deflated data set whole in memory. None if it inflates past `limit_bytes`."""
+def inflated_copy(path: Path, limit_bytes: int, cleanup: contextlib.ExitStack,
+                  folder: Path | None = None) -> Path | None:
+    """`path` itself, or for a deflated data set a copy in Explicit VR Little Endian beside it (or
+    in `folder`: a stored file's goes to the spool), removed by `cleanup`, so it is read with
+    deferred values like any other: pydicom inflates a deflated data set whole in memory. None if
+    it inflates past `limit_bytes`."""
     meta = read_file_meta_info(path)
     if not meta.TransferSyntaxUID.is_deflated:
         return path
-    copy = path.with_name(f"{path.stem}.inflated{path.suffix}")
+    # A unique name: two re-sends of one stored instance may inflate its file at once.
+    copy = (folder or path.parent) / f"{path.stem}.{uuid.uuid4().hex[:12]}.inflated{path.suffix}"
     cleanup.callback(copy.unlink, missing_ok=True)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     with copy.open("wb") as handle:
@@ -125,6 +129,7 @@ def dataset_problem(dataset: Dataset, size: int) -> str | None:
 
 TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+NUMBER_VRS = frozenset({"DS", "IS"})
 
 
 def nul_problem(dataset: Dataset) -> str | None:
@@ -147,6 +152,11 @@ def nul_problem(dataset: Dataset) -> str | None:
                     return problem
             continue
         if vr not in TEXT_VRS:
+            continue
+        # No NUL byte at all: nothing to find, and no conversion (most of this check's CPU;
+        # issue 21). No DICOM character set encodes a character other than NUL as a 0x00 byte.
+        # DS and IS are still converted: a value that is no number is refused as before.
+        if vr not in NUMBER_VRS and isinstance(raw.value, bytes) and b"\x00" not in raw.value:
             continue
         element = dataset[raw.tag]
         values = element.value if element.VM > 1 else [element.value]

@@ -17,14 +17,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Instance, InstanceState, RefusedStore, Series, Study, audit, utcnow
+from core.db import AuditEvent, Instance, InstanceState, RefusedStore, Series, Study, utcnow
 from dicom_node import spool
 from dicom_node.checks import (
     INVALID_UID,
@@ -34,7 +36,7 @@ from dicom_node.checks import (
     nul_problem,
     valid_uid,
 )
-from dicom_node.content import Malformed, content_digest
+from dicom_node.content import Malformed, check_deferred, content_digest
 from dicom_node.spool import too_large
 
 log = logging.getLogger(__name__)
@@ -120,21 +122,21 @@ def _store_read(
                                 f"deflated data set too large: inflates past {max_inflated_mb} MiB")
         # Pixel data and large private elements are deferred (left on disk), never loaded here.
         dataset = dcmread(readable, defer_size=DEFER_SIZE)
-        problem = dataset_problem(dataset, readable.stat().st_size) or nul_problem(dataset)
+        readable_size = readable.stat().st_size
+        problem = dataset_problem(dataset, readable_size) or nul_problem(dataset)
         if problem is not None:
             return StoreOutcome(CANNOT_UNDERSTAND, problem)
         study_uid, series_uid, sop_uid = (dataset.get(keyword) for keyword in UID_KEYWORDS)
         sop_class = dataset.get("SOPClassUID")
-        transfer_syntax = str(read_file_meta_info(spool_path).TransferSyntaxUID)
+        # The file meta was read with the data set; a deflated one's says the inflated copy's.
+        transfer_syntax = str((dataset.file_meta if readable == spool_path
+                               else read_file_meta_info(spool_path)).TransferSyntaxUID)
         modality = str(dataset.get("Modality", "") or "")[:16]
         accession = str(dataset.get("AccessionNumber", "") or "")[:64] or None
-        content = content_digest(readable, dataset, readable.stat().st_size)
-    except Malformed as error:
-        return StoreOutcome(CANNOT_UNDERSTAND, f"dataset malformed: {error}")
-    except EOFError:  # an undefined-length value (encapsulated pixel data) without its end
-        return StoreOutcome(CANNOT_UNDERSTAND, "dataset truncated: data ends inside an element")
+        # The content digest itself only when a re-send needs it (_duplicate); its checks now.
+        check_deferred(readable, dataset, readable_size)
     except Exception as error:  # any parse failure: the peer sent something we cannot read
-        return StoreOutcome(CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(error).__name__}")
+        return _unreadable(error)
     for name, value in zip(UID_KEYWORDS, (study_uid, series_uid, sop_uid), strict=True):
         if not value:
             return StoreOutcome(CANNOT_UNDERSTAND, f"missing {name}")
@@ -158,11 +160,13 @@ def _store_read(
     received = ReceivedInstance(
         study_uid, series_uid, sop_uid, str(sop_class), transfer_syntax, modality, accession,
         storage_dir / study_uid / series_uid / f"{sop_uid}.{digest[:12]}.dcm", size, digest,
-        calling_ae_title, content,
+        calling_ae_title,
     )
+    contents = Contents(lambda: content_digest(readable, dataset, readable_size),
+                        lambda path: stored_content(path, max_inflated_mb << 20, spool_path.parent))
     for _ in range(3):
         try:
-            return _keep(spool_path, received, sessions)
+            return _keep(spool_path, received, sessions, contents)
         except IntegrityError:
             # A parallel association created the same study, series or instance row first (one
             # study over several associations, or the same image twice at once): the retry
@@ -175,7 +179,40 @@ def _store_read(
     return StoreOutcome(OUT_OF_RESOURCES, "database conflict while recording")
 
 
-def _keep(spool_path: Path, received: ReceivedInstance, sessions: sessionmaker[Session]) -> StoreOutcome:
+def _unreadable(error: Exception) -> StoreOutcome:
+    """The answer to a data set that cannot be read (or its content digest not computed)."""
+    if isinstance(error, Malformed):
+        return StoreOutcome(CANNOT_UNDERSTAND, f"dataset malformed: {error}")
+    if isinstance(error, EOFError):  # an undefined-length value (encapsulated pixel data) without its end
+        return StoreOutcome(CANNOT_UNDERSTAND, "dataset truncated: data ends inside an element")
+    # any parse failure: the peer sent something we cannot read
+    return StoreOutcome(CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(error).__name__}")
+
+
+def stored_content(path: Path, max_inflated_bytes: int, scratch: Path) -> str | None:
+    """The content digest of an instance's stored file (a deflated one inflated into `scratch`),
+    or None when the file is gone (retention) or unreadable."""
+    try:
+        with contextlib.ExitStack() as cleanup:
+            readable = inflated_copy(path, max_inflated_bytes, cleanup, scratch)
+            if readable is None:
+                return None
+            dataset = dcmread(readable, defer_size=DEFER_SIZE)
+            return content_digest(readable, dataset, readable.stat().st_size)
+    except Exception:  # any failure: compared on the file's sha256 instead
+        return None
+
+
+@dataclass(frozen=True)
+class Contents:
+    """Content digests computed on demand: of the data set received, of a stored file."""
+
+    received: Callable[[], str]
+    stored: Callable[[Path], str | None]
+
+
+def _keep(spool_path: Path, received: ReceivedInstance, sessions: sessionmaker[Session],
+          contents: Contents) -> StoreOutcome:
     """One transaction per file: the duplicate check, the file moved into storage (and its folder
     synced), the rows, one commit (was three sessions; issue 21). The job is published after the
     commit and the instance then marked `queued` (`enqueue_after_commit`); until that mark the
@@ -186,9 +223,9 @@ def _keep(spool_path: Path, received: ReceivedInstance, sessions: sessionmaker[S
     its row."""
     final_path = received.path
     with sessions() as session, session.begin():
-        existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == received.sop_uid))
+        existing = session.connection().execute(_EXISTING, {"uid": received.sop_uid}).first()
         if existing is not None:
-            return _duplicate(session, existing, received.digest, received.content)
+            return _duplicate(session, existing, received.digest, contents)
         final_path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(spool_path, final_path)
         try:
@@ -202,12 +239,14 @@ def _keep(spool_path: Path, received: ReceivedInstance, sessions: sessionmaker[S
     return StoreOutcome(SUCCESS, "stored", instance_id)
 
 
-def _duplicate(session: Session, existing: Instance, digest: str, content: str | None) -> StoreOutcome:
+def _duplicate(session: Session, existing: Any, digest: str, contents: Contents) -> StoreOutcome:
     """A re-sent SOP Instance UID: never stored or classified twice.
 
     Identical content is a plain success (a PACS re-send), in whatever transfer syntax it comes:
-    compared on the content digest (dicom_node.content); an instance stored before it was kept,
-    on the file's sha256. Different content is a conflict: the
+    the same file (sha256), or the same content digest (dicom_node.content). Both digests are
+    computed here, not on every receipt (issue 21): the stored instance's from its file, then
+    kept in its row; a stored file gone (retention) or unreadable leaves the sha256 to compare
+    on. Different content is a conflict: the
     first copy is kept (its result and SR refer to it), the new one refused with 0xC211 (failure,
     "cannot understand" family) and the reason recorded and audited. Not 0xB006: PS3.4 defines that
     warning as "elements discarded", which dcmtk shows the sender's operator, and a warning reads
@@ -215,11 +254,20 @@ def _duplicate(session: Session, existing: Instance, digest: str, content: str |
     under the old UID, two devices issuing the same UID); a retry gets the same answer, and the fix
     is at the sender: a new SOP Instance UID for changed content (PS3.3 C.12.1.1.1).
     """
-    same = existing.content_sha256 == content if existing.content_sha256 else existing.sha256 == digest
+    same = existing.sha256 == digest
+    if not same:
+        stored = existing.content_sha256 or contents.stored(Path(existing.path))
+        if stored is not None and stored != existing.content_sha256:
+            session.execute(update(Instance).where(Instance.id == existing.id)
+                            .values(content_sha256=stored))
+        try:
+            same = stored == contents.received()
+        except Exception as error:  # as on receipt: a data set we cannot read
+            return _unreadable(error)
     event_name = "duplicate_received" if same else "conflicting_duplicate"
     detail = ("identical content" if same else
               f"different content (sha256 {digest[:12]}): refused, the first copy kept")
-    audit(session, "instance", existing.id, event_name, detail)
+    _audit(session, existing.id, event_name, detail)
     session.commit()
     if same:
         return StoreOutcome(SUCCESS, f"duplicate: {detail}", existing.id, duplicate=True)
@@ -243,37 +291,63 @@ class ReceivedInstance:
     size: int
     digest: str
     calling_ae_title: str
-    content: str | None = None
+
+
+# The rows of a receipt by Core statements built once, parameters bound per file: the ORM's unit
+# of work (identity map, flush ordering, events), and building a statement per call, were a
+# measurable share of a file's CPU for rows the node writes once and never reads back (issue 21).
+_STUDIES, _SERIES, _INSTANCES, _AUDIT = (cast(Table, model.__table__)
+                                          for model in (Study, Series, Instance, AuditEvent))
+_EXISTING = (select(_INSTANCES.c.id, _INSTANCES.c.sha256, _INSTANCES.c.content_sha256, _INSTANCES.c.path)
+             .where(_INSTANCES.c.sop_instance_uid == bindparam("uid")))
+_STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
+_SERIES_ID = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
+_STUDY_RECEIVED = (update(_STUDIES).where(_STUDIES.c.id == bindparam("study"))
+                   .values(last_received_at=bindparam("now")))
+_INSERTS = {table: insert(table) for table in (_STUDIES, _SERIES, _INSTANCES, _AUDIT)}
+_MARK_QUEUED = (update(_INSTANCES)
+                .where(_INSTANCES.c.id == bindparam("instance"), _INSTANCES.c.state == InstanceState.RECEIVED)
+                .values(state=InstanceState.QUEUED, queued_at=bindparam("now")))
+
+
+def _insert(session: Session, table: Table, **values: Any) -> int:
+    """One row, its id back."""
+    result = cast(CursorResult[Any], session.connection().execute(_INSERTS[table], values))
+    key = result.inserted_primary_key
+    assert key is not None  # an INSERT of one row
+    return int(key[0])
+
+
+def _audit(session: Session, instance_id: int, event_name: str, detail: str) -> None:
+    _insert(session, _AUDIT, entity="instance", entity_id=instance_id,
+            event=event_name, detail=detail)
 
 
 def _record(session: Session, received: ReceivedInstance) -> int:
+    """The study (new, or its last receipt moved on), series and instance rows, and the audit."""
     now = utcnow()
-    study = session.scalar(select(Study).where(Study.study_instance_uid == received.study_uid))
-    if study is None:
-        study = Study(study_instance_uid=received.study_uid, accession_number=received.accession,
-                      first_received_at=now, last_received_at=now)
-        session.add(study)
-        session.flush()
+    connection = session.connection()
+    study_id = connection.execute(_STUDY_ID, {"uid": received.study_uid}).scalar()
+    if study_id is None:
+        study_id = _insert(session, _STUDIES, study_instance_uid=received.study_uid,
+                           accession_number=received.accession, first_received_at=now,
+                           last_received_at=now)
     else:
-        study.last_received_at = now
-    series = session.scalar(select(Series).where(Series.series_instance_uid == received.series_uid))
-    if series is None:
-        series = Series(study_id=study.id, series_instance_uid=received.series_uid,
-                        modality=received.modality)
-        session.add(series)
-        session.flush()
-    instance = Instance(
-        study_id=study.id, series_id=series.id, sop_instance_uid=received.sop_uid,
-        sop_class_uid=received.sop_class, transfer_syntax_uid=received.transfer_syntax,
-        path=str(received.path), size_bytes=received.size, sha256=received.digest,
-        content_sha256=received.content,
+        connection.execute(_STUDY_RECEIVED, {"study": study_id, "now": now})
+    series_id = connection.execute(_SERIES_ID, {"uid": received.series_uid}).scalar()
+    if series_id is None:
+        series_id = _insert(session, _SERIES, study_id=study_id,
+                            series_instance_uid=received.series_uid, modality=received.modality)
+    instance_id = _insert(
+        session, _INSTANCES, study_id=study_id, series_id=series_id,
+        sop_instance_uid=received.sop_uid, sop_class_uid=received.sop_class,
+        transfer_syntax_uid=received.transfer_syntax, path=str(received.path),
+        size_bytes=received.size, sha256=received.digest,
         calling_ae_title=received.calling_ae_title[:16], state=InstanceState.RECEIVED, attempts=0,
         received_at=now,
     )
-    session.add(instance)
-    session.flush()
-    audit(session, "instance", instance.id, "received", f"from {received.calling_ae_title}")
-    return instance.id
+    _audit(session, instance_id, "received", f"from {received.calling_ae_title}")
+    return instance_id
 
 
 def enqueue_after_commit(
@@ -293,11 +367,7 @@ def enqueue_after_commit(
     # Conditional: a worker may have claimed it already; a failure here only means the sweep
     # publishes it once more (classification is idempotent).
     with contextlib.suppress(SQLAlchemyError), sessions() as session, session.begin():
-        session.execute(
-            update(Instance)
-            .where(Instance.id == instance_id, Instance.state == InstanceState.RECEIVED)
-            .values(state=InstanceState.QUEUED, queued_at=utcnow())
-        )
+        session.connection().execute(_MARK_QUEUED, {"instance": instance_id, "now": utcnow()})
     return True
 
 
