@@ -126,9 +126,10 @@ def node_trial(files: list[Path], associations: int, port: int, sessions, nodela
     return len(files) / elapsed
 
 
-def start_node(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_node(env: dict[str, str], log_path: Path, tree: Path = REPO) -> subprocess.Popen:
+    """`pneumo node` from the checkout at `tree` (another commit's, for a before/after)."""
     handle = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "node"], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "node"], env=env, cwd=tree,
                                stdout=handle, stderr=subprocess.STDOUT)
     wait_for(lambda: echo(int(env["PNEUMO_PORT"])), 60, "the node to answer C-ECHO", 0.2)
     return process
@@ -312,6 +313,9 @@ def main() -> None:
                         help="PNEUMO_NODE_PROCESSES for the nodes (0: the product default)")
     parser.add_argument("--dcmtk-nodelay", default="on", help="TCP_NODELAY for storescu/storescp")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline-tree", default="",
+                        help="a checkout of another commit (git worktree add): receivers node-*-baseline run "
+                             "its node, interleaved with this one's")
     parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql",
                         help="with --profile: the node's database")
     parser.add_argument("--profile", action="store_true", help="time each step of a C-STORE instead")
@@ -340,7 +344,8 @@ def main() -> None:
                 node_trial(write_payload(args.payload, 8, work / "warm"), 4, ports["pneumo-run"],
                            sessions["pneumo-run"], True, instance_count)
             for receiver in (r for r in receivers if r.startswith("node-")):
-                _, kind, *count = receiver.split("-")  # node-sqlite, or node-sqlite-p1: 1 process
+                # node-sqlite, node-sqlite-p1 (1 process), node-sqlite-baseline (--baseline-tree's code)
+                _, kind, *count = receiver.removesuffix("-baseline").split("-")
                 home = work / f"home-{receiver}"
                 url = databases.enter_context(database(kind, home))
                 sessions[receiver] = session_factory(url)
@@ -355,7 +360,8 @@ def main() -> None:
                     "PNEUMO_ALLOWED_PEERS": "STORESCU",
                     "PNEUMO_NODE_PROCESSES": count[0][1:] if count else str(args.node_processes),
                 }
-                nodes[receiver] = start_node(env, work / f"{receiver}.log")
+                tree = Path(args.baseline_tree) if receiver.endswith("-baseline") else REPO
+                nodes[receiver] = start_node(env, work / f"{receiver}.log", tree)
                 pids[receiver] = nodes[receiver].pid
                 # Warm-up: first association, first transaction, first broker connection.
                 warm = write_payload(args.payload, 8, work / "warm")
