@@ -18,7 +18,7 @@ from pydicom import dcmread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import registry, scope
+from core import group_commit, registry, scope
 from core.db import (
     TERMINAL_STATES,
     Instance,
@@ -64,49 +64,66 @@ def classify_instance(
 
     Two short transactions around the model: claim, then record. Both change the instance only
     while it is not terminal (a conditional UPDATE), so two deliveries of the same job, in two
-    processes or two threads of one batching worker, record one outcome.
+    processes or two threads of one batching worker, record one outcome. The threads of one
+    worker commit their transactions together (core.group_commit).
     """
-    with sessions() as session, session.begin():
-        claimed = session.execute(
-            update(Instance).where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
-            .values(attempts=Instance.attempts + 1, state=InstanceState.PROCESSING)
-            .returning(Instance.path, Instance.sop_instance_uid, Instance.attempts)
-        ).one_or_none()
-        if claimed is None:
-            state = session.scalar(select(Instance.state).where(Instance.id == instance_id))
-            if state is None:
-                raise LookupError(f"instance {instance_id} does not exist")
-            return state
-        path, sop_uid, attempts = claimed
-        if attempts > MAX_WORKER_DEATHS:
-            # Redelivered this often: the job itself kills workers (memory, a decoder crash).
-            _finish(session, instance_id, InstanceState.FAILED,
-                    f"gave up after {attempts - 1} attempts that never finished")
-            return InstanceState.FAILED
-
+    writer = group_commit.writer_for(sessions)
+    claimed = writer.run(lambda session: _claim(session, instance_id))
+    if isinstance(claimed, str):
+        return claimed
+    path, sop_uid, attempts = claimed
     if attempts > 1:
         # An attempt before this one never finished: this image may be what killed it, so it is
         # decoded apart (worker.isolation) and can take down nothing but its own child process.
         log.warning("instance %s: attempt %d after one that never finished; decoding it apart",
                     sop_uid, attempts)
     shadow: list[tuple[Classifier, dict]] = []
-    state, reason, result, model = _classify_file(Path(path), classifier, attempts > 1, shadow, pictures)
-    with sessions() as session, session.begin():
-        if not _finish(session, instance_id, state, reason):
-            # Another delivery of the same job finished it first: keep what that one recorded.
-            return session.scalar(select(Instance.state).where(Instance.id == instance_id))
-        if model is not None:
-            _record_model_version(session, model)
-        if state == InstanceState.OUT_OF_SCOPE:
-            session.execute(update(Instance).where(Instance.id == instance_id).values(**result))
-        elif result is not None:
-            session.execute(insert_ignoring_duplicates(session, Result).values(
-                instance_id=instance_id, **result))
-        for candidate, row in shadow:
-            _record_model_version(session, candidate)
-            session.execute(insert_ignoring_duplicates(session, Result).values(
-                instance_id=instance_id, **row))
+    outcome = _classify_file(Path(path), classifier, attempts > 1, shadow, pictures)
+    state = writer.run(lambda session: _record(session, instance_id, *outcome, shadow))
+    reason = outcome[1]
     log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
+    return state
+
+
+def _claim(session: Session, instance_id: int) -> tuple[str, str, int] | str:
+    """(path, SOP Instance UID, attempts) of a claimed instance, or the terminal state it is in
+    already (then there is nothing to do)."""
+    claimed = session.execute(
+        update(Instance).where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
+        .values(attempts=Instance.attempts + 1, state=InstanceState.PROCESSING)
+        .returning(Instance.path, Instance.sop_instance_uid, Instance.attempts)
+    ).one_or_none()
+    if claimed is None:
+        state = session.scalar(select(Instance.state).where(Instance.id == instance_id))
+        if state is None:
+            raise LookupError(f"instance {instance_id} does not exist")
+        return state
+    path, sop_uid, attempts = claimed
+    if attempts > MAX_WORKER_DEATHS:
+        # Redelivered this often: the job itself kills workers (memory, a decoder crash).
+        _finish(session, instance_id, InstanceState.FAILED,
+                f"gave up after {attempts - 1} attempts that never finished")
+        return InstanceState.FAILED
+    return path, sop_uid, attempts
+
+
+def _record(session: Session, instance_id: int, state: InstanceState, reason: str | None,
+            result: dict | None, model: Classifier | None, shadow: list[tuple[Classifier, dict]]) -> str:
+    """The outcome's rows; the state the instance ends in (another delivery's, if it finished first)."""
+    if not _finish(session, instance_id, state, reason):
+        # Another delivery of the same job finished it first: keep what that one recorded.
+        return session.scalar(select(Instance.state).where(Instance.id == instance_id))
+    if model is not None:
+        _record_model_version(session, model)
+    if state == InstanceState.OUT_OF_SCOPE:
+        session.execute(update(Instance).where(Instance.id == instance_id).values(**result))
+    elif result is not None:
+        session.execute(insert_ignoring_duplicates(session, Result).values(
+            instance_id=instance_id, **result))
+    for candidate, row in shadow:
+        _record_model_version(session, candidate)
+        session.execute(insert_ignoring_duplicates(session, Result).values(
+            instance_id=instance_id, **row))
     return state
 
 
@@ -235,8 +252,4 @@ def _refusal(model: Classifier, score: float | None = None) -> dict:
 
 def _record_model_version(session: Session, model: Classifier) -> None:
     """The served version's card in `model_versions` (one statement; a no-op once it is there)."""
-    session.execute(insert_ignoring_duplicates(session, ModelVersionRow).values(
-        name=model.name, version=model.version.version,
-        model_sha256=model.version.card.model_sha256, threshold=model.threshold,
-        card=model.version.card.dump(exclude={"training"}),
-    ))
+    session.execute(insert_ignoring_duplicates(session, ModelVersionRow).values(model.version_row))

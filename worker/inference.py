@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -77,6 +78,14 @@ class Classifier:
     def scope_threshold(self) -> float:
         return self.detector.threshold
 
+    @functools.cached_property
+    def version_row(self) -> dict:
+        """The version's `model_versions` row, its card without training details (made once: the
+        worker records it with every result, a no-op once it is there)."""
+        card = self.version.card
+        return {"name": self.name, "version": self.version.version, "model_sha256": card.model_sha256,
+                "threshold": self.threshold, "card": card.dump(exclude={"training"})}
+
     @property
     def intended_use(self) -> IntendedUse:
         scope = self.version.scope
@@ -123,9 +132,12 @@ def served_classifier(
     The served marker is re-read on each call (a small JSON file) so `pneumo models serve`
     takes effect without restarting workers; the model itself is loaded once per version.
     """
-    version = registry.resolve(model_name, models_dir).version
+    # Only the marker is read per image; the card is read (and checked) when a version loads.
+    version = registry.served_versions(models_dir).get(model_name, "")
     key = (model_name, version)
     with _cache_lock:
         if key not in _cache:
+            version = registry.resolve(model_name, models_dir).version  # names what is missing
+            key = (model_name, version)
             _cache[key] = Classifier(f"{model_name}@{version}", models_dir, batch_size, batch_wait_s)
         return _cache[key]
