@@ -108,10 +108,12 @@ def tensors_of(paths: list[str]):
     return np.stack([preprocess(grayscale_pixels(dcmread(path))) for path in paths])
 
 
-def timed(function: Callable[[], object], count: int) -> float:
-    started = time.perf_counter()
+def timed(function: Callable[[], object], count: int) -> tuple[float, float]:
+    """(images/s, the process's CPU ms per image, all threads): the CPU figure holds on a shared
+    machine, where the wall-time rate moves with what else runs."""
+    started, cpu = time.perf_counter(), time.process_time()
     function()
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), (time.process_time() - cpu) * 1000 / count
 
 
 def breakdown(sessions, ids: list[int], classifier: Callable, count: int) -> list[tuple[str, str, str]]:
@@ -278,6 +280,7 @@ def main() -> None:
                 if name.startswith("bare"):
                     function()
             rates: dict[str, list[float]] = {name: [] for name in passes}
+            cpu: dict[str, list[float]] = {name: [] for name in passes}
             loads = []
             for round_index in range(args.rounds):
                 loads.append(load_average())
@@ -285,7 +288,9 @@ def main() -> None:
                 for name in order:
                     if name.startswith("worker"):
                         reset(sessions)
-                    rates[name].append(timed(passes[name], count))
+                    rate, cpu_ms = timed(passes[name], count)
+                    rates[name].append(rate)
+                    cpu[name].append(cpu_ms)
                 print(
                     f"  round {round_index + 1}: "
                     + ", ".join(f"{name.split(',')[0]} {rates[name][-1]:.1f}" for name in passes)
@@ -309,9 +314,11 @@ def main() -> None:
                         f"{1000 / median(rates[name]):.1f}",
                         " / ".join(f"{r:.1f}" for r in rates[name]),
                         f"{median(ratios):.2f}",
+                        f"{median(cpu[name]):.1f}",
                     )
                 )
-            print_table(["pass", "images/s (median)", "ms/image", "per round", "worker path / this"], rows)
+            print_table(["pass", "images/s (median)", "ms/image", "per round", "worker path / this",
+                         "CPU ms/image"], rows)
             print(
                 f"headline ratio: worker path / {reference} = "
                 f"{median([w / b for w, b in zip(rates[worker], rates[reference], strict=True)]):.2f}; "
@@ -322,6 +329,14 @@ def main() -> None:
                 f"batched worker path / {with_decode} = "
                 f"{median([w / b for w, b in zip(rates[batched], rates[with_decode], strict=True)]):.2f}; "
                 f"loads before rounds: {'; '.join(loads)}; after {load_average()}"
+            )
+            print(
+                "by CPU time per image (bare / worker, so < 1 means the worker spends more): "
+                f"batch 1 "
+                f"{median([b / w for w, b in zip(cpu[worker], cpu[single_decode], strict=True)]):.2f}, "
+                f"batch {args.batch} "
+                f"{median([b / w for w, b in zip(cpu[batched], cpu[with_decode], strict=True)]):.2f} "
+                "(decode included in both)"
             )
             sizes = list(batching._batcher.batch_sizes) if batching._batcher else []
             if sizes:
