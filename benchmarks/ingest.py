@@ -17,11 +17,12 @@ runs both).
     .venv/bin/python benchmarks/ingest.py --files 200 --payload dx224 --rounds 3
     .venv/bin/python benchmarks/ingest.py --profile --db sqlite   # where one C-STORE's time goes
 
-`pneumo-run` (a receiver, not in the default set) is the product on its embedded defaults as
+`pneumo-run` (a receiver, not in the default set; `pneumo-run-baseline` from --baseline-tree) is
+the product on its embedded defaults as
 `pneumo run` starts it: SQLite and the bundled Redis in its home, the workers classifying what
 arrives meanwhile (same machine, same cores); an instance counts once its row exists, its CPU is
-the node's processes' alone. PNEUMO_BENCH_REDIS_DB picks the Redis database the other nodes use
-(flushed).
+the node's processes' alone, and the next trial starts once the workers have classified it all.
+PNEUMO_BENCH_REDIS_DB picks the Redis database the other nodes use (flushed).
 
     .venv/bin/python benchmarks/ingest.py --receivers orthanc,pneumo-run --associations 4
 """
@@ -116,6 +117,22 @@ def instance_count(sessions) -> int:
         return session.scalar(select(func.count(Instance.id)))
 
 
+def wait_settled(sessions, name: str) -> None:
+    """Until every instance is terminal: the run's workers are done with the last trial's images,
+    so the next trial (of any receiver) does not share the cores with their classification."""
+    from sqlalchemy import func, select
+
+    from core.db import TERMINAL_STATES, Instance
+
+    unfinished = select(func.count(Instance.id)).where(Instance.state.not_in(TERMINAL_STATES))
+
+    def settled() -> bool:
+        with sessions() as session:
+            return not session.scalar(unfinished)
+
+    wait_for(settled, 900, f"{name}'s workers to classify what it received", 1.0)
+
+
 def node_trial(files: list[Path], associations: int, port: int, sessions, nodelay: bool,
                count=queued_count) -> float:
     before = count(sessions)
@@ -135,15 +152,16 @@ def start_node(env: dict[str, str], log_path: Path, tree: Path = REPO) -> subpro
     return process
 
 
-def start_run(work: Path) -> tuple[subprocess.Popen, int, str]:
-    """`pneumo run` on its embedded defaults (SQLite, bundled Redis, its workers, models/):
-    only home, loopback ports and quiet logs set. Returns it, its DICOM port and database URL."""
-    home, port = work / "home-pneumo-run", free_port()
+def start_run(work: Path, name: str, tree: Path = REPO) -> tuple[subprocess.Popen, int, str]:
+    """`pneumo run` from the checkout at `tree` on its embedded defaults (SQLite, bundled Redis,
+    its workers, models/): only home and loopback ports set. Returns it, its DICOM port and
+    database URL."""
+    home, port = work / f"home-{name}", free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("PNEUMO_")}
     env.update({"PNEUMO_HOME": str(home), "PNEUMO_HOST": "127.0.0.1", "PNEUMO_PORT": str(port),
                 "PNEUMO_DASHBOARD_PORT": str(free_port()), "PNEUMO_MODELS_DIR": str(REPO / "models")})
-    handle = open(work / "pneumo-run.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
-    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=REPO,
+    handle = open(work / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    process = subprocess.Popen([sys.executable, "-m", "ops.cli", "run"], env=env, cwd=tree,
                                stdout=handle, stderr=subprocess.STDOUT)
     wait_for(lambda: echo(port), 240, "pneumo run's node to answer C-ECHO", 0.5)
     return process, port, f"sqlite:///{home / 'pneumo.db'}"
@@ -342,12 +360,14 @@ def main() -> None:
         with contextlib.ExitStack() as databases:
             flush_bench_redis()
             sessions, ports, pids = {}, {}, {}
-            if "pneumo-run" in receivers:
-                nodes["pneumo-run"], ports["pneumo-run"], url = start_run(work)
-                sessions["pneumo-run"] = session_factory(url)
-                pids["pneumo-run"] = node_pid(nodes["pneumo-run"].pid)
-                node_trial(write_payload(args.payload, 8, work / "warm"), 4, ports["pneumo-run"],
-                           sessions["pneumo-run"], True, instance_count)
+            for run in (r for r in receivers if r.startswith("pneumo-run")):
+                tree = Path(args.baseline_tree) if run.endswith("-baseline") else REPO
+                nodes[run], ports[run], url = start_run(work, run, tree)
+                sessions[run] = session_factory(url)
+                pids[run] = node_pid(nodes[run].pid)
+                node_trial(write_payload(args.payload, 8, work / "warm"), 4, ports[run], sessions[run], True,
+                           instance_count)
+                wait_settled(sessions[run], run)
             for receiver in (r for r in receivers if r.startswith("node-")):
                 # node-sqlite, node-sqlite-p1 (1 process), node-sqlite-baseline (--baseline-tree's code)
                 _, kind, *count = receiver.removesuffix("-baseline").split("-")
@@ -403,11 +423,14 @@ def main() -> None:
                                 assert orthanc is not None
                                 rate = orthanc_trial(orthanc, files, count, nodelay)
                             else:
-                                counted = instance_count if receiver == "pneumo-run" else queued_count
+                                run = receiver.startswith("pneumo-run")
+                                counted = instance_count if run else queued_count
                                 rate = node_trial(files, count, ports[receiver], sessions[receiver], nodelay,
                                                   counted)
                             cpu_ms = ((tree_cpu_s(pids[receiver]) - cpu_before) / len(files) * 1000
                                       if receiver in pids else float("nan"))
+                            if receiver.startswith("pneumo-run"):
+                                wait_settled(sessions[receiver], receiver)
                             shutil.rmtree(work / "files")
                             rates.setdefault((nodelay, count, receiver), []).append(rate)
                             cpu.setdefault((nodelay, count, receiver), []).append(cpu_ms)
@@ -450,7 +473,7 @@ def main() -> None:
             )
     finally:
         for receiver, process in nodes.items():
-            stop(process, 15 if receiver == "pneumo-run" else 2)
+            stop(process, 15 if receiver.startswith("pneumo-run") else 2)
         if orthanc is not None:
             stop(orthanc.process)
         flush_bench_redis()
