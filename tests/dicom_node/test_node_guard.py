@@ -196,7 +196,13 @@ def test_healthz_reflects_full_slots_and_refusals(start_node, tmp_path: Path) ->
     for sock in stalled:
         sock.sendall(associate_rq(b"STALLER")[:6])
     assert echo_status(settings) is None
-    wait_for(lambda: not health(settings)["accepting"], 5, "the node to report its slots full")
+    def full_and_refused() -> bool:
+        """Both in one file: one written between the third slot and the refusal says 0 refused
+        (it failed so once under load)."""
+        written = health(settings)
+        return not written["accepting"] and written["refused_last_60_s"] >= 1
+
+    wait_for(full_and_refused, 5, "the node to report its slots full and the refusal")
     body = client.get("/healthz").json()
     assert body["accepting_images"] is False
     assert body["node"]["active_associations"] == 3 and body["node"]["refused_last_60_s"] >= 1
