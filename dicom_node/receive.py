@@ -245,9 +245,9 @@ def _duplicate(session: Session, existing: Any, digest: str, contents: Contents)
     Identical content is a plain success (a PACS re-send), in whatever transfer syntax it comes:
     the same file (sha256), or the same content digest (dicom_node.content). Both digests are
     computed here, not on every receipt (issue 21): the stored instance's from its file, then
-    kept in its row; a stored file gone (retention) or unreadable leaves the sha256 to compare
-    on. Different content is a conflict: the
-    first copy is kept (its result and SR refer to it), the new one refused with 0xC211 (failure,
+    kept in its row (retention records it before removing the file); a stored file lost or
+    unreadable leaves the sha256 to compare on. Different content is a conflict: the first copy is
+    kept (its result and SR refer to it), the new one refused with 0xC211 (failure,
     "cannot understand" family) and the reason recorded and audited. Not 0xB006: PS3.4 defines that
     warning as "elements discarded", which dcmtk shows the sender's operator, and a warning reads
     as stored. A failure shows the operator that this copy was not kept (a corrected image sent

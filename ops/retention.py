@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import (
@@ -80,8 +80,29 @@ def old_reports(home: Path, older_than_days: float) -> list[Path]:
         if folder.is_dir() else []
 
 
-def remove(sessions: sessionmaker[Session], candidate: Candidate) -> int:
-    """Delete one study's image files; returns bytes freed. Missing files are not an error."""
+def keep_content_digests(sessions: sessionmaker[Session], study_id: int, scratch: Path | None,
+                         max_inflated_bytes: int) -> None:
+    """Each image's content digest into its row before its file goes (the node computes it only
+    when a re-send arrives, issue 21): a re-send in another transfer syntax after retention is
+    still recognised as the same image, not refused as a conflict."""
+    from dicom_node.receive import stored_content
+
+    with sessions() as session, session.begin():
+        missing = session.execute(select(Instance.id, Instance.path).where(
+            Instance.study_id == study_id, Instance.content_sha256.is_(None))).all()
+        for instance_id, path in missing:
+            digest = stored_content(Path(path), max_inflated_bytes, scratch)
+            if digest is not None:
+                session.execute(update(Instance).where(Instance.id == instance_id)
+                                .values(content_sha256=digest))
+
+
+def remove(sessions: sessionmaker[Session], candidate: Candidate, scratch: Path | None = None,
+           max_inflated_bytes: int = 512 << 20) -> int:
+    """Delete one study's image files; returns bytes freed. Missing files are not an error.
+    `scratch`, `max_inflated_bytes`: where and how far a deflated image is inflated for its digest
+    (the node's spool and limit)."""
+    keep_content_digests(sessions, candidate.study_id, scratch, max_inflated_bytes)
     freed = 0
     for path in [*candidate.files, *(kept for image in candidate.files for kept in kept_maps(image))]:
         try:

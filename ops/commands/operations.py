@@ -118,7 +118,9 @@ def retention(
         typer.echo(f"dry run: {len(found)} study(ies), {total / 1e6:.1f} MB would be removed; "
                    f"{len(reports)} raw HL7 report(s); add --apply to delete")
         return
-    freed = sum(policy.remove(sessions, candidate) for candidate in found)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    freed = sum(policy.remove(sessions, candidate, settings.spool_dir, settings.max_inflated_mb << 20)
+                for candidate in found)
     for report in reports:
         report.unlink(missing_ok=True)
     typer.echo(f"removed images of {len(found)} study(ies), {freed / 1e6:.1f} MB freed; "

@@ -107,3 +107,17 @@ def test_broken_fragments_are_still_refused_on_receipt(tmp_path: Path, sessions)
                              tmp_path / "storage", sessions)
     assert outcome.status == CANNOT_UNDERSTAND
     assert outcome.reason == "dataset malformed: encapsulated data not in items"
+
+
+def test_a_resend_after_retention_is_still_a_duplicate(tmp_path: Path, sessions) -> None:
+    """Retention removes the file the digest is computed from: it records the digest first."""
+    from ops import retention
+
+    dataset = wrap_image(IMAGES[0])
+    assert put(tmp_path, sessions, dataset, ImplicitVRLittleEndian).status == SUCCESS
+    stored = row(sessions)
+    retention.remove(sessions, retention.Candidate(stored.study_id, "1.2.3", [Path(stored.path)]))
+    assert not Path(stored.path).exists() and row(sessions).content_sha256 is not None
+    outcome = put(tmp_path, sessions, dataset, ExplicitVRLittleEndian)
+    assert (outcome.status, outcome.duplicate) == (SUCCESS, True), outcome.reason
+    assert events(sessions)[-1] == "duplicate_received"
