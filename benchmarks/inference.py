@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size of the batched bare pass")
     parser.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--model", default="pneumonia-transfer")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help="the worker path as with PNEUMO_PICTURES=false (no map or grey copy kept)")
     parser.add_argument("--call-styles", action="store_true",
                         help="also time model(x) and model.predict at batch 1 (5-9x slower)")
     args = parser.parse_args()
@@ -226,14 +228,15 @@ def main() -> None:
 
             def worker_path() -> None:
                 for instance_id in ids:
-                    classify.classify_instance(sessions, instance_id, classifier)
+                    classify.classify_instance(sessions, instance_id, classifier, pictures)
 
+            pictures = not args.no_pictures
             batching = Classifier(model.version.label, DEFAULT_MODELS_DIR, args.batch, 0.01)
             threads = ThreadPoolExecutor(2 * args.batch)  # as `pneumo worker --pool threads`
 
             def worker_path_batched() -> None:
                 list(threads.map(
-                    lambda i: classify.classify_instance(sessions, i, lambda: batching), ids
+                    lambda i: classify.classify_instance(sessions, i, lambda: batching, pictures), ids
                 ))
 
             def bare_predict_on_batch() -> None:
