@@ -5,8 +5,8 @@ each image claims its instance before the model and records its outcome after it
 transactions, each a session, a BEGIN and a COMMIT (an fsync on SQLite). At 224 px that was a
 third of the worker's time per image (docs/benchmarks.md). Here the threads hand their transaction
 to one writer thread and wait; the writer runs everything that has arrived in one transaction and
-commits once. No timer: while one group commits the next one gathers, so a lone image waits for
-nothing but its own commit.
+commits once. No timer: while one transaction commits the next group gathers, and a thread that
+finds nothing running commits its own unit itself, so a lone image waits for nothing.
 
 Each unit is a function of a session, all-or-nothing as before: when any unit of a group raises,
 or the commit fails, the whole group is rolled back and each unit is run again in a transaction
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -32,49 +32,68 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Unit = Callable[[Session], object]
 MAX_GROUP = 64  # units per transaction: bounds how long a group's row locks are held
-IDLE_S = 10.0  # the writer thread ends after this long without work (the next unit starts one)
 
 
 class GroupCommit:
-    """One writer thread that commits the units of any number of threads in shared transactions."""
+    """Commits the units of any number of threads, one at a time or in shared transactions."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         # Weakly: a writer must not keep its session factory (its engine, its pool) alive.
         self._sessions = weakref.ref(sessions)
-        self._pending: queue.SimpleQueue[tuple[Unit, Future]] = queue.SimpleQueue()
+        self._pending: deque[tuple[Unit, Future]] = deque()
         self._lock = threading.Lock()
-        self._running = False
-        self.group_sizes: list[int] = []  # the latest groups' sizes (tests, benchmarks); bounded
+        self._busy = False  # a unit or group is running: at most one transaction at a time
+        self._writer_running = False
+        self.group_sizes: deque[int] = deque(maxlen=1000)  # the latest groups' sizes (tests, benchmarks)
 
     def run(self, unit: Callable[[Session], T], timeout_s: float | None = None) -> T:
-        """`unit(session)` committed; its value, or the exception it raised (then not committed)."""
+        """`unit(session)` committed; its value, or the exception it raised (then not committed).
+
+        With nothing else running, the caller runs its unit itself (a lone worker thread pays no
+        hand-over); otherwise it queues it for the writer thread, which commits what has queued
+        meanwhile as one group."""
         future: Future = Future()
         with self._lock:
-            self._pending.put((unit, future))
-            if not self._running:  # the thread ends when idle: a process keeps none it does not use
-                self._running = True
-                threading.Thread(target=self._loop, name="group-commit", daemon=True).start()
+            inline = not self._busy
+            if inline:
+                self._busy = True
+            else:
+                self._pending.append((unit, future))
+                self._start_writer()
+        if inline:
+            try:
+                self.group_sizes.append(1)
+                with self._session() as session, session.begin():
+                    return unit(session)
+            finally:
+                with self._lock:
+                    self._busy = False
+                    if self._pending:
+                        self._start_writer()
         return future.result(timeout=timeout_s)
+
+    def _start_writer(self) -> None:
+        """Under the lock: a writer thread, unless one runs (it ends when nothing is queued)."""
+        if not self._writer_running:
+            self._writer_running = True
+            threading.Thread(target=self._loop, name="group-commit", daemon=True).start()
 
     def _loop(self) -> None:
         while True:
+            with self._lock:
+                if self._busy or not self._pending:  # a caller's own unit runs: it restarts us
+                    self._writer_running = False
+                    return
+                self._busy = True
+                group = [self._pending.popleft() for _ in range(min(MAX_GROUP, len(self._pending)))]
             try:
-                group = [self._pending.get(timeout=IDLE_S)]
-            except queue.Empty:
-                with self._lock:  # run() puts under this lock: nothing can arrive unseen
-                    if self._pending.empty():
-                        self._running = False
-                        return
-                continue
-            while len(group) < MAX_GROUP:
-                try:
-                    group.append(self._pending.get_nowait())
-                except queue.Empty:
-                    break
-            self.group_sizes[:] = [*self.group_sizes[-999:], len(group)]
-            if len(group) == 1 or not self._run_together(group):
-                for unit, future in group:
-                    self._run_alone(unit, future)
+                self.group_sizes.append(len(group))
+                if len(group) == 1 or not self._run_together(group):
+                    for unit, future in group:
+                        self._run_alone(unit, future)
+            finally:
+                with self._lock:
+                    self._busy = False
 
     def _session(self) -> Session:
         sessions = self._sessions()

@@ -49,13 +49,13 @@ def test_threads_share_commits_and_each_gets_its_own_value(sessions) -> None:
         first = threads.submit(writer.run, slow_first)
         assert first_started.wait(10)
         others = [threads.submit(writer.run, unit(n)) for n in range(1, 9)]
-        while writer._pending.qsize() < 8:
+        while len(writer._pending) < 8:
             threading.Event().wait(0.01)
         gate.set()
         assert first.result(10) == 0
         assert [f.result(10) for f in others] == [n * 10 for n in range(1, 9)]
     assert _events(sessions) == list(range(9))
-    assert writer.group_sizes[0] == 1 and writer.group_sizes[1] == 8  # eight units, one commit
+    assert list(writer.group_sizes)[:2] == [1, 8]  # the first alone, then eight units, one commit
 
 
 def test_a_failing_unit_fails_alone(sessions) -> None:
@@ -76,7 +76,7 @@ def test_a_failing_unit_fails_alone(sessions) -> None:
     with ThreadPoolExecutor(5) as threads:
         held = threads.submit(writer.run, hold)
         futures = [threads.submit(writer.run, unit) for unit in (good(1), bad, good(2))]
-        while writer._pending.qsize() < 3:
+        while len(writer._pending) < 3:
             threading.Event().wait(0.01)
         gate.set()
         held.result(10)
@@ -84,20 +84,28 @@ def test_a_failing_unit_fails_alone(sessions) -> None:
         with pytest.raises(LookupError, match="instance 99"):
             futures[1].result(10)
     assert _events(sessions) == [1, 2]  # the bad unit's row rolled back, the others' kept once
-    assert writer.group_sizes[:2] == [1, 3]
+    assert list(writer.group_sizes)[:2] == [1, 3]
 
 
-def test_the_writer_thread_ends_when_idle_and_a_new_unit_starts_one(sessions, monkeypatch) -> None:
-    monkeypatch.setattr(group_commit, "IDLE_S", 0.05)
+def test_a_lone_unit_runs_in_its_callers_thread_and_the_writer_thread_ends(sessions) -> None:
     writer = group_commit.GroupCommit(sessions)
-    assert writer.run(lambda session: audit(session, "test", 1, "a") or "one") == "one"
+    assert writer.run(lambda session: threading.current_thread()) is threading.current_thread()
+    assert not writer._writer_running  # nothing queued: no thread was started
+    gate = threading.Event()
+    with ThreadPoolExecutor(2) as threads:
+        held = threads.submit(writer.run, lambda session: gate.wait(10))
+        while not writer._busy:
+            threading.Event().wait(0.01)
+        queued = threads.submit(writer.run, lambda session: threading.current_thread().name)
+        gate.set()
+        assert held.result(10) is True and queued.result(10) == "group-commit"
     for _ in range(500):
-        if not writer._running:
+        if not writer._writer_running:
             break
         threading.Event().wait(0.01)
-    assert not writer._running  # its thread has ended
+    assert not writer._writer_running  # the queue drained, its thread ended
     assert writer.run(lambda session: audit(session, "test", 2, "b") or "two") == "two"
-    assert _events(sessions) == [1, 2]
+    assert _events(sessions) == [2]
 
 
 def test_writer_for_is_one_per_session_factory(sessions, tmp_path) -> None:
