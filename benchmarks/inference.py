@@ -13,6 +13,7 @@ where the time goes.
 
     .venv/bin/python benchmarks/inference.py --images 100 --rounds 3
     .venv/bin/python benchmarks/inference.py --images 32 --payload full-j2k_lossless --batch 16
+    .venv/bin/python benchmarks/inference.py --around-the-model --images 64 --rounds 5 --batch 16 --db sqlite
 
 `full-<kind>` payloads are full-size films: Kermany full-resolution originals at a 2,500 px short
 side in one encoding of devtools/corpus.py (decoded reduced where the syntax allows).
@@ -173,6 +174,45 @@ def breakdown(sessions, ids: list[int], classifier: Callable, count: int) -> lis
     return rows
 
 
+def around_the_model(sessions, ids: list[int], batch: int, rounds: int,
+                     pictures: bool) -> tuple[float, float]:
+    """(median, fastest) CPU ms per image of the worker path with the model call replaced by a
+    constant: what the worker adds around the model (files, filters, decode, the transactions,
+    the kept picture files), at batch 1 (one thread) or `batch` (2 x batch threads, as the
+    batched worker). Run from another checkout (PYTHONPATH) to compare two trees' worker code."""
+    import numpy as np
+
+    from core.registry import DEFAULT_MODELS_DIR
+    from worker import classify
+    from worker.inference import Classifier
+
+    model = Classifier("pneumonia-transfer", DEFAULT_MODELS_DIR, batch, 0.01)
+    width = 2 + (int(np.prod(model.map_shape)) if model.head is not None else 0)
+
+    def constant(tensors):
+        return np.full((len(tensors), width), 0.1, dtype=np.float32)
+
+    model._run_model = constant  # type: ignore[method-assign]
+    if model._batcher is not None:
+        model._batcher._predict_batch = constant
+    threads = ThreadPoolExecutor(2 * batch)
+
+    def one(instance_id: int) -> str:
+        return classify.classify_instance(sessions, instance_id, lambda: model, pictures)
+
+    def run() -> None:
+        list(threads.map(one, ids) if batch > 1 else map(one, ids))
+
+    reset(sessions)
+    run()  # warm-up
+    cpu = []
+    for _ in range(rounds):
+        reset(sessions)
+        cpu.append(timed(run, len(ids))[1])
+    threads.shutdown()
+    return median(cpu), min(cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,6 +226,8 @@ def main() -> None:
     parser.add_argument("--model", default="pneumonia-transfer")
     parser.add_argument("--no-pictures", action="store_true",
                         help="the worker path as with PNEUMO_PICTURES=false (no map or grey copy kept)")
+    parser.add_argument("--around-the-model", action="store_true",
+                        help="only the worker path with the model replaced by a constant (CPU ms/image)")
     parser.add_argument("--call-styles", action="store_true",
                         help="also time model(x) and model.predict at batch 1 (5-9x slower)")
     args = parser.parse_args()
@@ -208,6 +250,14 @@ def main() -> None:
                      if args.payload.startswith("full-")
                      else write_payload(args.payload, args.images, work / "files"))
             ids = record(files, sessions, work)
+            if args.around_the_model:
+                for batch in (1, args.batch):
+                    middle, fastest = around_the_model(sessions, ids, batch, args.rounds,
+                                                       not args.no_pictures)
+                    print(f"around the model, {args.db}, batch {batch}"
+                          f"{', pictures off' if args.no_pictures else ''}: CPU ms/image {middle:.2f} "
+                          f"(fastest {fastest:.2f}); load {load_average()}", flush=True)
+                return
             with sessions() as session:
                 paths = list(
                     session.scalars(select(Instance.path).where(Instance.id.in_(ids)).order_by(Instance.id))
