@@ -44,7 +44,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common
 from common import (
     REPO,
     bench_redis_url,
@@ -64,7 +63,6 @@ from common import (
 )
 
 ORTHANC = "/usr/sbin/Orthanc"  # Debian's orthanc package (1.10 on bookworm)
-common.BENCH_REDIS_DB = int(os.environ.get("PNEUMO_BENCH_REDIS_DB", common.BENCH_REDIS_DB))
 
 
 def send_all(port: int, files: list[Path], associations: int, called: str, nodelay: bool) -> float:

@@ -4,18 +4,19 @@
 The setting of tests/pipeline/test_two_nodes.py and docs/operations.md ("Several machines share
 PostgreSQL and the broker"): `pneumo node` and `pneumo worker --queues inference-cpu` per "host",
 each with its own PNEUMO_HOME, all on a fresh PostgreSQL database of this run (created by name,
-dropped after) and Redis db 12 (flushed before and after). No PACS and no scheduler: the number is
-received and classified images per second. Each round starts its processes afresh, warms every
-worker with one image per node, then sends N single-image dx224 studies (the same JPEGs each round,
-fresh UIDs) over two storescu associations (TCP_NODELAY): both to the one node, or one to each of
-the two. Time: first send to the last instance in a terminal state (database timestamps). Rounds
-alternate 1x1, 2x2, 2x2, 1x1, ... so load from other jobs hits both alike.
+dropped after) and the benchmarks' Redis db (PNEUMO_BENCH_REDIS_DB; flushed before and after).
+No PACS and no scheduler: the number is received and classified images per second. Each round
+starts its processes afresh, warms every worker with one image per node, then sends N
+single-image dx224 studies (the same JPEGs each round, fresh UIDs) over two storescu
+associations (TCP_NODELAY): both to the one node, or one to each of the two. Time: first send to
+the last instance in a terminal state (database timestamps). Rounds alternate 1x1, 2x2, 2x2,
+1x1, ... so load from other jobs hits both alike.
 
 On one 2-core machine the two "hosts" share the same two cores, so 2x2 can gain at most what one
 process leaves idle (the node waiting on fsync and the network while the worker computes): this
 measures that the processes cooperate, not what two machines would give.
 
-    .venv/bin/python benchmarks/scale_out.py --studies 300 --rounds 2
+    PNEUMO_BENCH_REDIS_DB=12 .venv/bin/python benchmarks/scale_out.py --studies 300 --rounds 2
 """
 
 from __future__ import annotations
@@ -31,30 +32,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    REDIS_URL,
+    BENCH_REDIS_DB,
     REPO,
-    dcmtk,
-    dcmtk_env,
+    bench_redis_url,
     echo,
+    flush_bench_redis,
     free_port,
     load_average,
     median,
     postgres_database,
     print_table,
     stop,
+    storescu,
     training_images,
     wait_for,
     write_payload,
 )
 from latency import epoch
-
-BROKER = f"{REDIS_URL}/12"
-
-
-def flush_broker() -> None:
-    import redis
-
-    redis.Redis.from_url(BROKER).flushdb()
 
 
 def host_env(home: Path, database_url: str, node_processes: int) -> dict[str, str]:
@@ -67,7 +61,7 @@ def host_env(home: Path, database_url: str, node_processes: int) -> dict[str, st
         "PNEUMO_HOST": "127.0.0.1",
         "PNEUMO_PORT": str(free_port()),
         "PNEUMO_DATABASE_URL": database_url,
-        "PNEUMO_BROKER_URL": BROKER,
+        "PNEUMO_BROKER_URL": bench_redis_url(),
         "PNEUMO_PACS": "",
         "PNEUMO_ALLOWED_PEERS": "STORESCU",
         "PNEUMO_NODE_PROCESSES": str(node_processes),
@@ -79,13 +73,6 @@ def started(command: list[str], env: dict[str, str], log: Path) -> subprocess.Po
     handle = log.open("ab")
     return subprocess.Popen([sys.executable, "-m", "ops.cli", *command], env=env, cwd=REPO,
                             stdout=handle, stderr=subprocess.STDOUT)
-
-
-def send(port: int, files: list[Path]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMO", "127.0.0.1", str(port), *map(str, files)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dcmtk_env(True),
-    )
 
 
 def terminal_count(sessions) -> int:
@@ -117,7 +104,7 @@ def one_round(hosts: int, files: list[Path], warm: list[Path], database_url: str
             wait_for(lambda port=port: echo(port), 120, "a node to answer C-ECHO", 0.5)
         before = terminal_count(sessions)
         for index, path in enumerate(warm[: 2 * hosts]):  # each worker's first task loads the model
-            warmer = send(ports[index % hosts], [path])
+            warmer = storescu(ports[index % hosts], [path], nodelay=True)
             warmer.communicate()
         wait_for(lambda: terminal_count(sessions) >= before + 2 * hosts, 300, "the warm-up images", 0.5)
         time.sleep(2)
@@ -125,7 +112,8 @@ def one_round(hosts: int, files: list[Path], warm: list[Path], database_url: str
         load = load_average()
         started_at = time.time()
         halves = [files[0::2], files[1::2]]
-        senders = [send(ports[index % hosts], half) for index, half in enumerate(halves)]
+        senders = [storescu(ports[index % hosts], half, nodelay=True)
+                   for index, half in enumerate(halves)]
         for sender in senders:
             _, errors = sender.communicate()
             if sender.returncode != 0 or b"Store Failed" in errors:
@@ -157,7 +145,7 @@ def main() -> None:
     images = training_images(min(args.studies, 400))
     work = Path(tempfile.mkdtemp(prefix="pneumo-scaleout-"))
     rates: dict[int, list[dict[str, float]]] = {1: [], 2: []}
-    flush_broker()
+    flush_bench_redis()
     try:
         with postgres_database() as url:
             for round_index in range(args.rounds):
@@ -175,10 +163,11 @@ def main() -> None:
                           f"last classified after {result['wall_s']:.1f} s (load before {result['load']})",
                           flush=True)
     finally:
-        flush_broker()
+        flush_bench_redis()
         shutil.rmtree(work, ignore_errors=True)
     one, two = (median([r["studies_per_s"] for r in rates[h]]) for h in (1, 2))
-    print(f"\n{args.studies} dx224 studies per round, two storescu associations, PostgreSQL + Redis db 12, "
+    print(f"\n{args.studies} dx224 studies per round, two storescu associations, "
+          f"PostgreSQL + Redis db {BENCH_REDIS_DB}, "
           f"PNEUMO_NODE_PROCESSES={args.node_processes}; load now {load_average()}")
     print_table(
         ["configuration", "studies/s per round", "median", "sent in s (median)", "ratio to 1x1"],
