@@ -78,11 +78,10 @@ def classify_instance(
         log.warning("instance %s: attempt %d after one that never finished; decoding it apart",
                     sop_uid, attempts)
     shadow: list[tuple[Classifier, dict]] = []
-    outcome = _classify_file(Path(path), classifier, attempts > 1, shadow, pictures)
-    state = writer.run(lambda session: _record(session, instance_id, *outcome, shadow))
-    reason = outcome[1]
-    log.info("instance %s %s%s", sop_uid, state, f": {reason}" if reason else "")
-    return state
+    state, reason, result, model = _classify_file(Path(path), classifier, attempts > 1, shadow, pictures)
+    ended = writer.run(lambda session: _record(session, instance_id, state, reason, result, model, shadow))
+    log.info("instance %s %s%s", sop_uid, ended, f": {reason}" if reason else "")
+    return ended
 
 
 def _claim(session: Session, instance_id: int) -> tuple[str, str, int] | str:
